@@ -1,0 +1,62 @@
+"""Typed batch containers and the one padding convention.
+
+Sequences are right-padded. `attention_mask` is 1 on real tokens. `labels` holds the
+token to predict at each position (already shifted: `labels[:, t]` is predicted from
+positions ≤ t) with IGNORE_INDEX where nothing counts, so a loss mask is `labels != IGNORE_INDEX`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _to(obj, device):
+    kw = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        kw[f.name] = v.to(device) if isinstance(v, Tensor) else v
+    return type(obj)(**kw)
+
+
+@dataclass(frozen=True)
+class LMBatch:
+    """Token sequences with shifted labels.
+
+    input_ids, attention_mask, labels: (B, T). position_ids: (B, T) or None; when several
+    examples are packed into one row, positions restart at 0 for each example and
+    `seq_lens` lists each packed example's length per row so attention can be confined to it.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    position_ids: Tensor | None = None
+
+    def to(self, device) -> "LMBatch":
+        return _to(self, device)
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.labels != IGNORE_INDEX
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pad_right(seqs: list[list[int]], value: int, length: int | None = None) -> Tensor:
+    """Stack lists of ints into a (B, T) long tensor, right-padded with `value`."""
+    T = length if length is not None else max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s[:T], dtype=torch.long)
+    return out

@@ -1,0 +1,53 @@
+"""Errors in user data that name the file, the line and the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class DataError(ValueError):
+    """A bad record: `path:line: field: message`. Raised instead of a deep traceback."""
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.message = message
+        self.path = path
+        self.line = line
+        self.field = field
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = self.path or "<data>"
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.field:
+            where += f": field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class SkipReport:
+    """Counts of records left out on purpose (over-length, empty, duplicate, ...), by reason.
+
+    Nothing is dropped silently: every recipe logs this report and saves it in the run folder.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str | None = None) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if where is not None:
+            self.examples.setdefault(reason, [])
+            if len(self.examples[reason]) < 5:
+                self.examples[reason].append(where)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no records skipped"
+        parts = [f"{n} {reason}" for reason, n in sorted(self.counts.items())]
+        return "skipped " + ", ".join(parts)
