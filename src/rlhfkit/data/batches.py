@@ -27,15 +27,28 @@ def _to(obj, device):
 class LMBatch:
     """Token sequences with shifted labels.
 
-    input_ids, attention_mask, labels: (B, T). position_ids: (B, T) or None; when several
-    examples are packed into one row, positions restart at 0 for each example and
-    `seq_lens` lists each packed example's length per row so attention can be confined to it.
+    input_ids, attention_mask, labels: (B, T). Packed rows (several examples concatenated
+    in one row, no padding between them) carry `position_ids` (B, T) that restart at 0 for
+    each example; the model then gets attention_mask=None and transformers confines
+    attention to each example from the position ids. `segment_ids` (B, T) gives each
+    token's example index in the batch (−1 on padding), for per-example sums.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
     position_ids: Tensor | None = None
+    segment_ids: Tensor | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def num_examples(self) -> int:
+        if self.segment_ids is None:
+            return int(self.input_ids.shape[0])
+        return int(self.segment_ids.max().item()) + 1
 
     def to(self, device) -> "LMBatch":
         return _to(self, device)

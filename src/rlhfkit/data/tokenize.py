@@ -1,0 +1,68 @@
+"""Chat-template tokenization with a loss mask on the response tokens only.
+
+The prompt is rendered with the model's chat template and the generation prompt
+(`<|im_start|>assistant\\n` for ChatML); the response is the rest of the rendered
+conversation (its text plus the template's end-of-turn marker, so the model learns to
+stop). Prompt and response are tokenized separately, exactly as they meet at inference
+time, when the model continues the tokenized prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhfkit.data.batches import IGNORE_INDEX
+from rlhfkit.data.schemas import Conversation, conversation_to_dicts
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized example: ids (T,) and shifted labels (T,) (IGNORE_INDEX outside the response)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def render_prompt(tokenizer, prompt: Conversation) -> str:
+    """The prompt as text, ending where the assistant's reply begins."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(conversation_to_dicts(prompt), add_generation_prompt=True,
+                                             tokenize=False)
+    # No chat template (a base model): plain turns, the reply follows "Assistant:".
+    turns = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in prompt)
+    return turns + "Assistant:"
+
+
+def render_response(tokenizer, prompt: Conversation, response: str, prompt_text: str | None = None) -> str:
+    """The response text as the template writes it after the prompt (with the end-of-turn marker)."""
+    prompt_text = render_prompt(tokenizer, prompt) if prompt_text is None else prompt_text
+    if getattr(tokenizer, "chat_template", None):
+        full = tokenizer.apply_chat_template(
+            conversation_to_dicts(prompt) + [{"role": "assistant", "content": response}], tokenize=False)
+        if full.startswith(prompt_text):
+            return full[len(prompt_text):]
+    return " " + response + (tokenizer.eos_token or "")
+
+
+def encode_prompt(tokenizer, prompt: Conversation) -> list[int]:
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, prompt: Conversation, response: str,
+                prompt_ids: list[int] | None = None) -> Encoded:
+    """Tokenize prompt + response; labels[t] = ids[t+1] on response tokens, else IGNORE_INDEX."""
+    prompt_text = render_prompt(tokenizer, prompt)
+    if prompt_ids is None:
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    resp_ids = tokenizer(render_response(tokenizer, prompt, response, prompt_text),
+                         add_special_tokens=False)["input_ids"]
+    ids = list(prompt_ids) + list(resp_ids)
+    p = len(prompt_ids)
+    labels = [IGNORE_INDEX] * (p - 1) + list(resp_ids) + [IGNORE_INDEX]
+    if p == 0:  # no prompt tokens: the first response token cannot be predicted
+        labels = list(resp_ids[1:]) + [IGNORE_INDEX]
+    return Encoded(ids, labels, p)

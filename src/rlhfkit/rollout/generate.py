@@ -1,0 +1,112 @@
+"""Batched generation with KV cache: the one sampler behind eval, chat, data collection and RL.
+
+Prompts are rendered with the chat template, left-padded into batches sorted by length
+(so little compute goes to padding), and decoded with `model.generate` (KV cache on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhfkit.config import Config, check, param
+from rlhfkit.data.schemas import Conversation
+from rlhfkit.data.tokenize import encode_prompt
+
+
+@dataclass(frozen=True)
+class SamplingConfig(Config):
+    kind = "sampling"
+    max_new_tokens: int = param(64, "longest response in tokens")
+    temperature: float = param(0.0, "0 = greedy decoding")
+    top_p: float = param(1.0, "nucleus sampling threshold")
+    top_k: int = param(0, "sample from the k most likely tokens (0 = off)")
+    n: int = param(1, "responses per prompt")
+    batch_size: int = param(32, "sequences decoded together")
+    stop: tuple[str, ...] = param((), "stop strings (besides the end-of-turn token)")
+    seed: int = param(0, "sampling seed")
+
+    def validate(self) -> None:
+        check(self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1")
+        check(self.temperature >= 0, "temperature must be ≥ 0")
+        check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        check(self.n >= 1, "n must be ≥ 1")
+        check(self.batch_size >= 1, "batch_size must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_index: int
+    text: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finished: bool  # ended with end-of-turn / stop string rather than the token limit
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i >= 0:
+            ids.add(i)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig = SamplingConfig(),
+             *, progress: bool = False) -> list[Generation]:
+    """n responses for each prompt, in prompt order (prompt i's samples at i·n … i·n+n−1)."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.n)]
+    order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = _stop_ids(tokenizer)
+    results: list[Generation | None] = [None] * len(jobs)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+    iterator = batches
+    if progress:
+        from rich.progress import track
+
+        iterator = track(batches, description="generating", transient=True)
+    for batch in iterator:
+        seqs = [encoded[jobs[j][0]] for j in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s)
+            attn[r, width - len(s):] = 1
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
+                      use_cache=True)
+        if cfg.temperature > 0:
+            kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                          top_k=cfg.top_k if cfg.top_k > 0 else None)
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if cfg.stop:
+            kwargs.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+        new = out[:, width:].cpu()
+        for r, j in enumerate(batch):
+            toks = new[r].tolist()
+            finished = False
+            for pos, t in enumerate(toks):
+                if t in stop_ids:
+                    toks = toks[:pos + 1]
+                    finished = True
+                    break
+            text = tokenizer.decode([t for t in toks if t not in stop_ids], skip_special_tokens=True)
+            for s in cfg.stop:
+                if s in text:
+                    text, finished = text[:text.index(s)], True
+            i = jobs[j][0]
+            results[j] = Generation(i, text.strip(), encoded[i], toks, finished)
+    if was_training:
+        model.train()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,333 @@
+"""The training engine every recipe calls: accelerate, precision, optimizer, schedule,
+checkpoints, exact resume, Ctrl-C, metrics and progress.
+
+Recipes compose it rather than inherit from it:
+
+    engine = Engine(cfg, run_dir, total_steps=cfg.max_steps)
+    module = engine.setup(module, tokenizer)         # optimizer, schedule, DDP/FSDP, resume
+    for step in range(engine.start_step, cfg.max_steps):
+        for micro in micro_batches:
+            with engine.accumulate(last=...), engine.autocast():
+                loss = ...
+            engine.backward(loss)
+        engine.optimizer_step()
+        engine.end_step(step + 1, metrics, tokens=n)   # log, progress, periodic checkpoint
+
+Distributed runs go through accelerate (`accelerate launch --num_processes N -m rlhfkit.cli ...`,
+or an accelerate config for FSDP/DeepSpeed); nothing here is home-made parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhfkit.config import Config, check, param
+from rlhfkit.train import checkpoint as ckpt
+from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Fields every trainable recipe shares."""
+
+    model: str = param("embedded", "model to start from: 'embedded', a Hugging Face id, a local folder, or 'tiny'")
+    output_dir: str = param("runs/run", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+    seed: int = param(0, "random seed (data order, dropout, sampling)")
+    max_steps: int = param(100, "optimizer steps to run")
+    batch_size: int = param(8, "examples per micro-batch on each process")
+    grad_accum: int = param(1, "micro-batches per optimizer step")
+    lr: float = param(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    warmup_steps: int = param(0, "linear warmup steps")
+    schedule: str = param("cosine", "learning-rate schedule after warmup", choices=SCHEDULES)
+    min_lr_ratio: float = param(0.1, "final lr as a fraction of the peak (cosine/linear)")
+    max_grad_norm: float = param(1.0, "gradient clipping norm (0 disables)")
+    precision: str = param("auto", "auto (bf16 where the hardware has it), bf16, fp16 or fp32", choices=PRECISIONS)
+    max_length: int = param(512, "longest example in tokens; longer ones are skipped and counted")
+    lora_r: int = param(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: int = param(32, "LoRA alpha")
+    save_every: int = param(0, "checkpoint every N steps (0 = only at the end and on Ctrl-C)")
+    keep_checkpoints: int = param(2, "how many recent checkpoints to keep")
+    log_every: int = param(1, "log metrics every N steps")
+    eval_every: int = param(0, "evaluate every N steps (0 = only at the end)")
+    resume: bool = param(True, "resume from the run folder's latest checkpoint if there is one")
+    tracker: str = param("none", "also log to tensorboard or wandb (if installed)", choices=TRACKERS)
+    logprob_chunk: int = param(512, "tokens per chunk of the output projection (memory vs speed)")
+    progress: bool = param(True, "show a progress bar")
+
+    def validate(self) -> None:
+        check(self.max_steps >= 1, "max_steps must be ≥ 1")
+        check(self.batch_size >= 1, "batch_size must be ≥ 1")
+        check(self.grad_accum >= 1, "grad_accum must be ≥ 1")
+        check(self.lr > 0, "lr must be > 0")
+        check(self.max_length >= 8, "max_length must be ≥ 8")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        check(self.max_grad_norm >= 0, "max_grad_norm must be ≥ 0")
+        check(self.lora_r >= 0, "lora_r must be ≥ 0")
+        check(self.logprob_chunk >= 1, "logprob_chunk must be ≥ 1")
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' → bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup, then cosine/linear decay to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Engine:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, total_steps: int | None = None,
+                 description: str = "train"):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.total_steps = total_steps or cfg.max_steps
+        self.precision = resolve_precision(cfg.precision)
+        mp = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.description = description
+        self.start_step = 0
+        self.resumed_from: Path | None = None
+        self.extra_state: dict[str, Any] = {}
+        self._interrupted = False
+        seed_everything(cfg.seed)
+
+    # ---------------------------------------------------------------- process info
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    def sum_across(self, value: float) -> float:
+        """Σ over processes (token counts for exact loss normalization)."""
+        if self.world_size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, reduction="sum").item())
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, module: nn.Module, tokenizer=None, *, trainable: list[nn.Parameter] | None = None,
+              lr: float | None = None) -> nn.Module:
+        """Optimizer + schedule + accelerate.prepare, then resume from the latest checkpoint."""
+        self.tokenizer = tokenizer
+        params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or self.cfg.lr,
+                                      betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
+            s, warmup=self.cfg.warmup_steps, total=self.total_steps, schedule=self.cfg.schedule,
+            min_ratio=self.cfg.min_lr_ratio))
+        # The scheduler stays outside accelerate.prepare: a prepared scheduler steps once per
+        # process, which would run the schedule N times too fast under N-process DDP.
+        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.scheduler = sched
+        self._maybe_resume()
+        if self.is_main:
+            self.cfg.save(self.run_dir / "config.yaml")
+        self.metrics = MetricsLogger(self.run_dir, tracker=self.cfg.tracker, enabled=self.is_main,
+                                     resume_step=self.start_step if self.resumed_from else None,
+                                     run_name=self.run_dir.name, config=self.cfg.to_dict())
+        self.progress = StepProgress(self.total_steps, self.description, start=self.start_step,
+                                     enabled=self.is_main and self.cfg.progress)
+        return self.module
+
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.module)
+
+    def _maybe_resume(self) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        if latest is None:
+            return
+        state, blob = ckpt.load_training_state(latest)
+        load_weights(inner_hf_model(self.unwrapped()), latest / "model")
+        self.optimizer.load_state_dict(blob["optimizer"])
+        if blob["scheduler"] is not None:
+            self.scheduler.load_state_dict(blob["scheduler"])
+        ckpt.set_rng_state(blob["rng"])
+        self.extra_state = blob.get("extra", {})
+        self.start_step = int(state["step"])
+        self.resumed_from = latest
+        if self.is_main:
+            log.info("resumed from %s (step %d)", latest, self.start_step)
+
+    # ---------------------------------------------------------------- the step
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def accumulate(self, last: bool):
+        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.module)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, schedule, zero the grads; returns the pre-clip gradient norm."""
+        norm = float("nan")
+        if self.cfg.max_grad_norm > 0:
+            norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def end_step(self, step: int, metrics: dict[str, Any], *, tokens: int = 0,
+                 extra_state: dict[str, Any] | None = None) -> None:
+        """Log (every log_every), advance the progress bar, checkpoint (every save_every)."""
+        rate = self.progress.update(step, tokens=tokens, **{k: float(v) for k, v in metrics.items()
+                                                            if k in ("loss", "reward", "kl")})
+        if step % self.cfg.log_every == 0 or step == self.total_steps:
+            self.metrics.log(step, {**metrics, "lr": self.lr, "tokens_per_s": rate})
+        if extra_state is not None:
+            self.extra_state = extra_state
+        if self._interrupted:
+            self.save(step)
+            raise KeyboardInterrupt
+        if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
+            self.save(step)
+
+    def save(self, step: int) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, step, model=self.unwrapped_model_for_save(),
+                                        tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, state={"description": self.description},
+                                        extra=self.extra_state, keep=self.cfg.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def unwrapped_model_for_save(self) -> nn.Module:
+        """The object whose save_pretrained writes the checkpoint (the inner HF model)."""
+        return inner_hf_model(self.unwrapped())
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Ctrl-C finishes the current step, saves a checkpoint, then stops."""
+        def handler(signum, frame):
+            if self._interrupted:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self._interrupted = True
+            if self.is_main:
+                log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to stop now)")
+
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            self.progress.close()
+
+    def finish(self, out: Path | None = None) -> Path:
+        """Save the final model (LoRA merged) to run_dir/final and close the loggers."""
+        self.accelerator.wait_for_everyone()
+        out = Path(out or self.run_dir / "final")
+        if self.is_main:
+            ckpt.save_final(self.unwrapped_model_for_save(), self.tokenizer, out)
+        self.metrics.close()
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+def inner_hf_model(module: nn.Module) -> nn.Module:
+    """The transformers (or PEFT) model inside recipe wrappers such as TokenLogprobs."""
+    from transformers import PreTrainedModel
+
+    try:
+        from peft import PeftModel
+        kinds: tuple = (PreTrainedModel, PeftModel)
+    except ImportError:
+        kinds = (PreTrainedModel,)
+    while not isinstance(module, kinds) and isinstance(getattr(module, "model", None), nn.Module):
+        module = module.model
+    return module
+
+
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load a checkpoint's saved weights (full model or PEFT adapter) into `model` in place."""
+    from safetensors.torch import load_file
+
+    target = model
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(target, load_file(folder / "adapter_model.safetensors"))
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no weights in {folder}")
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")

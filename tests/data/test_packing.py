@@ -1,0 +1,55 @@
+"""Tokenization masks, packing without attention leaking across examples, batch plans."""
+
+import torch
+
+from rlhfkit.data.batches import IGNORE_INDEX
+from rlhfkit.data.packing import collate_packed, collate_padded, plan_batches
+from rlhfkit.data.schemas import as_conversation
+from rlhfkit.data.tokenize import encode_pair, render_prompt
+from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
+from rlhfkit.ops.logprobs import gather_logprobs
+
+
+def test_loss_mask_covers_exactly_the_response():
+    tok = tiny_tokenizer()
+    enc = encode_pair(tok, as_conversation("Hi"), "ok")
+    text = tok.decode(enc.input_ids)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
+    prompt_len = len(tok(render_prompt(tok, as_conversation("Hi")), add_special_tokens=False)["input_ids"])
+    assert enc.prompt_len == prompt_len
+    # labels[t] = ids[t+1] for the response tokens ("ok<|im_end|>\n" = 4 tokens), else ignored
+    counted = [(t, lab) for t, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
+    assert [lab for _, lab in counted] == enc.input_ids[prompt_len:]
+    assert [t for t, _ in counted] == list(range(prompt_len - 1, len(enc) - 1))
+    assert tok.decode([lab for _, lab in counted]) == "ok<|im_end|>\n"
+
+
+def test_packed_rows_do_not_attend_across_examples():
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(seed=3)
+    a = encode_pair(tok, as_conversation("first prompt"), "alpha")
+    b = encode_pair(tok, as_conversation("second"), "beta gamma")
+    packed = collate_packed([a, b])
+    assert packed.input_ids.shape == (1, len(a) + len(b))
+    assert packed.position_ids[0, len(a)].item() == 0
+    lp_packed = gather_logprobs(model, packed.input_ids, packed.labels, position_ids=packed.position_ids)
+    padded = collate_padded([a, b], tok.pad_token_id)
+    lp_padded = gather_logprobs(model, padded.input_ids, padded.labels, attention_mask=padded.attention_mask)
+    torch.testing.assert_close(lp_packed[0, :len(a)], lp_padded[0, :len(a)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp_packed[0, len(a):], lp_padded[1, :len(b)], atol=1e-5, rtol=1e-5)
+    # Changing the first example must not change the second one's log-probs.
+    a2 = encode_pair(tok, as_conversation("a very different first prompt"), "zzz")
+    packed2 = collate_packed([a2, b])
+    lp2 = gather_logprobs(model, packed2.input_ids, packed2.labels, position_ids=packed2.position_ids)
+    torch.testing.assert_close(lp2[0, len(a2):], lp_packed[0, len(a):], atol=1e-5, rtol=1e-5)
+
+
+def test_plan_batches_deterministic_complete_and_grouped():
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47]
+    p1 = plan_batches(lengths, 2, seed=1, epoch=0)
+    assert p1 == plan_batches(lengths, 2, seed=1, epoch=0)
+    assert p1 != plan_batches(lengths, 2, seed=1, epoch=1)
+    assert sorted(i for b in p1 for i in b) == list(range(8))
+    # length grouping: each batch holds two short or two long examples
+    for b in p1:
+        assert len({lengths[i] > 20 for i in b}) == 1
