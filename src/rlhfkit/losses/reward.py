@@ -1,0 +1,176 @@
+"""Reward-model losses: Bradley–Terry with soft labels, margins and mis-click noise;
+reward centering; ensemble reductions.
+
+All functions are pure: explicit tensors in, `(loss, metrics)` out (ensemble helpers return
+plain tensors). Rewards are one scalar per response, shape (B,). The loss is computed in
+float32 whatever the input dtype, because log σ of bf16 differences loses the digits that
+distinguish a confident model from a certain one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# A label this close to 0.5 is a tie: it says nothing about which response is better, so it
+# is left out of accuracy (it still trains the model, through the soft-label loss).
+TIE_TOLERANCE = 1e-6
+
+ENSEMBLE_MODES: tuple[str, ...] = ("mean", "min", "mean_minus_std")
+
+
+def _check_pair_shapes(chosen: Tensor, rejected: Tensor, **optional: Tensor | None) -> None:
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(f"chosen and rejected must both have shape (B,), got "
+                         f"{tuple(chosen.shape)} and {tuple(rejected.shape)}")
+    for name, value in optional.items():
+        if value is not None and value.shape != chosen.shape:
+            raise ValueError(f"{name} must have shape {tuple(chosen.shape)} like the rewards, "
+                             f"got {tuple(value.shape)}")
+
+
+def pairwise_metrics(chosen_scores: Tensor, rejected_scores: Tensor,
+                     label: Tensor | None = None) -> dict[str, Tensor]:
+    """Diagnostics shared by every pairwise loss (reward models and the DPO family).
+
+    chosen_scores, rejected_scores: (B,) rewards (explicit or implicit). label: (B,)
+    P(chosen ≻ rejected), 1 when None. Returns detached scalars:
+
+    - ``rewards/chosen``, ``rewards/rejected``: mean score of each side;
+    - ``rewards/margin``: mean(chosen − rejected);
+    - ``rewards/accuracy``: among non-tie pairs, the fraction where the score difference
+      has the sign of (label − ½), i.e. the model prefers what the annotators preferred.
+      0 when the batch holds no non-tie pair; aggregate over batches as
+      Σ accuracy·count / Σ count so such batches weigh nothing;
+    - ``rewards/num_non_tie``: that count.
+    """
+    chosen_scores = chosen_scores.detach().float()
+    rejected_scores = rejected_scores.detach().float()
+    difference = chosen_scores - rejected_scores
+    if label is None:
+        direction = torch.ones_like(difference)
+    else:
+        direction = label.detach().float() - 0.5
+        direction = torch.where(direction.abs() <= TIE_TOLERANCE, torch.zeros_like(direction),
+                                direction.sign())
+    non_tie = direction != 0
+    correct = (difference * direction > 0) & non_tie
+    num_non_tie = non_tie.sum()
+    accuracy = correct.sum().float() / num_non_tie.clamp(min=1).float()
+    return {
+        "rewards/chosen": chosen_scores.mean(),
+        "rewards/rejected": rejected_scores.mean(),
+        "rewards/margin": difference.mean(),
+        "rewards/accuracy": accuracy,
+        "rewards/num_non_tie": num_non_tie.float(),
+    }
+
+
+def _log_prob_preferred(delta: Tensor, noise: float) -> Tensor:
+    """log P(chosen ≻ rejected) under the mis-click model, stable for any Δ.
+
+    log[(1−ε)σ(Δ) + εσ(−Δ)] = logsumexp(log(1−ε) + log σ(Δ), log ε + log σ(−Δ)).
+    """
+    if noise == 0.0:
+        return F.logsigmoid(delta)
+    return torch.logaddexp(math.log1p(-noise) + F.logsigmoid(delta),
+                           math.log(noise) + F.logsigmoid(-delta))
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, label: Tensor | None = None,
+                       margin: Tensor | None = None, noise: float = 0.0
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley–Terry cross-entropy between the model's P(chosen ≻ rejected) and the label.
+
+        Δ = r_c − r_r − m
+        P = (1 − ε)·σ(Δ) + ε·σ(−Δ)                     (ε = 0: plain Bradley–Terry, P = σ(Δ))
+        loss = −mean[ l·log P + (1 − l)·log(1 − P) ]
+
+    Shapes: r_chosen, r_rejected: (B,) scalar rewards. label l: (B,) in [0, 1], the
+    annotators' P(chosen ≻ rejected); None means 1 for every pair. 0.5 is a tie: the loss
+    is then symmetric in Δ, its gradient is zero at Δ = 0 and pulls Δ toward 0, so a tie
+    teaches "these two are equally good" instead of being dropped. margin m: (B,) optional
+    required gap (Llama-2 style): the pair only counts as well separated once r_c − r_r > m.
+
+    noise ε in [0, 0.5): the constant mis-click model (Christiano et al., 2017): with
+    probability ε the annotator clicks the other response whatever the rewards, so
+    1 − P = (1 − ε)·σ(−Δ) + ε·σ(Δ) never falls below ε and a confidently "wrong" label costs
+    at most −log ε instead of growing without bound. The paper's phrasing, "responds
+    uniformly at random with probability q", is the same model with ε = q/2.
+
+    Returns the scalar loss and `pairwise_metrics` of the raw rewards (accuracy ignores
+    the margin: it asks which response the model scores higher).
+    """
+    _check_pair_shapes(r_chosen, r_rejected, label=label, margin=margin)
+    if not 0.0 <= noise < 0.5:
+        raise ValueError(f"noise (mis-click rate) must be in [0, 0.5), got {noise}")
+    delta = r_chosen.float() - r_rejected.float()
+    if margin is not None:
+        delta = delta - margin.float()
+    log_p = _log_prob_preferred(delta, noise)
+    log_not_p = _log_prob_preferred(-delta, noise)
+    if label is None:
+        per_pair = -log_p
+    else:
+        target = label.float()
+        per_pair = -(target * log_p + (1.0 - target) * log_not_p)
+    loss = per_pair.mean()
+    metrics = pairwise_metrics(r_chosen, r_rejected, label)
+    metrics["loss/bradley_terry"] = loss.detach()
+    return loss, metrics
+
+
+def reward_centering_penalty(r_chosen: Tensor, r_rejected: Tensor, coef: float
+                             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """coef · mean((r_c + r_r)²): an auxiliary loss that keeps rewards near zero.
+
+    Bradley–Terry only sees differences, so adding a constant to every reward leaves it
+    unchanged; this term pins that free constant at 0 (Eisenstein et al., 2023), which keeps
+    rewards comparable across runs and ensemble members. r_chosen, r_rejected: (B,).
+    Returns the penalty (add it to the loss) and the unscaled mean((r_c + r_r)²).
+    """
+    _check_pair_shapes(r_chosen, r_rejected)
+    if coef < 0:
+        raise ValueError(f"reward centering coef must be >= 0, got {coef}")
+    squared_sum = ((r_chosen.float() + r_rejected.float()) ** 2).mean()
+    return coef * squared_sum, {"rewards/centering_sq": squared_sum.detach()}
+
+
+def ensemble_reduce(rewards: Tensor, mode: str = "mean", k: float = 1.0) -> Tensor:
+    """One reward per example from an ensemble of E reward models or heads.
+
+    rewards: (E, B). Returns (B,):
+      mean            mean over members,
+      min             the most pessimistic member (robust to one member being exploited),
+      mean_minus_std  mean − k·std, std the sample standard deviation over members
+                      (needs E ≥ 2): penalizes examples the members disagree on, where the
+                      policy is most likely exploiting an error of the reward model.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"ensemble rewards must have shape (E, B), got {tuple(rewards.shape)}")
+    if mode == "mean":
+        return rewards.mean(0)
+    if mode == "min":
+        return rewards.min(0).values
+    if mode == "mean_minus_std":
+        if rewards.shape[0] < 2:
+            raise ValueError("mode 'mean_minus_std' needs an ensemble of at least 2 members, "
+                             f"got {rewards.shape[0]}")
+        return rewards.mean(0) - k * rewards.std(0)
+    close = difflib.get_close_matches(mode, ENSEMBLE_MODES, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"unknown ensemble mode '{mode}' (valid: {', '.join(ENSEMBLE_MODES)}){hint}")
+
+
+def ensemble_summary(rewards: Tensor) -> dict[str, Tensor]:
+    """Per-example mean, min, max and spread (sample std; 0 for a single member) of an
+    ensemble's rewards. rewards: (E, B) → each value (B,)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"ensemble rewards must have shape (E, B), got {tuple(rewards.shape)}")
+    spread = rewards.std(0) if rewards.shape[0] > 1 else torch.zeros_like(rewards[0])
+    return {"mean": rewards.mean(0), "min": rewards.min(0).values,
+            "max": rewards.max(0).values, "std": spread}
