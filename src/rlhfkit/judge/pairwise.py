@@ -1,0 +1,388 @@
+"""Pairwise LLM-as-judge: which of two responses is better, judged in both orders.
+
+A judge model tends to prefer whichever response it reads first (or second): position bias.
+Showing each pair twice, (a, b) and (b, a), cancels it: when the two orders name the same
+response, that response wins; when they disagree, the pair is a tie. A judge that always
+answers "A" therefore produces only ties, and its `position_bias` is 1.0.
+
+Outputs are parsed strictly: the judge must end with a line `Verdict: A`, `Verdict: B` or
+`Verdict: tie` (see `parse_verdict` for the tolerated spellings). Anything else is recorded as
+`invalid`, counted, and treated as a tie — never guessed.
+
+Templates are plain text files with three placeholders, `{prompt}`, `{response_a}` and
+`{response_b}`; the filled template is sent as a single user message. The built-in one is
+`templates/pairwise.txt`; copy and edit it, then pass its path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.data.schemas import (
+    Conversation,
+    Message,
+    PreferencePair,
+    Provenance,
+    as_conversation,
+)
+from rlhfkit.judge.backends import JudgeBackend
+from rlhfkit.judge.cache import JudgeCache, cache_key
+
+logger = logging.getLogger(__name__)
+
+Winner = Literal["a", "b", "tie"]
+Choice = Literal["A", "B", "tie", "invalid"]
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+PLACEHOLDERS = ("prompt", "response_a", "response_b")
+_PLACEHOLDER_RE = re.compile(r"\{(prompt|response_a|response_b)\}")
+
+# A verdict line: optional markdown decoration, "verdict", a separator, an optional
+# "answer"/"response" word, then exactly one of A / B / tie and only closing punctuation.
+_VERDICT_LINE = re.compile(
+    r"""^[\s*_#>`-]*verdict[\s*_`]*[:=\-][\s*_`"'\[(]*
+        (?:(?:answer|response|assistant|output)\s+)?
+        (a|b|tie)
+        [\s*_`"'\])\].!]*$""",
+    re.IGNORECASE | re.VERBOSE)
+# A whole output that is nothing but the choice ("A", "[[B]]", "tie.").
+_BARE_CHOICE = re.compile(r"""^[\s*_`"'\[(]*(a|b|tie)[\s*_`"'\])\].!]*$""", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> Choice:
+    """The choice in a judge's output, in the positions it saw: "A", "B", "tie" or "invalid".
+
+    The last line of the form `Verdict: X` decides (X one of A, B, tie; case, markdown
+    emphasis, brackets, quotes, a trailing period and a leading "Answer"/"Response" word are
+    tolerated). An output that is nothing but the choice is also accepted. Anything else,
+    e.g. `Verdict: A or B` or no verdict line, is "invalid".
+    """
+    choice = None
+    for line in text.splitlines():
+        match = _VERDICT_LINE.match(line)
+        if match:
+            choice = match.group(1)
+    if choice is None:
+        match = _BARE_CHOICE.match(text.strip())
+        if match:
+            choice = match.group(1)
+    if choice is None:
+        return "invalid"
+    return "tie" if choice.lower() == "tie" else choice.upper()  # type: ignore[return-value]
+
+
+def load_template(template: str | Path) -> str:
+    """Template text from a `Path`, a file path, a built-in name ("pairwise"), or the text
+    itself (any string containing `{response_a}`). Checks all three placeholders are there."""
+    source = "<template>"
+    if isinstance(template, Path) or "{response_a}" not in template:
+        path = Path(template)
+        builtin = TEMPLATE_DIR / f"{template}.txt"
+        if not isinstance(template, Path) and "/" not in str(template) and builtin.is_file():
+            path = builtin
+        if not path.is_file():
+            raise DataError(f"judge template not found (built-in names: "
+                            f"{sorted(p.stem for p in TEMPLATE_DIR.glob('*.txt'))})",
+                            path=str(path), field="template")
+        source = str(path)
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = template
+    missing = [f"{{{name}}}" for name in PLACEHOLDERS if f"{{{name}}}" not in text]
+    if missing:
+        raise DataError(f"judge template lacks the placeholder(s) {', '.join(missing)}",
+                        path=source, field="template")
+    return text
+
+
+def render_conversation(prompt: Conversation) -> str:
+    """The prompt as the judge reads it: a single user turn verbatim, else one line per turn."""
+    if len(prompt) == 1 and prompt[0].role == "user":
+        return prompt[0].content
+    return "\n\n".join(f"{m.role.capitalize()}: {m.content}" for m in prompt)
+
+
+def fill_template(template: str, prompt: Conversation, first: str, second: str) -> str:
+    """Substitute the placeholders in one pass, so braces inside responses are left alone."""
+    values = {"prompt": render_conversation(prompt), "response_a": first, "response_b": second}
+    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One pair to judge: `response_a` and `response_b` answering `prompt`."""
+
+    prompt: Conversation
+    response_a: str
+    response_b: str
+
+
+@dataclass(frozen=True)
+class OrderResult:
+    """The judge's answer for one presentation order.
+
+    `order` is "ab" when response_a was shown as A, "ba" when response_b was. `choice` is in
+    the positions the judge saw (A = shown first); `winner` maps it back to a / b / tie
+    (invalid counts as tie).
+    """
+
+    order: Literal["ab", "ba"]
+    text: str
+    choice: Choice
+
+    @property
+    def winner(self) -> Winner:
+        if self.choice == "A":
+            return "a" if self.order == "ab" else "b"
+        if self.choice == "B":
+            return "b" if self.order == "ab" else "a"
+        return "tie"
+
+
+_P_A: dict[str, float] = {"a": 1.0, "tie": 0.5, "b": 0.0}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judged outcome of one pair.
+
+    `winner`: "a", "b" or "tie"; `p_a`: 1.0 / 0.5 / 0.0, the outcome as a win-rate value for
+    response_a; `raw`: the per-order results ((a, b) first); `consistent`: both orders named
+    the same winner (True when only one order was judged).
+    """
+
+    winner: Winner
+    p_a: float
+    raw: tuple[OrderResult, ...]
+    consistent: bool
+
+    @property
+    def rationale(self) -> str:
+        """The judge's text, order by order."""
+        if len(self.raw) == 1:
+            return self.raw[0].text
+        return "\n\n".join(f"[order {r.order}]\n{r.text}" for r in self.raw)
+
+
+def combine_orders(results: Sequence[OrderResult]) -> Verdict:
+    """Agreeing orders → that winner; any disagreement (including tie vs a win) → tie."""
+    winners = {r.winner for r in results}
+    winner: Winner = winners.pop() if len(winners) == 1 else "tie"
+    return Verdict(winner=winner, p_a=_P_A[winner], raw=tuple(results),
+                   consistent=len({r.winner for r in results}) == 1)
+
+
+@dataclass(frozen=True)
+class JudgeBatch:
+    """Verdicts for a batch of pairs, with the counts that say how far to trust them.
+
+    `position_bias`: among pairs judged in both orders, the fraction where the response
+    shown first won in both orders (so the two calls named different responses). 0 for an
+    order-blind judge, 1 for one that always answers "A". `second_position_bias` likewise
+    for the response shown second; both NaN when no pair was judged in both orders.
+    `n_invalid`: judge outputs (per order) that did not parse.
+    """
+
+    verdicts: tuple[Verdict, ...]
+    n_invalid: int
+    n_inconsistent: int
+    position_bias: float
+    second_position_bias: float
+    n_backend_calls: int = field(default=0, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.verdicts)
+
+    @property
+    def outcomes(self) -> list[float]:
+        """`p_a` per pair: the input `rlhfkit.eval.winrate.win_rate` expects."""
+        return [v.p_a for v in self.verdicts]
+
+    def summary(self) -> dict[str, float | int]:
+        wins = sum(v.winner == "a" for v in self.verdicts)
+        losses = sum(v.winner == "b" for v in self.verdicts)
+        return {"n": len(self.verdicts), "a_wins": wins, "b_wins": losses,
+                "ties": len(self.verdicts) - wins - losses, "invalid_outputs": self.n_invalid,
+                "inconsistent": self.n_inconsistent, "position_bias": self.position_bias,
+                "second_position_bias": self.second_position_bias}
+
+
+def _as_item(item: Any, index: int) -> JudgeItem:
+    if isinstance(item, JudgeItem):
+        return item
+    if isinstance(item, dict):
+        try:
+            item = (item["prompt"], item["response_a"], item["response_b"])
+        except KeyError as err:
+            raise DataError(f"missing key {err}", field=f"items[{index}]") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 3:
+        raise DataError("expected (prompt, response_a, response_b)", field=f"items[{index}]")
+    prompt, a, b = item
+    if not isinstance(a, str) or not isinstance(b, str):
+        raise DataError("responses must be strings", field=f"items[{index}]")
+    try:
+        conversation = as_conversation(prompt)
+    except (KeyError, TypeError) as err:
+        raise DataError(f"prompt is neither text nor chat messages ({err})",
+                        field=f"items[{index}].prompt") from None
+    return JudgeItem(conversation, a, b)
+
+
+class PairwiseJudge:
+    """Judges pairs of responses with `backend`, filling `template`, in one or both orders.
+
+    All requests of a batch go to the backend in one `complete` call (after dropping those
+    found in `cache` and duplicates); new completions are written back to the cache.
+    """
+
+    def __init__(self, backend: JudgeBackend, template: str | Path = "pairwise", *,
+                 both_orders: bool = True, cache: JudgeCache | None = None):
+        self.backend = backend
+        self.template = load_template(template)
+        self.both_orders = both_orders
+        self.cache = cache
+
+    def _requests(self, item: JudgeItem) -> list[tuple[Literal["ab", "ba"], Conversation]]:
+        orders: list[tuple[Literal["ab", "ba"], Conversation]] = [
+            ("ab", (Message("user", fill_template(self.template, item.prompt,
+                                                  item.response_a, item.response_b)),))]
+        if self.both_orders:
+            orders.append(("ba", (Message("user", fill_template(
+                self.template, item.prompt, item.response_b, item.response_a)),)))
+        return orders
+
+    def _complete_cached(self, requests: list[Conversation]) -> tuple[list[str], int]:
+        keys = [cache_key(self.backend.name, self.backend.model, self.template, r)
+                for r in requests]
+        known: dict[str, str] = self.cache.get_many(keys) if self.cache is not None else {}
+        todo: dict[str, Conversation] = {}
+        for key, request in zip(keys, requests):
+            if key not in known and key not in todo:
+                todo[key] = request
+        if todo:
+            texts = self.backend.complete(list(todo.values()))
+            if len(texts) != len(todo):
+                raise RuntimeError(f"judge backend {self.backend.name} returned {len(texts)} "
+                                   f"completions for {len(todo)} requests")
+            fresh = dict(zip(todo, texts))
+            if self.cache is not None:
+                self.cache.put_many(fresh, backend=self.backend.name, model=self.backend.model)
+            known.update(fresh)
+        return [known[k] for k in keys], len(todo)
+
+    def judge_many(self, items: Sequence[Any]) -> JudgeBatch:
+        """Verdicts for `items`: `JudgeItem`s, `(prompt, response_a, response_b)` tuples or
+        dicts with those keys; a prompt is text or chat messages."""
+        pairs = [_as_item(item, i) for i, item in enumerate(items)]
+        plan = [self._requests(p) for p in pairs]
+        flat = [request for orders in plan for _, request in orders]
+        texts, n_calls = self._complete_cached(flat)
+
+        verdicts: list[Verdict] = []
+        cursor = 0
+        for orders in plan:
+            results = []
+            for order, _ in orders:
+                text = texts[cursor]
+                cursor += 1
+                results.append(OrderResult(order=order, text=text, choice=parse_verdict(text)))
+            verdicts.append(combine_orders(results))
+
+        n_invalid = sum(r.choice == "invalid" for v in verdicts for r in v.raw)
+        both = [v for v in verdicts if len(v.raw) == 2]
+        first = sum(all(r.choice == "A" for r in v.raw) for v in both)
+        second = sum(all(r.choice == "B" for r in v.raw) for v in both)
+        batch = JudgeBatch(
+            verdicts=tuple(verdicts), n_invalid=n_invalid,
+            n_inconsistent=sum(not v.consistent for v in verdicts),
+            position_bias=first / len(both) if both else float("nan"),
+            second_position_bias=second / len(both) if both else float("nan"),
+            n_backend_calls=n_calls)
+        if n_invalid:
+            logger.warning("judge %s: %d of %d outputs had no parseable verdict (counted as ties)",
+                           self.backend.name, n_invalid, len(flat))
+        return batch
+
+    def judge(self, prompt: str | Sequence[Any], response_a: str, response_b: str) -> Verdict:
+        """The verdict on one pair."""
+        return self.judge_many([(prompt, response_a, response_b)]).verdicts[0]
+
+
+def label_pairs_with_judge(judge: PairwiseJudge, items: Sequence[Any], *,
+                           round: int | None = None, model_version: str | None = None,
+                           ) -> tuple[list[PreferencePair], JudgeBatch]:
+    """RLAIF: judge each (prompt, response_a, response_b) and write it as a `PreferencePair`.
+
+    The winner becomes `chosen` with label 1.0; a tie keeps (a, b) as (chosen, rejected) with
+    label 0.5. Provenance: source "ai", annotator = the backend's name, rationale = the
+    judge's text. `meta` records whether the orders agreed and the per-order choices.
+    Returns the pairs and the batch (for the invalid / position-bias counts).
+    """
+    pairs_in = [_as_item(item, i) for i, item in enumerate(items)]
+    batch = judge.judge_many(pairs_in)
+    out: list[PreferencePair] = []
+    for item, verdict in zip(pairs_in, batch.verdicts):
+        chosen, rejected = ((item.response_b, item.response_a) if verdict.winner == "b"
+                            else (item.response_a, item.response_b))
+        out.append(PreferencePair(
+            prompt=item.prompt, chosen=chosen, rejected=rejected,
+            label=0.5 if verdict.winner == "tie" else 1.0,
+            provenance=Provenance(annotator=judge.backend.name, source="ai",
+                                  rationale=verdict.rationale, round=round,
+                                  model_version=model_version),
+            meta={"judge_consistent": verdict.consistent,
+                  "judge_choices": [f"{r.order}:{r.choice}" for r in verdict.raw]}))
+    return out, batch
+
+
+_CATEGORIES: tuple[Winner, ...] = ("a", "b", "tie")
+
+
+def _as_winner(label: Any, field_name: str) -> Winner:
+    if isinstance(label, Verdict):
+        return label.winner
+    if isinstance(label, str) and label.lower() in _CATEGORIES:
+        return label.lower()  # type: ignore[return-value]
+    if isinstance(label, (int, float)) and not isinstance(label, bool) and 0 <= label <= 1:
+        return "a" if label > 0.5 else "b" if label < 0.5 else "tie"
+    raise DataError(f"expected 'a', 'b', 'tie', a Verdict or P(a wins) in [0, 1], got {label!r}",
+                    field=field_name)
+
+
+def judge_agreement(judge_verdicts: Sequence[Any], human_labels: Sequence[Any]) -> dict[str, Any]:
+    """How often the judge agrees with people, on the same pairs in the same (a, b) order.
+
+    Labels are "a" / "b" / "tie", `Verdict`s, or P(a wins) (>0.5 → a, <0.5 → b, 0.5 → tie).
+    Returns
+      * `agreement`: fraction of pairs with the same label, ties included;
+      * `agreement_decided`: the same over pairs neither rater called a tie (NaN if none);
+      * `cohen_kappa`: κ = (p_o − p_e) / (1 − p_e) over the three categories, where p_o is
+        `agreement` and p_e = Σ_k p_judge(k)·p_human(k) is the agreement expected by chance
+        from each rater's label frequencies (NaN when p_e = 1: both raters used one
+        category only, and chance explains everything);
+      * `confusion[judge][human]`: counts; `n`.
+    """
+    if len(judge_verdicts) != len(human_labels):
+        raise DataError(f"{len(judge_verdicts)} judge verdicts but {len(human_labels)} human "
+                        f"labels; they must describe the same pairs", field="human_labels")
+    if not judge_verdicts:
+        raise DataError("no pairs to compare", field="judge_verdicts")
+    judged = [_as_winner(v, f"judge_verdicts[{i}]") for i, v in enumerate(judge_verdicts)]
+    human = [_as_winner(v, f"human_labels[{i}]") for i, v in enumerate(human_labels)]
+    n = len(judged)
+    confusion = {j: {h: 0 for h in _CATEGORIES} for j in _CATEGORIES}
+    for j, h in zip(judged, human):
+        confusion[j][h] += 1
+    observed = sum(confusion[k][k] for k in _CATEGORIES) / n
+    chance = sum((judged.count(k) / n) * (human.count(k) / n) for k in _CATEGORIES)
+    kappa = (observed - chance) / (1.0 - chance) if chance < 1.0 else float("nan")
+    decided = [(j, h) for j, h in zip(judged, human) if j != "tie" and h != "tie"]
+    decided_agreement = (sum(j == h for j, h in decided) / len(decided) if decided
+                         else float("nan"))
+    return {"n": n, "agreement": observed, "agreement_decided": decided_agreement,
+            "cohen_kappa": kappa, "confusion": confusion}
