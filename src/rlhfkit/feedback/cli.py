@@ -1,0 +1,158 @@
+"""`rlhf label ...`: run the labeling app, manage accounts, import rounds, export votes."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import typer
+
+from rlhfkit.data.errors import DataError, SkipReport
+from rlhfkit.feedback.db import DEFAULT_DATABASE, open_database
+from rlhfkit.feedback.export import FORMATS, export_records, write_jsonl
+from rlhfkit.feedback.models import ADMIN, ANNOTATOR
+from rlhfkit.feedback.projects import add_round, create_project, find_project
+from rlhfkit.feedback.quality import flagged_annotators
+from rlhfkit.feedback.records import read_candidate_sets
+from rlhfkit.feedback.users import create_user
+
+label_app = typer.Typer(
+    help="Collect human preference labels in the browser and export them for training.",
+    no_args_is_help=True, rich_markup_mode="markdown",
+)
+
+DB_OPTION = typer.Option(DEFAULT_DATABASE, "--db", envvar="RLHFKIT_FEEDBACK_DB",
+                         help="Database URL (sqlite:///file.db, postgresql://...) or a SQLite file path.")
+PASSWORD_OPTION = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
+                               envvar="RLHFKIT_PASSWORD", help="Asked for when not given (min. 8 characters).")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code=1)
+
+
+@label_app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the loopback default "
+                                                     "unless a proxy with HTTPS is in front."),
+          port: int = typer.Option(8000, help="Port to listen on."),
+          db: str = DB_OPTION,
+          secure_cookies: bool = typer.Option(False, help="Mark cookies Secure (serving over HTTPS)."),
+          log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
+    """Run the labeling web app.
+
+    Example: `rlhf label serve --db feedback.db --port 8000`, then open http://127.0.0.1:8000
+    """
+    import uvicorn
+
+    from rlhfkit.feedback.app import create_app
+
+    try:
+        is_loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        is_loopback = host == "localhost"
+    if not is_loopback:
+        typer.secho(f"warning: listening on {host}, reachable from other machines; use HTTPS "
+                    "(a reverse proxy) and --secure-cookies", fg="yellow", err=True)
+    app = create_app(db, cookie_secure=secure_cookies)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
+
+
+def _add_user(db: str, username: str, password: str, role: str) -> None:
+    database = open_database(db)
+    try:
+        with database.write() as session:
+            create_user(session, username, password, role)
+            session.commit()
+    except DataError as e:
+        _fail(e.message)
+    finally:
+        database.close()
+    typer.echo(f"created {role} {username!r}")
+
+
+@label_app.command("create-admin")
+def create_admin(username: str = typer.Argument(..., help="Login name."),
+                 password: str = PASSWORD_OPTION, db: str = DB_OPTION) -> None:
+    """Create an admin account (manages projects, annotators, export).
+
+    Example: `rlhf label create-admin alice --db feedback.db`
+    """
+    _add_user(db, username, password, ADMIN)
+
+
+@label_app.command("add-annotator")
+def add_annotator(username: str = typer.Argument(..., help="Login name."),
+                  password: str = PASSWORD_OPTION, db: str = DB_OPTION) -> None:
+    """Create an annotator account (labels items, sees only their own votes).
+
+    Example: `rlhf label add-annotator bob --db feedback.db`
+    """
+    _add_user(db, username, password, ANNOTATOR)
+
+
+@label_app.command("import")
+def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, responses, gold?, model_version?, id?}."),
+                 project: str = typer.Option(..., "--project", help="Project name; created if new."),
+                 model_version: str | None = typer.Option(None, help="Model version the responses came from."),
+                 overlap: int = typer.Option(2, help="Annotators per item, for a new project."),
+                 guidelines: Path | None = typer.Option(None, help="Markdown guidelines, for a new project."),
+                 db: str = DB_OPTION) -> None:
+    """Import prompts with candidate responses as the next round of a project.
+
+    Example: `rlhf label import candidates.jsonl --project helpfulness --model-version sft-v1 --db feedback.db`
+    """
+    database = open_database(db)
+    try:
+        records = read_candidate_sets(path)
+        with database.write() as session:
+            target = find_project(session, project)
+            if target is None:
+                text = guidelines.read_text(encoding="utf-8") if guidelines else ""
+                target = create_project(session, project, overlap=overlap, guidelines_md=text)
+                typer.echo(f"created project {project!r} (overlap {overlap})")
+            new_round = add_round(session, target, records, model_version)
+            session.commit()
+            typer.echo(f"round {new_round.number}: {len(records)} items "
+                       f"(model version {new_round.model_version or 'not given'})")
+    except DataError as e:
+        _fail(str(e))
+    finally:
+        database.close()
+
+
+@label_app.command("export")
+def export(output: Path = typer.Argument(..., help="JSONL file to write."),
+           project: str = typer.Option(..., "--project", help="Project name."),
+           format: str = typer.Option("pairs", "--format", help=f"One of: {', '.join(FORMATS)} "
+                                      "(soft = one pair per comparison, label = mean vote)."),
+           round: list[int] | None = typer.Option(None, "--round", help="Only this round (repeatable)."),
+           exclude_flagged: bool = typer.Option(False, help="Leave out annotators flagged as outliers."),
+           no_gold: bool = typer.Option(False, "--no-gold", help="Leave out gold items."),
+           db: str = DB_OPTION) -> None:
+    """Export votes as training data (pairs, rankings or soft labels) with provenance.
+
+    Example: `rlhf label export prefs.jsonl --project helpfulness --format pairs --db feedback.db`
+    (the file feeds the reward-model and DPO trainers as it is)
+    """
+    if format not in FORMATS:
+        _fail(f"unknown format {format!r} (use {', '.join(FORMATS)})")
+    database = open_database(db)
+    try:
+        with database.read() as session:
+            target = find_project(session, project)
+            if target is None:
+                _fail(f"no project named {project!r}")
+            excluded = flagged_annotators(session, target) if exclude_flagged else set()
+            skips = SkipReport()
+            records = export_records(session, target, format=format, rounds=round or None,
+                                     exclude_annotators=excluded, include_gold=not no_gold, skips=skips)
+        count = write_jsonl(records, output)
+    finally:
+        database.close()
+    left_out = f", left out {', '.join(sorted(excluded))}" if excluded else ""
+    typer.echo(f"wrote {count} {format} records to {output} ({skips.summary()}{left_out})")
+
+
+if __name__ == "__main__":
+    label_app()

@@ -1,0 +1,102 @@
+"""Opening the database: SQLite by default (one file), PostgreSQL by URL.
+
+SQLite is set up so that an acknowledged vote survives a crash and concurrent annotators
+never see "database is locked":
+
+- `journal_mode=WAL`: readers do not block the writer, and a commit is one append;
+- `synchronous=FULL`: the WAL is fsynced at every commit, so a vote acknowledged to the
+  browser is on disk even if the server is killed (or the machine loses power) right after;
+- write transactions start with `BEGIN IMMEDIATE`: they take the write lock first, so two
+  requests that read-then-write queue on `busy_timeout` instead of one of them failing
+  with SQLITE_BUSY when it tries to upgrade a stale read snapshot;
+- `foreign_keys=ON`, which SQLite leaves off by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from rlhfkit.feedback.migrations import migrate
+
+DEFAULT_DATABASE = "sqlite:///rlhfkit-feedback.db"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def database_url(db: str) -> str:
+    """A URL as given, or a plain file path turned into a SQLite URL."""
+    if "://" in db:
+        return db
+    return f"sqlite:///{Path(db).expanduser().resolve()}"
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Let SQLAlchemy (the "begin" hook below) emit BEGIN instead of the sqlite3 module,
+        # which would otherwise start transactions late and always DEFERRED.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@dataclass(frozen=True)
+class Database:
+    """An engine and the two kinds of session the app uses."""
+
+    engine: Engine
+    reader: sessionmaker[Session]
+    writer: sessionmaker[Session]
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session for a transaction that writes: committed by the caller."""
+        with self.writer() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self.reader() as session:
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(db: str = DEFAULT_DATABASE, *, upgrade: bool = True) -> Database:
+    """Connect to `db` (a URL or a SQLite file path) and bring its schema up to date."""
+    url = make_url(database_url(db))
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise ValueError("use a SQLite file, not an in-memory database: votes must survive a restart")
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_S},
+                               pool_size=10, max_overflow=20)
+        _configure_sqlite(engine)
+        write_engine = engine.execution_options(sqlite_begin="IMMEDIATE")
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+        write_engine = engine
+    if upgrade:
+        migrate(engine)
+    return Database(
+        engine=engine,
+        reader=sessionmaker(engine, expire_on_commit=False),
+        writer=sessionmaker(write_engine, expire_on_commit=False),
+    )

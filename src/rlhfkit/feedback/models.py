@@ -1,0 +1,177 @@
+"""The tables of the labeling app.
+
+A project holds rounds; a round holds the items imported or generated from one model
+version; an item is a prompt with K candidate responses (K = 2: pairwise, K > 2: ranking).
+An annotator is given an item through an `Assignment`, which fixes the order in which the
+candidates are shown to them, and answers it with one `Vote`.
+
+Every answer is stored the same way, pairwise or ranking: `Vote.ranks[i]` is the rank the
+annotator gave to `Item.responses[i]` in the *imported* order (0 = best, equal = tie), so
+the display order never leaks into the data; the display order is kept beside it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ADMIN = "admin"
+ANNOTATOR = "annotator"
+ROLES = (ADMIN, ANNOTATOR)
+
+PAIRWISE = "pairwise"
+RANKING = "ranking"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+
+class LoginSession(Base):
+    """A logged-in browser. The cookie holds a random token; only its SHA-256 is stored, so
+    a copy of the database does not let anyone log in."""
+
+    __tablename__ = "login_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship()
+
+
+class Setting(Base):
+    """Small key/value facts the app keeps across restarts (e.g. the cookie signing key)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    overlap: Mapped[int] = mapped_column(Integer, default=2)
+    guidelines_md: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    rounds: Mapped[list[Round]] = relationship(back_populates="project", order_by="Round.number")
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("project_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    project: Mapped[Project] = relationship(back_populates="rounds")
+    items: Mapped[list[Item]] = relationship(back_populates="round", order_by="Item.position")
+
+
+class Item(Base):
+    __tablename__ = "items"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    # Kept beside round_id so "next item of this project" is one indexed query.
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    external_id: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # The prompt as imported: a string or a list of {role, content} messages.
+    prompt: Mapped[Any] = mapped_column(JSON)
+    responses: Mapped[list[str]] = mapped_column(JSON)
+    # Gold ranks over `responses` (None = not specified), or None for a normal item.
+    gold_ranks: Mapped[list[int | None] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    round: Mapped[Round] = relationship(back_populates="items")
+
+    @property
+    def kind(self) -> str:
+        return PAIRWISE if len(self.responses) == 2 else RANKING
+
+    @property
+    def is_gold(self) -> bool:
+        return self.gold_ranks is not None
+
+
+class Assignment(Base):
+    """Item `item_id` is given to `user_id`, shown in `display_order`: position j on screen
+    shows `item.responses[display_order[j]]`."""
+
+    __tablename__ = "assignments"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    item: Mapped[Item] = relationship()
+    user: Mapped[User] = relationship()
+
+
+class Vote(Base):
+    """One annotator's answer to one item (edits overwrite it; undo deletes it)."""
+
+    __tablename__ = "votes"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    ranks: Mapped[list[int]] = mapped_column(JSON)
+    both_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Bumped on every save: orders "my last votes" without trusting clock resolution.
+    sequence: Mapped[int] = mapped_column(Integer, default=0, index=True)
+
+    item: Mapped[Item] = relationship()
+    user: Mapped[User] = relationship()

@@ -1,0 +1,79 @@
+"""Projects and rounds: what there is to label.
+
+These functions add to a SQLAlchemy session and flush; the caller commits, so several
+steps (create a project, add its first round) land in one transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.feedback.models import Item, Project, Round
+from rlhfkit.feedback.records import CandidateSet, parse_candidate_set
+
+MAX_OVERLAP = 100
+MAX_NAME = 200
+
+
+def validate_project_fields(name: str, overlap: int) -> None:
+    if not name.strip() or len(name) > MAX_NAME:
+        raise DataError(f"a project name needs 1 to {MAX_NAME} characters", field="name")
+    if not 1 <= overlap <= MAX_OVERLAP:
+        raise DataError(f"overlap must be between 1 and {MAX_OVERLAP}", field="overlap")
+
+
+def create_project(session: Session, name: str, *, overlap: int = 2, guidelines_md: str = "") -> Project:
+    """A new project whose items each go to `overlap` annotators (gold items go to all)."""
+    validate_project_fields(name, overlap)
+    if session.scalar(select(Project.id).where(Project.name == name)) is not None:
+        raise DataError(f"a project named {name!r} already exists", field="name")
+    project = Project(name=name, overlap=overlap, guidelines_md=guidelines_md)
+    session.add(project)
+    session.flush()
+    return project
+
+
+def find_project(session: Session, name: str) -> Project | None:
+    return session.scalar(select(Project).where(Project.name == name))
+
+
+def add_round(session: Session, project: Project,
+              records: Iterable[CandidateSet | Mapping[str, Any]],
+              model_version: str | None = None) -> Round:
+    """Add the next round of `project` with one item per record.
+
+    `records` are `CandidateSet`s or dicts in the import format
+    (`{"prompt", "responses", "gold"?, "model_version"?, "id"?, "meta"?}`), e.g. the
+    candidates just sampled from a checkpoint. `model_version` is the version the round
+    sampled from; when None, the version shared by all records (if any) is used. Flushes;
+    the caller commits.
+    """
+    candidate_sets = [r if isinstance(r, CandidateSet) else parse_candidate_set(r, path="<records>", line=i)
+                      for i, r in enumerate(records, start=1)]
+    if not candidate_sets:
+        raise DataError("a round needs at least one record", path="<records>")
+    if model_version is None:
+        versions = {c.model_version for c in candidate_sets}
+        model_version = versions.pop() if len(versions) == 1 else None
+
+    # Lock the project row (PostgreSQL) so two imports cannot take the same round number;
+    # SQLite write transactions are already serialized (BEGIN IMMEDIATE).
+    session.execute(select(Project.id).where(Project.id == project.id).with_for_update())
+    last = session.scalar(select(func.max(Round.number)).where(Round.project_id == project.id))
+    new_round = Round(project_id=project.id, number=(last or 0) + 1, model_version=model_version)
+    session.add(new_round)
+    session.flush()
+    for position, c in enumerate(candidate_sets):
+        session.add(Item(
+            round_id=new_round.id, project_id=project.id, position=position,
+            external_id=c.external_id, prompt=c.prompt, responses=list(c.responses),
+            gold_ranks=None if c.gold_ranks is None else list(c.gold_ranks),
+            model_version=c.model_version or model_version, meta=dict(c.meta),
+        ))
+    session.flush()
+    return new_round

@@ -1,0 +1,142 @@
+"""Reading the items to label from JSONL, with errors that name the file, line and field.
+
+One record per line:
+
+    {"prompt": "text" | [{"role": ..., "content": ...}, ...],
+     "responses": ["...", "...", ...],        # 2 (pairwise) to 9 (ranking, keys 1-9)
+     "gold": 1 | [1, 0, 2] | null,            # optional known answer, see below
+     "model_version": "sft-v3",               # optional
+     "id": "q-17",                            # optional
+     "meta": {...}}                           # optional, kept and exported
+
+`gold` is either the index of the best response, or a rank per response (0 = best, equal =
+tie), e.g. [1, 1, 0] for "the third is best, the first two tie". Items with gold are
+honeypots: every annotator gets them and their answers give gold accuracy.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.data.schemas import ROLES
+
+MIN_RESPONSES = 2
+MAX_RESPONSES = 9  # one number key per candidate
+FIELDS = ("prompt", "responses", "gold", "model_version", "id", "meta")
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """A prompt and the candidate responses annotators compare."""
+
+    prompt: str | list[dict[str, str]]
+    responses: tuple[str, ...]
+    gold_ranks: tuple[int | None, ...] | None = None
+    model_version: str | None = None
+    external_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def dense_ranks(ranks: Iterable[int]) -> tuple[int, ...]:
+    """Renumber ranks 0, 1, 2, ... keeping order and ties: (5, 5, 2) -> (1, 1, 0)."""
+    ranks = tuple(ranks)
+    levels = {r: i for i, r in enumerate(sorted(set(ranks)))}
+    return tuple(levels[r] for r in ranks)
+
+
+def parse_candidate_set(record: Any, *, path: str | None = None, line: int | None = None) -> CandidateSet:
+    def error(field_name: str | None, message: str) -> DataError:
+        return DataError(message, path=path, line=line, field=field_name)
+
+    if not isinstance(record, dict):
+        raise error(None, f"expected a JSON object, got {type(record).__name__}")
+    for key in record:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known fields: {', '.join(FIELDS)})"
+            raise error(str(key), f"unknown field{hint}")
+
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise error("prompt", "empty text")
+    elif isinstance(prompt, list) and prompt:
+        for i, message in enumerate(prompt):
+            if not isinstance(message, dict) or set(message) != {"role", "content"}:
+                raise error(f"prompt[{i}]", "expected a message {\"role\": ..., \"content\": ...}")
+            if message["role"] not in ROLES:
+                raise error(f"prompt[{i}].role", f"unknown role {message['role']!r} (use {', '.join(ROLES)})")
+            if not isinstance(message["content"], str):
+                raise error(f"prompt[{i}].content", "expected text")
+    else:
+        raise error("prompt", "missing, or not text / a non-empty list of messages")
+
+    responses = record.get("responses")
+    if not isinstance(responses, list) or not MIN_RESPONSES <= len(responses) <= MAX_RESPONSES:
+        raise error("responses", f"expected a list of {MIN_RESPONSES} to {MAX_RESPONSES} responses")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str) or not response.strip():
+            raise error(f"responses[{i}]", "empty or not text")
+
+    gold_ranks = _parse_gold(record.get("gold"), len(responses), error)
+
+    model_version = record.get("model_version")
+    if model_version is not None and not isinstance(model_version, str):
+        raise error("model_version", "expected text")
+    external_id = record.get("id")
+    if external_id is not None and (isinstance(external_id, bool) or not isinstance(external_id, (str, int))):
+        raise error("id", "expected text or an integer")
+    meta = record.get("meta", {})
+    if not isinstance(meta, dict):
+        raise error("meta", "expected an object")
+    return CandidateSet(prompt=prompt, responses=tuple(responses), gold_ranks=gold_ranks,
+                        model_version=model_version,
+                        external_id=None if external_id is None else str(external_id), meta=meta)
+
+
+def _parse_gold(gold: Any, count: int, error) -> tuple[int | None, ...] | None:
+    if gold is None:
+        return None
+    if isinstance(gold, int) and not isinstance(gold, bool):
+        if not 0 <= gold < count:
+            raise error("gold", f"index {gold} out of range for {count} responses")
+        # Only "gold is best" is known; the order among the others is not.
+        return tuple(0 if i == gold else None for i in range(count))
+    if isinstance(gold, list) and len(gold) == count and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in gold):
+        return dense_ranks(gold)
+    raise error("gold", f"expected the index of the best response or {count} ranks (0 = best)")
+
+
+def parse_jsonl_lines(lines: Iterable[str], *, path: str) -> list[CandidateSet]:
+    """Every record of a JSONL text; the first bad line raises a DataError naming it."""
+    records = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
+        records.append(parse_candidate_set(obj, path=path, line=number))
+    if not records:
+        raise DataError("no records", path=path)
+    return records
+
+
+def read_candidate_sets(path: str | Path) -> list[CandidateSet]:
+    """The records of a JSONL file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("no such file", path=str(p))
+    try:
+        with open(p, encoding="utf-8") as f:
+            return parse_jsonl_lines(f, path=str(p))
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path=str(p)) from None

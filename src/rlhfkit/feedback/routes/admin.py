@@ -1,0 +1,140 @@
+"""The admin's pages: projects, rounds, accounts, the dashboard and export."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.feedback import projects as project_service
+from rlhfkit.feedback import users as user_service
+from rlhfkit.feedback.export import FORMATS, export_records, to_jsonl
+from rlhfkit.feedback.models import ANNOTATOR, ROLES, Item, Project, User, Vote
+from rlhfkit.feedback.quality import flagged_annotators, project_report
+from rlhfkit.feedback.records import parse_jsonl_lines
+from rlhfkit.feedback.web import current_admin, error_text, get_project, read_db, redirect, render, write_db
+
+router = APIRouter(prefix="/admin")
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+
+
+def _read_upload(upload: UploadFile | None) -> list | None:
+    """The records of an uploaded JSONL file, or None when no file was chosen."""
+    if upload is None or not upload.filename:
+        return None
+    data = upload.file.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise DataError(f"file larger than {MAX_UPLOAD_BYTES // 2**20} MiB", path=upload.filename)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path=upload.filename) from None
+    return parse_jsonl_lines(text.splitlines(), path=upload.filename)
+
+
+def _home(request: Request, db: Session, admin: User, *, error: str | None = None, status_code: int = 200):
+    rows = [{"project": p,
+             "item_count": db.scalar(select(func.count(Item.id)).where(Item.project_id == p.id)),
+             "vote_count": db.scalar(select(func.count(Vote.id)).where(Vote.project_id == p.id))}
+            for p in db.scalars(select(Project).order_by(Project.name))]
+    return render(request, "admin_home.html", {"rows": rows, "users": user_service.list_users(db),
+                                               "roles": ROLES, "error": error},
+                  user=admin, status_code=status_code)
+
+
+@router.get("")
+def home(request: Request, admin: User = Depends(current_admin), db: Session = Depends(read_db)):
+    return _home(request, db, admin)
+
+
+@router.post("/users")
+def create_user(request: Request, username: str = Form(""), password: str = Form(""),
+                role: str = Form(ANNOTATOR), admin: User = Depends(current_admin),
+                db: Session = Depends(write_db)):
+    try:
+        user_service.create_user(db, username, password, role)
+    except DataError as e:
+        db.rollback()
+        return _home(request, db, admin, error=error_text(e), status_code=400)
+    db.commit()
+    return redirect("/admin")
+
+
+@router.post("/projects")
+def create_project(request: Request, name: str = Form(""), overlap: int = Form(2),
+                   guidelines: str = Form(""), model_version: str = Form(""),
+                   file: UploadFile | None = File(None), admin: User = Depends(current_admin),
+                   db: Session = Depends(write_db)):
+    try:
+        records = _read_upload(file)
+        project = project_service.create_project(db, name, overlap=overlap, guidelines_md=guidelines)
+        if records:
+            project_service.add_round(db, project, records, model_version or None)
+    except DataError as e:
+        db.rollback()
+        return _home(request, db, admin, error=error_text(e), status_code=400)
+    db.commit()
+    return redirect(f"/admin/p/{project.id}")
+
+
+def _dashboard(request: Request, db: Session, admin: User, project: Project, round_number: int | None,
+               *, error: str | None = None, status_code: int = 200):
+    report = project_report(db, project, round_number)
+    return render(request, "dashboard.html", {"project": project, "report": report, "formats": FORMATS,
+                                              "error": error}, user=admin, status_code=status_code)
+
+
+@router.get("/p/{project_id}")
+def dashboard(request: Request, project_id: int, round: int | None = None,
+              admin: User = Depends(current_admin), db: Session = Depends(read_db)):
+    return _dashboard(request, db, admin, get_project(db, project_id), round)
+
+
+@router.post("/p/{project_id}/rounds")
+def add_round(request: Request, project_id: int, model_version: str = Form(""),
+              file: UploadFile | None = File(None), admin: User = Depends(current_admin),
+              db: Session = Depends(write_db)):
+    project = get_project(db, project_id)
+    try:
+        records = _read_upload(file)
+        if not records:
+            raise DataError("choose a JSONL file of prompts and responses", field="file")
+        project_service.add_round(db, project, records, model_version or None)
+    except DataError as e:
+        db.rollback()
+        return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
+    db.commit()
+    return redirect(f"/admin/p/{project_id}")
+
+
+@router.post("/p/{project_id}/settings")
+def update_settings(request: Request, project_id: int, overlap: int = Form(...), guidelines: str = Form(""),
+                    admin: User = Depends(current_admin), db: Session = Depends(write_db)):
+    project = get_project(db, project_id)
+    try:
+        project_service.validate_project_fields(project.name, overlap)
+    except DataError as e:
+        db.rollback()
+        return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
+    project.overlap = overlap
+    project.guidelines_md = guidelines
+    db.commit()
+    return redirect(f"/admin/p/{project_id}")
+
+
+@router.get("/p/{project_id}/export")
+def export(project_id: int, format: str = "pairs", round: int | None = None, exclude_flagged: bool = False,
+           admin: User = Depends(current_admin), db: Session = Depends(read_db)):
+    if format not in FORMATS:
+        raise HTTPException(status_code=400, detail=f"format must be one of {', '.join(FORMATS)}")
+    project = get_project(db, project_id)
+    excluded = flagged_annotators(db, project) if exclude_flagged else set()
+    records = export_records(db, project, format=format, rounds=None if round is None else [round],
+                             exclude_annotators=excluded)
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", project.name).strip("-") or "project"
+    return Response(to_jsonl(records), media_type="application/x-ndjson",
+                    headers={"Content-Disposition": f'attachment; filename="{slug}-{format}.jsonl"'})

@@ -1,0 +1,95 @@
+"""Passwords, signed cookies and CSRF tokens, with the standard library only.
+
+- Passwords: scrypt (memory-hard), a random 16-byte salt per password, parameters stored
+  with the hash so they can be raised later without breaking old accounts.
+- Cookies: `value.signature`, the signature an HMAC-SHA256 of the value under the app's
+  secret key, so a cookie the server did not issue is rejected before any lookup.
+- CSRF: the token is an HMAC of the session token under the secret key. It is tied to the
+  login session, needs no storage, and a page on another site cannot read it (the session
+  cookie is HttpOnly and the token is only ever in our own pages).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SALT_BYTES = 16
+KEY_BYTES = 32
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str) -> str:
+    """'scrypt$n$r$p$salt$key' for `password`."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                         dklen=KEY_BYTES)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(key)}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """True when `password` matches `stored` (a `hash_password` string); constant-time."""
+    try:
+        scheme, n, r, p, salt, key = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = _unb64(key)
+        actual = hashlib.scrypt(password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r),
+                                p=int(p), dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+# A hash of a random password: checked when the username does not exist, so a login attempt
+# takes as long for an unknown user as for a wrong password (no username probing by timing).
+DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def new_token() -> str:
+    """A random 256-bit URL-safe token."""
+    return secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """What the database stores for a session token: its SHA-256, hex."""
+    return hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+def _mac(secret: bytes, purpose: str, value: str) -> str:
+    return _b64(hmac.new(secret, f"{purpose}\0{value}".encode(), hashlib.sha256).digest())
+
+
+def sign(value: str, secret: bytes) -> str:
+    """`value.signature` (value must not contain '.')."""
+    return f"{value}.{_mac(secret, 'cookie', value)}"
+
+
+def unsign(signed: str | None, secret: bytes) -> str | None:
+    """The value of a `sign` string, or None when it is missing or tampered with."""
+    if not signed or "." not in signed:
+        return None
+    value, signature = signed.rsplit(".", 1)
+    if not hmac.compare_digest(signature, _mac(secret, "cookie", value)):
+        return None
+    return value
+
+
+def csrf_token(session_token: str, secret: bytes) -> str:
+    return _mac(secret, "csrf", session_token)
+
+
+def csrf_ok(given: str | None, session_token: str | None, secret: bytes) -> bool:
+    if not given or not session_token:
+        return False
+    return hmac.compare_digest(given, csrf_token(session_token, secret))

@@ -1,0 +1,158 @@
+"""What every route shares: database sessions, the logged-in user, CSRF, page rendering."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
+from sqlalchemy.orm import Session
+
+from rlhfkit.data.errors import DataError
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import Project, User
+from rlhfkit.feedback.security import csrf_ok, csrf_token, unsign
+from rlhfkit.feedback.users import user_for_token
+
+SESSION_COOKIE = "rlhf_session"
+# Before login there is no session to tie a CSRF token to: a random, signed cookie stands in.
+ANON_COOKIE = "rlhf_anon"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+_templates_dir = Path(__file__).parent / "templates"
+# autoescape=True for every template: user text is always escaped, and nothing uses |safe.
+templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(_templates_dir), autoescape=True))
+
+
+def _number(value: float | None, digits: int = 2) -> str:
+    """A statistic for display; undefined (nan/None) shows as a dash."""
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{100 * value:.0f}%"
+
+
+templates.env.filters["number"] = _number
+templates.env.filters["percent"] = _percent
+
+
+class NotAuthenticated(Exception):
+    """No valid login session: pages redirect to the login form, the API answers 401."""
+
+
+def database(request: Request) -> Database:
+    return request.app.state.database
+
+
+def secret(request: Request) -> bytes:
+    return request.app.state.secret_key
+
+
+def read_db(request: Request) -> Iterator[Session]:
+    with database(request).read() as session:
+        yield session
+
+
+def write_db(request: Request) -> Iterator[Session]:
+    """A session whose transaction takes the write lock first (SQLite BEGIN IMMEDIATE).
+    Routes commit before they answer, so an acknowledged change is on disk."""
+    with database(request).write() as session:
+        yield session
+
+
+def session_token(request: Request) -> str | None:
+    return unsign(request.cookies.get(SESSION_COOKIE), secret(request))
+
+
+def anon_token(request: Request) -> str | None:
+    return unsign(request.cookies.get(ANON_COOKIE), secret(request))
+
+
+def optional_user(request: Request) -> User | None:
+    token = session_token(request)
+    if token is None:
+        return None
+    with database(request).read() as session:
+        return user_for_token(session, token)  # detached, with its columns loaded
+
+
+def current_user(request: Request) -> User:
+    user = optional_user(request)
+    if user is None:
+        raise NotAuthenticated()
+    return user
+
+
+def current_admin(user: User = Depends(current_user)) -> User:
+    if not user.is_admin:
+        raise HTTPException(status_code=403, detail="admins only")
+    return user
+
+
+def page_csrf_token(request: Request) -> str:
+    token = session_token(request) or anon_token(request)
+    return csrf_token(token, secret(request)) if token else ""
+
+
+async def csrf_protect(request: Request) -> None:
+    """Every POST/PUT/PATCH/DELETE must carry the token of the caller's own session, in the
+    X-CSRF-Token header (JSON API) or the csrf_token form field (HTML forms)."""
+    if request.method in SAFE_METHODS:
+        return
+    given = request.headers.get(CSRF_HEADER)
+    content_type = request.headers.get("content-type", "")
+    if given is None and content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()  # cached by Starlette: the route reads the same form
+        value = form.get(CSRF_FIELD)
+        given = value if isinstance(value, str) else None
+    token = session_token(request) or anon_token(request)
+    if not csrf_ok(given, token, secret(request)):
+        raise HTTPException(status_code=403, detail="missing or invalid CSRF token; reload the page")
+
+
+def render(request: Request, template: str, context: dict[str, Any] | None = None, *,
+           user: User | None = None, status_code: int = 200, csrf_for: str | None = None) -> HTMLResponse:
+    """A page; `csrf_for` is the session token its forms belong to when it is not the
+    request's own (the login page that sets a fresh anonymous cookie)."""
+    token = csrf_token(csrf_for, secret(request)) if csrf_for else page_csrf_token(request)
+    return templates.TemplateResponse(request, template, {
+        "user": user, "csrf_token": token, **(context or {})}, status_code=status_code)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def login_redirect(request: Request) -> RedirectResponse:
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return redirect(f"/login?next={quote(target, safe='')}")
+
+
+def safe_next(target: str | None) -> str:
+    """Only a path on this site: never an absolute or protocol-relative URL (open redirect)."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+def error_text(error: DataError) -> str:
+    """A DataError for a page: with file and line when it is about an uploaded file."""
+    return str(error) if error.path else error.message
+
+
+def get_project(session: Session, project_id: int) -> Project:
+    project = session.get(Project, project_id)
+    if project is None:
+        raise HTTPException(status_code=404, detail="no such project")
+    return project
