@@ -31,13 +31,14 @@ def demo(
       rlhf demo --full --out runs/demo-full
     """
     from rlhfkit.demo.pipeline import DemoSettings, run_demo
+    from rlhfkit.demo.report import model_rows
     from rlhfkit.models.loading import ModelNotFound
 
     settings = (DemoSettings.quick if quick else DemoSettings.full)(out, model=model, seed=seed)
     t0 = time.perf_counter()
 
     def show(name, desc, result):
-        if "accuracy" in result:
+        if "per_family" in result:
             fam = ", ".join(f"{k} {v:.0%}" for k, v in result["per_family"].items())
             console.print(f"[bold]{desc}[/]: [cyan]{result['accuracy']:.1%}[/] "
                           f"(95% CI {result['ci_low']:.1%}–{result['ci_high']:.1%}, n={result['n']}; {fam})")
@@ -50,9 +51,8 @@ def demo(
     table = Table(title="held-out exact-match accuracy")
     for col in ("stage", "accuracy", "95% CI", "n"):
         table.add_column(col)
-    for key, label in (("eval_base", "embedded model"), ("eval_sft", "after SFT")):
-        r = ctx.results.get(key)
-        if r:
-            table.add_row(label, f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}", str(r["n"]))
+    for key, label in model_rows(ctx.results):
+        r = ctx.results[key]
+        table.add_row(label, f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}", str(r["n"]))
     console.print(table)
     console.print(f"total {time.perf_counter() - t0:.0f} s · report: [bold]{ctx.results['report']['path']}[/]")

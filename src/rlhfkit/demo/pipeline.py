@@ -33,6 +33,18 @@ class DemoSettings:
     sft_batch: int = 8
     sft_lr: float = 1e-4
     max_new_tokens: int = 40
+    pref_prompts: int = 96
+    samples_per_prompt: int = 4
+    pref_temperature: float = 1.0
+    label_noise: float = 0.1
+    rm_steps: int = 40
+    rm_batch: int = 8
+    rm_lr: float = 3e-5
+    dpo_losses: tuple[str, ...] = ("dpo",)
+    dpo_steps: int = 40
+    dpo_batch: int = 8
+    dpo_lr: float = 5e-6
+    dpo_beta: float = 0.1
     seed: int = 0
     precision: str = "auto"
 
@@ -42,7 +54,8 @@ class DemoSettings:
 
     @classmethod
     def full(cls, out: Path, **kw) -> "DemoSettings":
-        return cls(out=out, train_per_family=400, test_per_family=100, sft_steps=200, **kw)
+        return cls(out=out, train_per_family=400, test_per_family=100, sft_steps=200, pref_prompts=400,
+                   rm_steps=150, dpo_steps=150, dpo_losses=("dpo", "ipo", "kto"), **kw)
 
 
 @dataclass
@@ -113,19 +126,106 @@ def stage_eval_sft(ctx: DemoContext) -> dict[str, Any]:
     return evaluate_checkpoint(ctx, str(ctx.path("sft", "final")))
 
 
+def stage_preferences(ctx: DemoContext) -> dict[str, Any]:
+    """Sample responses from the SFT model on train prompts; label them with the simulated annotator."""
+    import torch
+
+    from rlhfkit.data.preference import split_by_prompt
+    from rlhfkit.data.schemas import as_conversation
+    from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
+    from rlhfkit.demo.tasks import make_tasks
+    from rlhfkit.models.loading import load_model, load_tokenizer
+    from rlhfkit.rollout.generate import SamplingConfig, generate
+    from rlhfkit.train.engine import resolve_precision
+
+    s = ctx.settings
+    checkable = [t for t in make_tasks("train", s.train_per_family * 2, seed=s.seed + 1) if t.checkable]
+    tasks = checkable[: s.pref_prompts]
+    model_path = str(ctx.path("sft", "final"))
+    dtype = torch.bfloat16 if resolve_precision(s.precision) == "bf16" else torch.float32
+    tok, model = load_tokenizer(model_path), load_model(model_path, dtype=dtype)
+    gens = generate(model, tok, [as_conversation(t.prompt) for t in tasks],
+                    SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.pref_temperature,
+                                   n=s.samples_per_prompt, seed=s.seed), progress=True)
+    responses = [[g.text for g in gens[i * s.samples_per_prompt:(i + 1) * s.samples_per_prompt]]
+                 for i in range(len(tasks))]
+    out: dict[str, Any] = {}
+    # Train pairs carry the annotator's mis-clicks; test pairs are gold-labeled (noise 0).
+    # Both splits are cut by prompt, so no prompt's pairs appear on both sides.
+    for name, noise in (("train", s.label_noise), ("test", 0.0)):
+        pairs, _ = simulate_preferences(tasks, responses, noise=noise, seed=s.seed, model_version="sft")
+        train_pairs, test_pairs = split_by_prompt(pairs, 0.2, seed=s.seed)
+        kept = train_pairs if name == "train" else test_pairs
+        atomic_write_text(ctx.path("data", f"prefs_{name}.jsonl"),
+                          "".join(json.dumps(pair_to_record(p)) + "\n" for p in kept))
+        out[name] = {"pairs": len(kept), "ties": sum(p.is_tie for p in kept),
+                     "flipped": sum(p.meta.get("gold_label") == 0.0 for p in kept), "noise": noise}
+    out["sampled_accuracy"] = sum(_gold_rate(tasks, responses)) / max(1, len(tasks) * s.samples_per_prompt)
+    return out
+
+
+def _gold_rate(tasks, responses):
+    from rlhfkit.demo.tasks import check
+
+    for t, rs in zip(tasks, responses):
+        for r in rs:
+            yield int(check(t, r))
+
+
+def stage_reward_model(ctx: DemoContext) -> dict[str, Any]:
+    from rlhfkit.recipes.reward import RewardConfig, run_reward
+
+    s = ctx.settings
+    cfg = RewardConfig(model=str(ctx.path("sft", "final")), train_data=str(ctx.path("data", "prefs_train.jsonl")),
+                       eval_data=str(ctx.path("data", "prefs_test.jsonl")), output_dir=str(ctx.path("rm")),
+                       max_steps=s.rm_steps, batch_size=s.rm_batch, lr=s.rm_lr, warmup_steps=max(1, s.rm_steps // 10),
+                       seed=s.seed, precision=s.precision, save_every=max(10, s.rm_steps // 4),
+                       label_noise=s.label_noise)
+    out = run_reward(cfg)
+    ev = out.get("eval", {})
+    return {"final": out["final"], "eval_accuracy": ev.get("accuracy"), "eval_ece": ev.get("ece"),
+            "eval_pairs": out["data"].get("eval_pairs"), "eval_ties": out["data"].get("eval_ties"),
+            "train_pairs": out["data"].get("train_pairs"), "histogram": ev.get("histogram")}
+
+
+def make_stage_dpo(loss: str) -> Callable[[DemoContext], dict[str, Any]]:
+    def stage(ctx: DemoContext) -> dict[str, Any]:
+        from rlhfkit.recipes.dpo import DPOConfig, run_dpo
+
+        s = ctx.settings
+        cfg = DPOConfig(model=str(ctx.path("sft", "final")), loss=loss, beta=s.dpo_beta,
+                        train_data=str(ctx.path("data", "prefs_train.jsonl")),
+                        eval_data=str(ctx.path("data", "prefs_test.jsonl")), output_dir=str(ctx.path(loss)),
+                        max_steps=s.dpo_steps, batch_size=s.dpo_batch, lr=s.dpo_lr,
+                        warmup_steps=max(1, s.dpo_steps // 10), seed=s.seed, precision=s.precision,
+                        save_every=max(10, s.dpo_steps // 4))
+        out = run_dpo(cfg)
+        result = {"final": out["final"], **{k: v for k, v in out["metrics"].items() if k.startswith("eval/")}}
+        result.update(evaluate_checkpoint(ctx, out["final"]))
+        return result
+    return stage
+
+
 STAGES: list[Stage] = [
     ("data", "make demo tasks (train/test split)", stage_data),
     ("eval_base", "exact-match accuracy of the embedded model", stage_eval_base),
     ("sft", "supervised fine-tuning", stage_sft),
     ("eval_sft", "exact-match accuracy after SFT", stage_eval_sft),
+    ("preferences", "sample from the SFT model, label with the simulated annotator", stage_preferences),
+    ("rm", "reward model (Bradley-Terry) and its held-out accuracy", stage_reward_model),
 ]
+
+
+def stages_for(settings: DemoSettings) -> list[Stage]:
+    return STAGES + [(f"{loss}", f"{loss.upper()} from the SFT model, then exact-match accuracy",
+                      make_stage_dpo(loss)) for loss in settings.dpo_losses]
 
 
 def run_demo(settings: DemoSettings, *, fresh: bool = False,
              on_stage: Callable[[str, str, dict[str, Any]], None] | None = None) -> DemoContext:
     ctx = DemoContext(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
-    for name, desc, fn in STAGES:
+    for name, desc, fn in stages_for(settings):
         marker = ctx.path("stages", f"{name}.json")
         if marker.exists() and not fresh:
             ctx.results[name] = json.loads(marker.read_text())
