@@ -88,8 +88,186 @@ def _register_recipes() -> None:
                             "  rlhf sft --config sft.yaml --lr 1e-5 --output-dir runs/sft2\n\n"
                             "  rlhf sft --model HuggingFaceTB/SmolLM2-360M-Instruct --lora-r 16 --train-data sft.parquet")
 
+    # ---- online RL: policy gradient (GRPO, RLOO, ReMax, REINFORCE), PPO, best-of-n, expert iteration
+    from rlhfkit.recipes.best_of_n import BestOfNConfig, ExpertIterationConfig
+    from rlhfkit.recipes.policy_gradient import GRPOConfig, ReinforceConfig, ReMaxConfig, RLOOConfig
+    from rlhfkit.recipes.ppo import PPOConfig
+
+    def run_policy_gradient_command(cfg):
+        from rlhfkit.config import ConfigError
+        from rlhfkit.recipes.policy_gradient import run_policy_gradient
+
+        if cfg.algorithm != cfg.kind:  # the command names the algorithm; a different --algorithm is a mistake
+            raise ConfigError(f"'rlhf {cfg.kind}' runs {cfg.kind}; for {cfg.algorithm} use 'rlhf {cfg.algorithm}'")
+        result = run_policy_gradient(cfg)
+        console.print(f"[green]{cfg.kind} done[/] → {result['final']}  ({_fmt(result['metrics'])})")
+
+    def run_ppo_command(cfg):
+        from rlhfkit.recipes.ppo import run_ppo
+
+        result = run_ppo(cfg)
+        console.print(f"[green]PPO done[/] → {result['final']}  ({_fmt(result['metrics'])})")
+
+    def run_best_of_n_command(cfg):
+        from rlhfkit.recipes.best_of_n import run_best_of_n
+
+        s = run_best_of_n(cfg)
+        gold = (f"; gold accuracy best {s['gold_accuracy/best']:.3f} vs random {s['gold_accuracy/random']:.3f}"
+                if "gold_accuracy/best" in s else "")
+        console.print(f"[green]best-of-{s['n']}[/] → {s['out']}: mean reward best {s['reward/best']:.4f} "
+                      f"vs random sample {s['reward/random']:.4f}{gold}")
+
+    def run_expert_iteration_command(cfg):
+        from rlhfkit.recipes.best_of_n import run_expert_iteration
+
+        result = run_expert_iteration(cfg)
+        for r in result["rounds"]:
+            console.print(f"round {r['round']}: best {r['reward/best']:.4f} vs random {r['reward/random']:.4f}, "
+                          f"kept {r['kept']}")
+        console.print(f"[green]expert iteration done[/] → {result['final']}")
+
+    demo = "--tasks demo --reward gold"
+    online = (
+        ("grpo", GRPOConfig, "GRPO: k samples per prompt, group-normalized advantages, KL to the reference in the loss."),
+        ("rloo", RLOOConfig, "RLOO: k samples per prompt, leave-one-out baseline, KL in the reward (or the loss)."),
+        ("remax", ReMaxConfig, "ReMax: REINFORCE with the greedy decode's reward as the baseline."),
+        ("reinforce", ReinforceConfig, "REINFORCE with a moving-average baseline."),
+    )
+    for name, cls, text in online:
+        config_command(app, name, cls, _friendly(run_policy_gradient_command), help=text,
+                       examples="[bold]Examples[/]\n\n"
+                                f"  rlhf {name} --model runs/sft/final {demo} --max-steps 50\n\n"
+                                f"  rlhf {name} --prompts prompts.jsonl --reward 'gold:1.0,length:0.1' --lora-r 16\n\n"
+                                f"  rlhf {name} --model runs/sft/final --prompts prompts.jsonl --reward rm:runs/rm/final")
+    config_command(app, "ppo", PPOConfig, _friendly(run_ppo_command),
+                   help="PPO (InstructGPT): value head, per-token KL penalty, GAE, clipped losses, adaptive KL, PPO-ptx.",
+                   examples="[bold]Examples[/]\n\n"
+                            f"  rlhf ppo --model runs/sft/final {demo} --max-steps 50\n\n"
+                            "  rlhf ppo --prompts prompts.jsonl --reward rm:runs/rm/final --target-kl 6 "
+                            "--ptx-coef 0.5 --ptx-data sft.jsonl")
+    config_command(app, "best-of-n", BestOfNConfig, _friendly(run_best_of_n_command),
+                   help="Best-of-n sampling: n responses per prompt, keep the best by reward, write JSONL.",
+                   examples="[bold]Examples[/]\n\n"
+                            "  rlhf best-of-n --model runs/sft/final --prompts prompts.jsonl --n 8 --reward gold\n\n"
+                            "  rlhf best-of-n --tasks demo --n 16 --reward rm:runs/rm/final --out best.jsonl")
+    config_command(app, "expert-iter", ExpertIterationConfig, _friendly(run_expert_iteration_command),
+                   help="Expert iteration: rounds of best-of-n on train prompts → SFT on the kept best → repeat.",
+                   examples="[bold]Examples[/]\n\n"
+                            f"  rlhf expert-iter --model runs/sft/final {demo} --rounds 3 --n 8\n\n"
+                            "  rlhf expert-iter --prompts prompts.jsonl --reward gold --threshold 1.0 --max-steps 100")
+
+    from rlhfkit.recipes.dpo import DPOConfig
+
+    def _run_dpo(cfg):
+        from rlhfkit.recipes.dpo import run_dpo
+
+        result = run_dpo(cfg)
+        shown = [k for k in ("loss", "rewards/accuracy", "eval/rewards/accuracy", "eval/rewards/margin")
+                 if k in result["metrics"]]
+        console.print(f"[green]{cfg.loss.upper()} done[/] → {result['final']}  ("
+                      + ", ".join(f"{k} {result['metrics'][k]:.4f}" for k in shown) + ")")
+
+    config_command(app, "dpo", DPOConfig, _friendly(_run_dpo),
+                   help="Direct preference optimization: DPO, cDPO, IPO, hinge, robust DPO, SimPO, ORPO, KTO.",
+                   examples="[bold]Examples[/]\n\n"
+                            "  rlhf dpo --model runs/sft/final --train-data pairs.jsonl --max-steps 200\n\n"
+                            "  rlhf dpo --loss ipo --beta 0.5 --train-data pairs.jsonl --eval-data test.jsonl\n\n"
+                            "  rlhf dpo --loss kto --train-data thumbs.jsonl --lora-r 16")
+
 
 _register_recipes()
+
+
+# ----------------------------------------------------------------------------- rm
+rm_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                     help="Reward models: train on preference pairs, evaluate on held-out pairs, score responses.")
+
+
+def _run_rm(cfg):
+    from rlhfkit.recipes.reward import run_reward
+
+    result = run_reward(cfg)
+    held_out = result["eval"]
+    tail = (f", held-out accuracy {held_out['accuracy']:.3f} on {held_out['num_non_tie']} pairs, "
+            f"ECE {held_out['ece']:.3f}" if held_out else "")
+    console.print(f"[green]reward model done[/] → {result['final']}  ({_fmt(result['metrics'])}{tail})")
+
+
+@rm_app.command("eval", short_help="Held-out accuracy, calibration and reward histogram of a reward model.")
+def rm_eval(
+    model: str = typer.Option(..., help="a trained reward model folder (e.g. runs/rm/final)"),
+    data: str = typer.Option(..., help="preference pairs or rankings (.jsonl/.parquet, folder or hub id)"),
+    out: Optional[Path] = typer.Option(None, help="also write the full report (histogram, reliability) as JSON"),
+    batch_size: int = typer.Option(16, help="pairs per forward pass"),
+    ensemble_mode: str = typer.Option("mean", help="combine ensemble heads: mean, min or mean_minus_std"),
+):
+    """Accuracy on non-tie pairs, ties apart, expected calibration error of σ(Δ).
+
+    [bold]Examples[/]
+
+      rlhf rm eval --model runs/rm/final --data test.jsonl
+
+      rlhf rm eval --model runs/rm/final --data test.jsonl --out rm_eval.json --ensemble-mode min
+    """
+    _friendly(_rm_eval)(model, data, out, batch_size, ensemble_mode)
+
+
+def _rm_eval(model, data, out, batch_size, ensemble_mode):
+    import json
+
+    from rlhfkit.eval.reward import evaluate_file
+    from rlhfkit.train.checkpoint import atomic_write_text
+
+    report = evaluate_file(model, data, ensemble_mode=ensemble_mode, batch_size=batch_size)
+    console.print(f"pairs {report['num_pairs']} (ties {report['num_ties']}): accuracy {report['accuracy']:.4f}, "
+                  f"ECE {report['ece']:.4f}, loss {report['loss']:.4f}, "
+                  f"tie mean |Δ| {report['tie_mean_abs_delta']:.4f}")
+    if out:
+        atomic_write_text(out, json.dumps(report, indent=2))
+        console.print(f"wrote {out}")
+
+
+@rm_app.command("score", short_help="Score {prompt, response} records with a reward model.")
+def rm_score(
+    model: str = typer.Option(..., help="a trained reward model folder (e.g. runs/rm/final)"),
+    data: str = typer.Option(..., help="JSONL with 'prompt' and 'response' (or 'completion', or 'messages')"),
+    out: Path = typer.Option(..., help="write the records with a 'reward' field added here"),
+    batch_size: int = typer.Option(16, help="responses per forward pass"),
+    ensemble_mode: str = typer.Option("mean", help="combine ensemble heads: mean, min or mean_minus_std"),
+):
+    """Add a `reward` to every record (and `rewards`, one per head, for an ensemble).
+
+    [bold]Examples[/]
+
+      rlhf rm score --model runs/rm/final --data responses.jsonl --out scored.jsonl
+
+      rlhf generate --prompts test.jsonl --out responses.jsonl && rlhf rm score --model runs/rm/final --data responses.jsonl --out scored.jsonl
+    """
+    _friendly(_rm_score)(model, data, out, batch_size, ensemble_mode)
+
+
+def _rm_score(model, data, out, batch_size, ensemble_mode):
+    from rlhfkit.eval.reward import score_file
+
+    count = score_file(model, data, str(out), ensemble_mode=ensemble_mode, batch_size=batch_size)
+    console.print(f"scored {count} responses → {out}")
+
+
+def _register_rm() -> None:
+    from rlhfkit.recipes.reward import RewardConfig
+
+    config_command(rm_app, "train", RewardConfig, _friendly(_run_rm),
+                   help="Train a reward model (Bradley–Terry, ties as soft labels) on preference pairs.",
+                   examples="[bold]Examples[/]\n\n"
+                            "  rlhf rm train --train-data prefs.jsonl --max-steps 300\n\n"
+                            "  rlhf rm train --train-data prefs.jsonl --eval-data test.jsonl --n-heads 4 "
+                            "--ensemble-mode min\n\n"
+                            "  rlhf rm train --model runs/sft/final --train-data prefs.jsonl --use-margin "
+                            "--label-noise 0.05 --center-coef 0.01")
+    app.add_typer(rm_app, name="rm", help="Reward models: train, evaluate, score.")
+
+
+_register_rm()
 
 
 # ----------------------------------------------------------------------------- generation

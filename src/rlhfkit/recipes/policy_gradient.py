@@ -1,0 +1,346 @@
+"""Critic-free policy gradient: GRPO, RLOO, ReMax and REINFORCE, top to bottom.
+
+All four maximize E[r(x, y)] − β·KL(π ‖ π_ref) with the score-function gradient
+E[A · ∇ log π(y | x)] and differ only in the baseline inside the advantage A:
+
+    grpo       A_i = (r_i − mean_g) / std_g          group of k samples of one prompt
+    rloo       A_i = r_i − mean of the other k − 1   leave-one-out, unbiased
+    remax      A_i = r_i − r(x, greedy(x))           the greedy decode of the same prompt
+    reinforce  A_i = r_i − b,  b ← moving average    of past batch-mean rewards
+
+One step:
+1. take the step's prompts (a pure function of seed and step);
+2. rollout: sample k responses per prompt, score them, old log-probs from the policy and
+   reference log-probs from π_ref (`rlhfkit.rollout.rollout`); ReMax also decodes greedily;
+3. KL placement: in the reward (r ← r − β Σ_t k1_t per response) or in the loss;
+4. advantages: the algorithm's estimator, the one line that differs (`ALGORITHMS`);
+5. update: `inner_epochs` passes of `minibatches` optimizer steps on the clipped surrogate
+   with β·KL in the loss when placed there (`grpo_loss`). With one pass and one minibatch
+   the ratio is exactly 1, clipping never acts, and the gradient is REINFORCE's,
+   −A ∇ log π (`reinforce_loss`), aggregated the same way;
+6. log the diagnostics; checkpoint the baseline and reward normalization with the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rlhfkit.config import check, param
+from rlhfkit.losses.policy import grpo_loss
+from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
+from rlhfkit.models.value import PolicyValueModel
+from rlhfkit.ops.advantages import (
+    MovingAverageBaseline,
+    baseline_advantages,
+    group_normalized_advantages,
+    leave_one_out_advantages,
+)
+from rlhfkit.ops.kl import get_kl_estimator
+from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.rollout.rewards import WeightedRewards
+from rlhfkit.rollout.rollout import (
+    OnlineConfig,
+    ReferencePolicy,
+    RLPrompt,
+    Rollout,
+    assemble_rollout,
+    build_reward,
+    load_prompts,
+    logprob_temperature,
+    loss_units,
+    mean_across,
+    minibatch_rows,
+    pad_token_id,
+    policy_outputs,
+    prompts_for_step,
+    rollout_metrics,
+    schedule_per_rollout,
+    score_generations,
+    step_seed,
+    with_logprobs,
+)
+from rlhfkit.train.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+# ============================================================================ the algorithms
+@dataclass(frozen=True)
+class BaselineInputs:
+    """What the advantage estimators may use besides the (B,) scores."""
+
+    group_size: int
+    scale: bool                      # GRPO: divide by the group std
+    greedy_scores: Tensor | None     # ReMax: (B,) score of the greedy decode of each row's prompt
+    moving_baseline: float           # REINFORCE: the average *before* this batch
+
+
+def _grpo(scores: Tensor, x: BaselineInputs) -> Tensor:
+    return group_normalized_advantages(scores, x.group_size, scale=x.scale)
+
+
+def _rloo(scores: Tensor, x: BaselineInputs) -> Tensor:
+    return leave_one_out_advantages(scores, x.group_size)
+
+
+def _remax(scores: Tensor, x: BaselineInputs) -> Tensor:
+    return baseline_advantages(scores, x.greedy_scores)
+
+
+def _reinforce(scores: Tensor, x: BaselineInputs) -> Tensor:
+    return baseline_advantages(scores, x.moving_baseline)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    advantages: Callable[[Tensor, BaselineInputs], Tensor]
+    kl_placement: str        # where the KL goes unless the config says otherwise
+    min_group_size: int
+    greedy_baseline: bool = False    # decode each prompt greedily too (ReMax)
+    moving_baseline: bool = False    # fold each batch into the moving average after use (REINFORCE)
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "grpo": Algorithm(_grpo, kl_placement="loss", min_group_size=2),
+    "rloo": Algorithm(_rloo, kl_placement="reward", min_group_size=2),
+    "remax": Algorithm(_remax, kl_placement="reward", min_group_size=1, greedy_baseline=True),
+    "reinforce": Algorithm(_reinforce, kl_placement="reward", min_group_size=1, moving_baseline=True),
+}
+
+
+# ============================================================================ config
+@dataclass(frozen=True)
+class PolicyGradientConfig(OnlineConfig):
+    kind = "policy-gradient"
+    algorithm: str = param("grpo", "advantage estimator", choices=tuple(ALGORITHMS))
+    kl_placement: str = param("auto", "KL to the reference in the loss (k3 term) or in the reward "
+                                      "(r − β Σ_t k1); auto: loss for grpo, reward for the others",
+                              choices=("auto", "loss", "reward"))
+    scale_advantages: bool = param(True, "grpo: divide by the group's std (false = Dr. GRPO)")
+    baseline_decay: float = param(0.9, "reinforce: decay of the moving-average baseline")
+    output_dir: str = param("runs/policy-gradient", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+
+    def validate(self) -> None:
+        super().validate()
+        algo = ALGORITHMS[self.algorithm]
+        check(self.group_size >= algo.min_group_size,
+              f"{self.algorithm} needs group_size ≥ {algo.min_group_size} (samples per prompt)")
+        check(0 <= self.baseline_decay < 1, "baseline_decay must be in [0, 1)")
+
+    @property
+    def resolved_kl_placement(self) -> str:
+        return ALGORITHMS[self.algorithm].kl_placement if self.kl_placement == "auto" else self.kl_placement
+
+    @property
+    def resolved_kl_estimator(self) -> str:
+        if self.kl_estimator != "auto":
+            return self.kl_estimator
+        return "k3" if self.resolved_kl_placement == "loss" else "k1"
+
+
+@dataclass(frozen=True)
+class GRPOConfig(PolicyGradientConfig):
+    kind = "grpo"
+    algorithm: str = param("grpo", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
+    output_dir: str = param("runs/grpo", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+
+
+@dataclass(frozen=True)
+class RLOOConfig(PolicyGradientConfig):
+    kind = "rloo"
+    algorithm: str = param("rloo", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
+    output_dir: str = param("runs/rloo", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+
+
+@dataclass(frozen=True)
+class ReMaxConfig(PolicyGradientConfig):
+    kind = "remax"
+    algorithm: str = param("remax", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
+    group_size: int = param(1, "responses sampled per prompt")
+    output_dir: str = param("runs/remax", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+
+
+@dataclass(frozen=True)
+class ReinforceConfig(PolicyGradientConfig):
+    kind = "reinforce"
+    algorithm: str = param("reinforce", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
+    group_size: int = param(1, "responses sampled per prompt")
+    output_dir: str = param("runs/reinforce", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
+
+
+# ============================================================================ the run's pieces
+@dataclass
+class PolicyGradientRun:
+    """What the steps share. `baseline` and `reward` carry state across steps (checkpointed)."""
+
+    cfg: PolicyGradientConfig
+    engine: Engine
+    module: torch.nn.Module          # as prepared by the engine (DDP-wrapped when distributed)
+    policy: PolicyValueModel         # the same module, unwrapped
+    reference: ReferencePolicy
+    tokenizer: object
+    prompts: list[RLPrompt]
+    reward: WeightedRewards
+    baseline: MovingAverageBaseline
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    def state(self) -> dict:
+        return {"baseline": self.baseline.state_dict(), "reward": self.reward.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        if "baseline" in state:
+            self.baseline.load_state_dict(state["baseline"])
+        if "reward" in state:
+            self.reward.load_state_dict(state["reward"])
+
+
+def setup_run(cfg: PolicyGradientConfig) -> PolicyGradientRun:
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(cfg, tokenizer)
+    reward = build_reward(cfg.reward, normalize=cfg.reward_normalize)
+    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
+    model = load_model(cfg.model, lora=lora, seed=cfg.seed)
+    reference = ReferencePolicy(model)  # before the engine can load trained weights into `model`
+    engine = Engine(cfg, Path(cfg.output_dir), description=cfg.algorithm)
+    module = engine.setup(PolicyValueModel(model, chunk_size=cfg.logprob_chunk), tokenizer)
+    schedule_per_rollout(engine, cfg.updates_per_step)
+    run = PolicyGradientRun(cfg, engine, module, engine.unwrapped(), reference, tokenizer, prompts, reward,
+                            MovingAverageBaseline(cfg.baseline_decay))
+    run.load_state(engine.extra_state)
+    return run
+
+
+# ============================================================================ one step
+def collect(run: PolicyGradientRun, step: int) -> tuple[Rollout, Tensor | None]:
+    """Steps 1–2: sample and score the step's rollout; ReMax also returns the greedy
+    decode's score for each row, (B,). Scored in one call, so a normalized reward treats
+    the greedy responses exactly like the samples."""
+    cfg = run.cfg
+    prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
+                               rank=run.engine.rank, world_size=run.engine.world_size)
+    sampling = cfg.sampling(step_seed(cfg.seed, step))
+    generations = generate(run.policy.model, run.tokenizer, [p.prompt for p in prompts], sampling)
+    greedy = []
+    if ALGORITHMS[cfg.algorithm].greedy_baseline:
+        greedy_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1,
+                                    batch_size=cfg.gen_batch_size)
+        greedy = generate(run.policy.model, run.tokenizer, [p.prompt for p in prompts], greedy_cfg)
+    scores, sources = score_generations(run.reward, prompts, list(generations) + list(greedy))
+    n = len(generations)
+    rollout = assemble_rollout(generations, scores[:n], {k: v[:n] for k, v in sources.items()},
+                               group_size=cfg.group_size, pad_id=run.pad_id, prompts=prompts)
+    rollout = rollout.to(run.engine.device)
+    with run.engine.autocast():
+        rollout = with_logprobs(rollout, run.policy, run.reference, pad_id=run.pad_id,
+                                temperature=logprob_temperature(sampling), micro_batch_size=cfg.batch_size,
+                                chunk_size=cfg.logprob_chunk)
+    greedy_scores = scores[n:].to(rollout.scores.device)[rollout.prompt_index] if greedy else None
+    return rollout, greedy_scores
+
+
+def shaped_scores(run: PolicyGradientRun, rollout: Rollout) -> Tensor:
+    """Step 3: r − β Σ_t k(old, ref) per response when the KL is placed in the reward."""
+    cfg = run.cfg
+    if cfg.resolved_kl_placement != "reward" or cfg.kl_coef == 0:
+        return rollout.scores
+    kl = get_kl_estimator(cfg.resolved_kl_estimator)(rollout.old_logprobs, rollout.ref_logprobs)
+    return rollout.scores - cfg.kl_coef * (kl * rollout.response_mask).sum(-1)
+
+
+def advantages(run: PolicyGradientRun, rollout: Rollout, scores: Tensor, greedy_scores: Tensor | None) -> Tensor:
+    """Step 4: the algorithm's estimator. REINFORCE reads its baseline, then folds this batch in."""
+    cfg = run.cfg
+    inputs = BaselineInputs(group_size=cfg.group_size, scale=cfg.scale_advantages, greedy_scores=greedy_scores,
+                            moving_baseline=run.baseline.value)
+    algorithm = ALGORITHMS[cfg.algorithm]
+    adv = algorithm.advantages(scores, inputs)
+    if algorithm.moving_baseline:
+        run.baseline.update(scores)
+    return adv
+
+
+def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> dict[str, float]:
+    """Step 5: inner_epochs × minibatches optimizer steps; returns metrics averaged over them.
+
+    Each micro-batch's loss is scaled by its share of the minibatch's loss units (tokens for
+    "token" aggregation, responses otherwise), so the accumulated gradient is exactly that
+    of the whole minibatch."""
+    cfg, engine = run.cfg, run.engine
+    loss_kl_coef = cfg.kl_coef if cfg.resolved_kl_placement == "loss" else 0.0
+    temperature = logprob_temperature(cfg.sampling(0))
+    sums: dict[str, float] = {}
+    grad_norms = []
+    run.module.train()
+    for epoch in range(cfg.inner_epochs):
+        for rows in minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch):
+            parts = [rollout.select(rows[s:s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)]
+            local_units = sum(loss_units(p, cfg.aggregation) for p in parts)
+            global_units = engine.sum_across(local_units)
+            for i, part in enumerate(parts):
+                # DDP averages gradients over processes, hence × world_size.
+                share = loss_units(part, cfg.aggregation) * engine.world_size / global_units
+                with engine.accumulate(last=i == len(parts) - 1), engine.autocast():
+                    out = policy_outputs(run.module, part, run.pad_id, temperature=temperature)
+                    loss, metrics = grpo_loss(out.logprobs, part.old_logprobs, part.ref_logprobs, part.advantages,
+                                              part.response_mask, clip_eps=cfg.clip_eps, kl_coef=loss_kl_coef,
+                                              kl_estimator=cfg.resolved_kl_estimator, aggregation=cfg.aggregation)
+                engine.backward(loss * share)
+                weight = loss_units(part, cfg.aggregation) / local_units
+                # The loss's "kl" is the in-loss penalty term; "kl" in the logs is the rollout's KL to π_ref.
+                metrics["kl_penalty"] = metrics.pop("kl")
+                if loss_kl_coef == 0:
+                    del metrics["kl_penalty"]
+                for key, v in {"loss": loss, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + float(v.detach()) * weight
+            grad_norms.append(engine.optimizer_step())
+    out = {k: v / cfg.updates_per_step for k, v in sums.items()}
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    return out
+
+
+def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int]:
+    """One rollout step (steps 1–5 of the module docstring); returns (metrics, tokens)."""
+    t0 = time.perf_counter()
+    rollout, greedy_scores = collect(run, step)
+    scores = shaped_scores(run, rollout)
+    adv = advantages(run, rollout, scores, greedy_scores)
+    rollout = dataclasses.replace(rollout, advantages=adv)
+    t1 = time.perf_counter()
+    metrics = rollout_metrics(rollout)
+    metrics.update(update(run, rollout, step))
+    metrics.update({
+        "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0,
+        "advantage/zero_frac": float((adv == 0).float().mean()),
+        "time/rollout_s": t1 - t0,
+        "time/update_s": time.perf_counter() - t1,
+    })
+    if greedy_scores is not None:
+        metrics["baseline/greedy_reward"] = float(greedy_scores.mean())
+    if ALGORITHMS[run.cfg.algorithm].moving_baseline:
+        metrics["baseline/moving_average"] = run.baseline.value
+    return mean_across(run.engine, metrics), rollout.num_tokens
+
+
+# ============================================================================ the recipe
+def run_policy_gradient(cfg: PolicyGradientConfig) -> dict:
+    """Train; returns {"final": path, "metrics": last step's metrics}."""
+    run = setup_run(cfg)
+    engine = run.engine
+    metrics: dict[str, float] = {}
+    with engine.interruptible():
+        for step in range(engine.start_step, cfg.max_steps):
+            metrics, tokens = train_step(run, step)
+            engine.end_step(step + 1, metrics, tokens=tokens, extra_state=run.state())
+    final = engine.finish()
+    return {"final": str(final), "metrics": metrics}

@@ -1,0 +1,249 @@
+"""Rollouts: log-probs from the chunked forward, the reference (frozen copy / LoRA off), masks
+after the stop token, the row layout, prompts, reward specs and the reward-model source."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rlhfkit.config import ConfigError
+from rlhfkit.data.batches import IGNORE_INDEX
+from rlhfkit.data.errors import DataError
+from rlhfkit.data.schemas import as_conversation
+from rlhfkit.models.loading import LoraSettings, load_model
+from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
+from rlhfkit.models.value import PolicyValueModel
+from rlhfkit.rollout.generate import SamplingConfig
+from rlhfkit.rollout.rewards import FunctionReward, Sample, WeightedRewards
+from rlhfkit.rollout.rollout import (
+    GoldReward,
+    ReferencePolicy,
+    RLPrompt,
+    Rollout,
+    build_reward,
+    build_rollout,
+    demo_prompts,
+    parse_reward_spec,
+    prompt_indices,
+    read_prompts,
+)
+
+EOS = 2  # <|im_end|> in the tiny tokenizer
+PAD = 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The tiny model is latency-bound: extra threads only contend on a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _prompts():
+    return [RLPrompt(as_conversation("Add 2 and 3.")), RLPrompt(as_conversation("Name a colour, please."))]
+
+
+def _length_reward():
+    return WeightedRewards([(FunctionReward("chars", lambda s: float(len(s.response))), 1.0)])
+
+
+def _fresh_response_logprobs(model, rollout: Rollout, row: int, temperature: float) -> torch.Tensor:
+    """log π(response tokens) from one unpadded full-vocabulary forward of prompt + response."""
+    prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+    response = rollout.response_ids[row][rollout.response_mask[row].bool()]
+    ids = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float() / temperature
+    predicting = logits[len(prompt) - 1: len(prompt) - 1 + len(response)]
+    return torch.log_softmax(predicting, -1).gather(1, response[:, None]).squeeze(1)
+
+
+def test_old_logprobs_equal_a_fresh_forward_and_match_the_reference_before_training():
+    model, tok = tiny_causal_lm(seed=0), tiny_tokenizer()
+    policy = PolicyValueModel(model, chunk_size=7)  # chunks that do not divide the token count
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, n=3, seed=1)
+    # micro-batch 4 over 6 rows: the last micro-batch is short, so padding widths differ
+    rollout = build_rollout(policy, ReferencePolicy(model), tok, _prompts(), _length_reward(), sampling,
+                            micro_batch_size=4, chunk_size=7)
+    assert rollout.num_rows == 6 and rollout.group_size == 3
+    assert rollout.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    for row in range(rollout.num_rows):
+        n = int(rollout.response_mask[row].sum())
+        fresh = _fresh_response_logprobs(model, rollout, row, temperature=0.7)
+        torch.testing.assert_close(rollout.old_logprobs[row, :n], fresh, atol=1e-5, rtol=1e-5)
+        assert torch.all(rollout.old_logprobs[row, n:] == 0)
+    # Before any update the reference is the policy: the same log-probs, KL exactly 0.
+    torch.testing.assert_close(rollout.ref_logprobs, rollout.old_logprobs, atol=1e-6, rtol=0)
+    # scores come from the reward source, per response, in row order
+    assert rollout.scores.tolist() == [float(len(t)) for t in rollout.texts]
+    assert rollout.source_scores["chars"].tolist() == rollout.scores.tolist()
+
+
+def test_reference_with_lora_disabled_equals_the_base_model():
+    base = tiny_causal_lm(seed=0)
+    model = load_model("tiny", lora=LoraSettings(r=4, alpha=8), seed=0)  # same base weights as `base`
+    with torch.no_grad():  # a trained-looking adapter: B ≠ 0 so the policy differs from the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    tok = tiny_tokenizer()
+    rollout = build_rollout(PolicyValueModel(model), ReferencePolicy(model), tok, _prompts(), _length_reward(),
+                            SamplingConfig(max_new_tokens=5, temperature=1.0, n=2, seed=0), micro_batch_size=8)
+    for row in range(rollout.num_rows):
+        n = int(rollout.response_mask[row].sum())
+        torch.testing.assert_close(rollout.ref_logprobs[row, :n],
+                                   _fresh_response_logprobs(base, rollout, row, 1.0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.old_logprobs[row, :n],
+                                   _fresh_response_logprobs(model, rollout, row, 1.0), atol=1e-5, rtol=1e-5)
+    mask = rollout.response_mask.bool()
+    assert (rollout.old_logprobs[mask] - rollout.ref_logprobs[mask]).abs().max() > 1e-3  # the adapter acts
+    # and it is switched back on after the reference pass
+    assert not torch.allclose(_fresh_response_logprobs(model, rollout, 0, 1.0),
+                              _fresh_response_logprobs(base, rollout, 0, 1.0))
+
+
+def test_response_mask_stops_after_the_stop_token():
+    model, tok = tiny_causal_lm(seed=0), tiny_tokenizer()
+    # An output bias that makes <|im_end|> likely (p ≈ 0.15 per token): some responses stop early.
+    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.get_output_embeddings().weight)
+        head.bias.zero_()
+        head.bias[EOS] = 4.0
+    model.lm_head = head
+    prompts = [RLPrompt(as_conversation(f"Count to {i}.")) for i in range(4)]
+    rollout = build_rollout(PolicyValueModel(model), ReferencePolicy(model), tok, prompts, _length_reward(),
+                            SamplingConfig(max_new_tokens=12, temperature=1.0, n=4, seed=0), micro_batch_size=16)
+    lengths = rollout.response_mask.sum(-1).long().tolist()
+    finished = rollout.finished.tolist()
+    assert any(finished) and not all(finished), "the seed should give both kinds of rows"
+    for row, (n, done) in enumerate(zip(lengths, finished)):
+        ids = rollout.response_ids[row].tolist()
+        mask = rollout.response_mask[row].tolist()
+        assert mask[:n] == [1.0] * n and all(m == 0 for m in mask[n:])
+        assert EOS not in ids[:n - 1]  # nothing after a stop token is kept
+        if done:
+            assert ids[n - 1] == EOS  # the stop token itself is a response token (the model learns to stop)
+        else:
+            assert n == 12
+        assert all(t == PAD for t in ids[n:])
+        assert torch.all(rollout.old_logprobs[row, :n] < 0) and torch.all(rollout.old_logprobs[row, n:] == 0)
+        assert "<|im_end|>" not in rollout.texts[row]
+
+
+def _hand_rollout() -> Rollout:
+    # row 0: prompt [5, 6, 7], response [8, 9, EOS]; row 1: prompt [5, 6], response [8]
+    return Rollout(prompt_ids=torch.tensor([[5, 6, 7], [5, 6, PAD]]), prompt_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                   response_ids=torch.tensor([[8, 9, EOS], [8, PAD, PAD]]),
+                   response_mask=torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]),
+                   scores=torch.tensor([1.0, 0.0]), source_scores={}, prompt_index=torch.tensor([0, 1]),
+                   group_size=1, finished=torch.tensor([True, False]), texts=("a", "b"))
+
+
+def test_rows_are_prompt_then_response_with_labels_on_the_response():
+    rollout = _hand_rollout()
+    batch = rollout.lm_batch(PAD)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, EOS], [5, 6, 8, PAD, PAD, PAD]]
+    assert batch.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    I = IGNORE_INDEX
+    # label at position P−1+j is response token j: 8 is predicted from the last prompt token
+    assert batch.labels.tolist() == [[I, I, 8, 9, EOS, I], [I, 8, I, I, I, I]]
+    per_position = torch.arange(12, dtype=torch.float32).view(2, 6)
+    assert rollout.response_layout(per_position, batch).tolist() == [[2.0, 3.0, 4.0], [7.0, 0.0, 0.0]]
+    # a minibatch keeps its rows' values and trims the padding no kept row needs
+    part = rollout.select([1])
+    assert part.response_ids.tolist() == [[8]] and part.prompt_ids.tolist() == [[5, 6]]
+    assert part.texts == ("b",) and part.scores.tolist() == [0.0]
+
+
+def test_prompt_order_is_a_pure_function_of_seed_and_step_and_covers_each_epoch():
+    first_epoch = prompt_indices(10, 5, seed=3, step=0) + prompt_indices(10, 5, seed=3, step=1)
+    assert sorted(first_epoch) == list(range(10))
+    assert prompt_indices(10, 5, seed=3, step=7) == prompt_indices(10, 5, seed=3, step=7)
+    assert prompt_indices(10, 5, seed=3, step=0) != prompt_indices(10, 5, seed=4, step=0)
+    assert sorted(prompt_indices(3, 6, seed=0, step=0)) == [0, 0, 1, 1, 2, 2]  # fewer prompts than a step
+
+
+# ---------------------------------------------------------------------------- prompts and rewards
+
+def test_read_prompts_fields_and_errors(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "What is 2+2?", "answer": 4, "task_id": "t1"}) + "\n"
+                    + json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Hi"}], "tests": ["assert f() == 1"]}) + "\n")
+    prompts = read_prompts(good)
+    assert prompts[0].meta["answer"] == "4" and prompts[0].id == "t1"
+    assert [m.role for m in prompts[1].prompt] == ["system", "user"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "answer": {"a": 1}}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'answer'"):
+        read_prompts(bad)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"question": "x"}) + "\n")
+    with pytest.raises(DataError, match=r"missing.jsonl:1: field 'prompt'"):
+        read_prompts(missing)
+
+
+def test_reward_spec_parsing():
+    assert [(t.source, t.arg, t.weight) for t in parse_reward_spec("gold:1.0,length:0.1")] == [
+        ("gold", None, 1.0), ("length", None, 0.1)]
+    # a regex may hold commas and colons; a trailing number after ':' is the weight
+    assert [(t.source, t.arg, t.weight) for t in parse_reward_spec(r"format:^\d{1,3}$:2,length:5-40")] == [
+        ("format", r"^\d{1,3}$", 2.0), ("length", "5-40", 1.0)]
+    assert [(t.source, t.arg) for t in parse_reward_spec("rm:runs/rm/final")] == [("rm", "runs/rm/final")]
+    with pytest.raises(ConfigError, match="did you mean 'gold'"):
+        parse_reward_spec("glod")
+    with pytest.raises(ConfigError, match="needs an argument"):
+        parse_reward_spec("format")
+    with pytest.raises(ConfigError, match="invalid regex"):
+        parse_reward_spec("format:(")
+    with pytest.raises(ConfigError, match="gold:WEIGHT"):
+        parse_reward_spec("gold:x")
+
+
+def test_weighted_reward_from_a_spec_scores_and_keeps_each_source():
+    reward = build_reward("format:^A:2,length:1-2:0.5,format:z")
+    combined, raw = reward.score_detailed([Sample("q", "A b c"), Sample("q", "zz")])
+    # "A b c": format 1 (×2), 3 words → 1 over max 2 by 1, tolerance 1 → 0 (×0.5), no z → 0
+    # "zz":    format 0,       1 word → 1 (×0.5),                                   z → 1
+    assert raw == {"format": [1.0, 0.0], "length": [0.0, 1.0], "format_2": [0.0, 1.0]}
+    assert combined == [2.0, 1.5]
+
+
+def test_gold_reward_uses_the_demo_checker_or_the_answer():
+    task_prompt = demo_prompts("train", 1, families=("arithmetic",))[0]
+    task = task_prompt.meta["task"]
+    gold = GoldReward()
+    samples = [Sample(task.prompt, f"Answer: {task.answer}", task_prompt.meta),
+               Sample(task.prompt, "Answer: -1", task_prompt.meta),
+               Sample("2+2?", "It is 4.", {"answer": "4"}),
+               Sample("2+2?", "It is 5.", {"answer": "4"})]
+    assert gold.score(samples) == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(DataError, match="nothing to check against"):
+        gold.score([Sample("hi", "hello", {"task_id": "x"})])
+
+
+def test_reward_model_source_scores_with_the_trained_model(tmp_path):
+    reward_models = pytest.importorskip("rlhfkit.models.reward")
+    from rlhfkit.data.tokenize import encode_pair
+    from rlhfkit.rollout.rollout import RewardModelSource
+
+    rm = reward_models.tiny_reward_model(seed=1)
+    tok = tiny_tokenizer()
+    rm.model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    source = RewardModelSource(str(tmp_path / "rm"))
+    samples = [Sample("Add 2 and 3.", "5"), Sample("Add 2 and 3.", "It is five, I think.")]
+    scores = source.score(samples)
+    for s, got in zip(samples, scores):  # one unpadded forward per (prompt, response)
+        from rlhfkit.data.packing import collate_padded
+
+        enc = encode_pair(tok, as_conversation(s.prompt), s.response)
+        with torch.no_grad():
+            expected = float(rm.eval()(collate_padded([enc], PAD))[0])
+        assert got == pytest.approx(expected, abs=1e-5)
+    assert scores[0] != pytest.approx(scores[1])
+    assert build_reward(f"rm:{tmp_path / 'rm'}:0.5").score(samples) == pytest.approx([0.5 * x for x in scores])
