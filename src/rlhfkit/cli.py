@@ -411,5 +411,18 @@ def _mount_demo() -> None:
 _mount_demo()
 
 
+def _mount_ai_feedback_and_eval() -> None:
+    from rlhfkit.eval.evaluate import register_eval_command
+    from rlhfkit.eval.report import report_command
+    from rlhfkit.judge.cli import judge_app
+
+    app.add_typer(judge_app, name="judge", help="AI feedback: LLM judge (RLAIF), agreement with humans, Constitutional AI.")
+    register_eval_command(app, _friendly)
+    app.command("report", short_help="One self-contained HTML page comparing the models of one or more runs.")(report_command)
+
+
+_mount_ai_feedback_and_eval()
+
+
 if __name__ == "__main__":
     app()
