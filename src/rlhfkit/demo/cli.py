@@ -31,7 +31,7 @@ def demo(
       rlhf demo --full --out runs/demo-full
     """
     from rlhfkit.demo.pipeline import DemoSettings, run_demo
-    from rlhfkit.demo.report import model_rows
+    from rlhfkit.eval.report import model_rows
     from rlhfkit.models.loading import ModelNotFound
 
     settings = (DemoSettings.quick if quick else DemoSettings.full)(out, model=model, seed=seed)

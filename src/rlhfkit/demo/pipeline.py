@@ -239,7 +239,8 @@ def run_demo(settings: DemoSettings, *, fresh: bool = False,
             ctx.results[name] = result
         if on_stage is not None:
             on_stage(name, desc, ctx.results[name])
-    from rlhfkit.demo.report import write_demo_report
+    from rlhfkit.eval.report import write_report
 
-    ctx.results["report"] = {"path": str(write_demo_report(ctx))}
+    ctx.results["report"] = {"path": str(write_report([ctx.out], ctx.path("report.html"),
+                                                      title="rlhfkit demo report"))}
     return ctx

@@ -63,6 +63,15 @@ def _e(x: Any) -> str:
 
 # ----------------------------------------------------------------------------- reading runs
 
+STAGE_LABELS = {"eval_base": "embedded model (before)", "eval_sft": "after SFT"}
+
+
+def model_rows(stages: dict[str, Any]) -> list[tuple[str, str]]:
+    """(stage key, label) of every demo stage that measured exact-match accuracy, in run order."""
+    return [(k, STAGE_LABELS.get(k, f"after {k.upper()}")) for k, r in stages.items()
+            if isinstance(r, dict) and "per_family" in r]
+
+
 @dataclass
 class TrainingRun:
     label: str
@@ -451,8 +460,6 @@ def summary_section(data: ReportData) -> str:
 
 
 def accuracy_section(data: ReportData) -> str:
-    from rlhfkit.demo.report import model_rows
-
     entries: list[tuple[str, dict[str, Any]]] = [(label, data.stages[key]) for key, label in model_rows(data.stages)]
     entries += [(label, m["exact_match"]) for label, m, _ in _eval_models(data) if m.get("exact_match")]
     if not entries:
@@ -575,8 +582,6 @@ def _cell(text: str, correct: bool | None = None) -> str:
 
 
 def samples_section(data: ReportData) -> str:
-    from rlhfkit.demo.report import model_rows
-
     parts = []
     for source, result in data.evals:
         names = [m["name"] for m in result["models"]]
