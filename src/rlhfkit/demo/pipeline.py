@@ -45,6 +45,14 @@ class DemoSettings:
     dpo_batch: int = 8
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
+    rl_algorithms: tuple[str, ...] = ("grpo",)
+    rl_steps: int = 8
+    rl_prompts_per_step: int = 4
+    rl_group_size: int = 4
+    rl_lr: float = 2e-6
+    rl_kl_coef: float = 0.02
+    overopt_steps: int = 0
+    overopt_lr: float = 1e-5
     seed: int = 0
     precision: str = "auto"
 
@@ -55,7 +63,8 @@ class DemoSettings:
     @classmethod
     def full(cls, out: Path, **kw) -> "DemoSettings":
         return cls(out=out, train_per_family=400, test_per_family=100, sft_steps=200, pref_prompts=400,
-                   rm_steps=150, dpo_steps=150, dpo_losses=("dpo", "ipo", "kto"), **kw)
+                   rm_steps=150, dpo_steps=150, dpo_losses=("dpo", "ipo", "kto"),
+                   rl_algorithms=("grpo", "rloo", "remax", "ppo"), rl_steps=30, overopt_steps=40, **kw)
 
 
 @dataclass
@@ -216,9 +225,69 @@ STAGES: list[Stage] = [
 ]
 
 
+def _online_config(ctx: DemoContext, algorithm: str, *, reward: str, steps: int, lr: float, kl_coef: float,
+                   out: str):
+    """The config of an online run from the SFT model on the demo's train tasks."""
+    from rlhfkit.recipes.policy_gradient import PolicyGradientConfig
+    from rlhfkit.recipes.ppo import PPOConfig
+
+    s = ctx.settings
+    common = dict(model=str(ctx.path("sft", "final")), tasks="demo", demo_per_family=s.train_per_family,
+                  reward=reward, output_dir=str(ctx.path(out)), max_steps=steps,
+                  prompts_per_step=s.rl_prompts_per_step, group_size=s.rl_group_size,
+                  max_new_tokens=s.max_new_tokens, lr=lr, kl_coef=kl_coef, seed=s.seed, precision=s.precision,
+                  save_every=max(2, steps // 4), batch_size=s.rl_prompts_per_step * s.rl_group_size)
+    if algorithm == "ppo":
+        return PPOConfig(**common)
+    return PolicyGradientConfig(algorithm=algorithm, **common)
+
+
+def _run_online(cfg) -> dict[str, Any]:
+    from rlhfkit.recipes.policy_gradient import PolicyGradientConfig, run_policy_gradient
+    from rlhfkit.recipes.ppo import run_ppo
+
+    return run_policy_gradient(cfg) if isinstance(cfg, PolicyGradientConfig) else run_ppo(cfg)
+
+
+def make_stage_online(algorithm: str) -> Callable[[DemoContext], dict[str, Any]]:
+    """RL with the verifiable (gold) reward: does it raise held-out accuracy over SFT?"""
+    def stage(ctx: DemoContext) -> dict[str, Any]:
+        s = ctx.settings
+        cfg = _online_config(ctx, algorithm, reward="gold", steps=s.rl_steps, lr=s.rl_lr, kl_coef=s.rl_kl_coef,
+                             out=algorithm)
+        out = _run_online(cfg)
+        m = out["metrics"]
+        result = {"final": out["final"], "steps": s.rl_steps, "final_kl": m.get("kl"),
+                  "train_reward": m.get("reward/mean")}
+        result.update(evaluate_checkpoint(ctx, out["final"]))
+        return result
+    return stage
+
+
+def stage_overoptimization(ctx: DemoContext) -> dict[str, Any]:
+    """GRPO against the learned reward model while the exact checker keeps score (Gao et al.):
+    proxy reward keeps rising with KL; gold accuracy rises, then stalls or falls."""
+    from rlhfkit.train.metrics import read_metrics
+
+    s = ctx.settings
+    cfg = _online_config(ctx, "grpo", reward=f"rm:{ctx.path('rm', 'final')}", steps=s.overopt_steps,
+                         lr=s.overopt_lr, kl_coef=0.0, out="overopt")
+    _run_online(cfg)
+    curve = [{k: m[k] for k in ("step", "kl", "reward/mean", "gold_accuracy") if k in m}
+             for m in read_metrics(ctx.path("overopt")) if "kl" in m]
+    return {"steps": s.overopt_steps, "curve": curve}
+
+
 def stages_for(settings: DemoSettings) -> list[Stage]:
-    return STAGES + [(f"{loss}", f"{loss.upper()} from the SFT model, then exact-match accuracy",
-                      make_stage_dpo(loss)) for loss in settings.dpo_losses]
+    stages = list(STAGES)
+    stages += [(loss, f"{loss.upper()} from the SFT model, then exact-match accuracy", make_stage_dpo(loss))
+               for loss in settings.dpo_losses]
+    stages += [(algo, f"{algo.upper()} with the gold reward from the SFT model, then exact-match accuracy",
+                make_stage_online(algo)) for algo in settings.rl_algorithms]
+    if settings.overopt_steps:
+        stages.append(("overopt", "over-optimization: GRPO against the reward model, gold reward tracked",
+                       stage_overoptimization))
+    return stages
 
 
 def run_demo(settings: DemoSettings, *, fresh: bool = False,
