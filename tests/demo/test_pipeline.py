@@ -15,7 +15,7 @@ def _settings(tmp_path):
 
 def test_demo_runs_all_stages_and_writes_a_report(tmp_path):
     ctx = run_demo(_settings(tmp_path))
-    for stage in ("data", "eval_base", "sft", "eval_sft", "preferences", "rm", "dpo", "grpo", "overopt"):
+    for stage in ("data", "eval_base", "sft", "eval_sft", "preferences", "rm", "dpo", "grpo", "overopt", "judge_eval"):
         assert (tmp_path / "demo" / "stages" / f"{stage}.json").exists(), stage
     assert ctx.results["data"]["test_checkable"] == 8  # 4 checkable families × 2
     assert ctx.results["eval_sft"]["n"] == 8

@@ -53,6 +53,7 @@ class DemoSettings:
     rl_kl_coef: float = 0.02
     overopt_steps: int = 0
     overopt_lr: float = 1e-5
+    judge_max_new_tokens: int = 48
     seed: int = 0
     precision: str = "auto"
 
@@ -278,6 +279,25 @@ def stage_overoptimization(ctx: DemoContext) -> dict[str, Any]:
     return {"steps": s.overopt_steps, "curve": curve}
 
 
+def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
+    """Every trained model against the SFT model: win rates judged by the embedded model in both
+    orders (tie = ½, bootstrap CIs, length-controlled), KL to SFT, length and diversity."""
+    from rlhfkit.eval.evaluate import EvalConfig, evaluate
+
+    s = ctx.settings
+    trained = [name for name in (*s.dpo_losses, *s.rl_algorithms) if ctx.path(name, "final").exists()]
+    if not trained:
+        return {"models": []}
+    cfg = EvalConfig(model=tuple(str(ctx.path(n, "final")) for n in trained), names=tuple(trained),
+                     reference=str(ctx.path("sft", "final")), tasks=str(ctx.path("data", "test_tasks.jsonl")),
+                     judge=s.model, judge_cache=str(ctx.path("eval", "judge_cache.sqlite")),
+                     judge_max_new_tokens=s.judge_max_new_tokens, max_new_tokens=s.max_new_tokens,
+                     n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed)
+    result = evaluate(cfg)
+    return {"models": [{"name": m["name"], "win_rate": m.get("win_rate"), "lc_win_rate": m.get("lc_win_rate"),
+                        "kl": m.get("kl")} for m in result["models"]]}
+
+
 def stages_for(settings: DemoSettings) -> list[Stage]:
     stages = list(STAGES)
     stages += [(loss, f"{loss.upper()} from the SFT model, then exact-match accuracy", make_stage_dpo(loss))
@@ -287,6 +307,8 @@ def stages_for(settings: DemoSettings) -> list[Stage]:
     if settings.overopt_steps:
         stages.append(("overopt", "over-optimization: GRPO against the reward model, gold reward tracked",
                        stage_overoptimization))
+    stages.append(("judge_eval", "win rates vs the SFT model (LLM judge, both orders), KL, diversity",
+                   stage_judge_eval))
     return stages
 
 
