@@ -38,7 +38,8 @@ class SFTConfig(TrainConfig):
     kind = "sft"
     train_data: str = param("", "training examples: .jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out examples for the eval loss (optional)")
-    packing: bool = param(True, "pack each micro-batch into one padding-free row")
+    packing: bool = param(False, "pack each micro-batch into one padding-free row (attention confined per "
+                                 "example); off: length-grouped padding, faster with CPU/SDPA attention")
     max_eval_examples: int = param(256, "at most this many eval examples")
     lr: float = param(5e-5, "peak learning rate (AdamW)")
 
