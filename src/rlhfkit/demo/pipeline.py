@@ -28,25 +28,25 @@ class DemoSettings:
     out: Path
     model: str = "embedded"
     train_per_family: int = 120
-    test_per_family: int = 25
-    sft_steps: int = 60
+    test_per_family: int = 20
+    sft_steps: int = 40
     sft_batch: int = 8
     sft_lr: float = 1e-4
     max_new_tokens: int = 40
-    pref_prompts: int = 96
+    pref_prompts: int = 40
     samples_per_prompt: int = 4
     pref_temperature: float = 1.0
     label_noise: float = 0.1
-    rm_steps: int = 40
+    rm_steps: int = 16
     rm_batch: int = 8
     rm_lr: float = 3e-5
     dpo_losses: tuple[str, ...] = ("dpo",)
-    dpo_steps: int = 40
-    dpo_batch: int = 8
+    dpo_steps: int = 20
+    dpo_batch: int = 4
     dpo_lr: float = 5e-6
     dpo_beta: float = 0.1
     rl_algorithms: tuple[str, ...] = ("grpo",)
-    rl_steps: int = 8
+    rl_steps: int = 3
     rl_prompts_per_step: int = 4
     rl_group_size: int = 4
     rl_lr: float = 2e-6
@@ -63,7 +63,7 @@ class DemoSettings:
 
     @classmethod
     def full(cls, out: Path, **kw) -> "DemoSettings":
-        return cls(out=out, train_per_family=400, test_per_family=100, sft_steps=200, pref_prompts=400,
+        return cls(out=out, train_per_family=400, test_per_family=100, sft_steps=200, pref_prompts=400, dpo_batch=8,
                    rm_steps=150, dpo_steps=150, dpo_losses=("dpo", "ipo", "kto"),
                    rl_algorithms=("grpo", "rloo", "remax", "ppo"), rl_steps=30, overopt_steps=40, **kw)
 

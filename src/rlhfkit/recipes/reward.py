@@ -69,7 +69,8 @@ class RewardConfig(TrainConfig):
     n_heads: int = param(1, "ensemble: scalar heads on one backbone, each trained with its own loss")
     ensemble_mode: str = param("mean", "how the heads combine into one reward for metrics and scoring",
                                choices=ENSEMBLE_MODES)
-    packing: bool = param(True, "pack each micro-batch's 2B sequences into one padding-free row")
+    packing: bool = param(False, "pack each micro-batch's 2B sequences into one padding-free row "
+                                 "(off: length-grouped padding, faster with CPU/SDPA attention)")
     max_eval_pairs: int = param(512, "at most this many held-out pairs")
     eval_batch_size: int = param(16, "pairs per forward pass at evaluation")
     lr: float = param(2e-5, "peak learning rate (AdamW)")
