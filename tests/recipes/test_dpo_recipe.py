@@ -336,8 +336,10 @@ def test_loss_is_normalized_by_the_pairs_of_the_whole_step(tmp_path, dpo_run):
     # keep the shuffled order, so the pairs are the same): same gradient norm — Adam would
     # hide a constant factor in the losses, the norm does not — and the same losses.
     cfg, _ = dpo_run
-    run_dpo(cfg.replace(output_dir=str(tmp_path / "accum"), max_steps=3, eval_data="", batch_size=4, grad_accum=2))
-    whole, accumulated = losses_by_step(cfg.output_dir), losses_by_step(tmp_path / "accum")
+    run_dpo(cfg.replace(output_dir=str(tmp_path / "whole"), max_steps=3, eval_data="", packing=True))
+    run_dpo(cfg.replace(output_dir=str(tmp_path / "accum"), max_steps=3, eval_data="", batch_size=4, grad_accum=2,
+                        packing=True))
+    whole, accumulated = losses_by_step(tmp_path / "whole"), losses_by_step(tmp_path / "accum")
     for step in (1, 2, 3):
         assert accumulated[step]["loss"] == pytest.approx(whole[step]["loss"], abs=1e-5)
         assert accumulated[step]["units"] == 8

@@ -99,6 +99,19 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another
+    precision. A single (non-distributed) process may run several recipes in a row (the demo
+    pipeline, tests), each with its own precision: reset that state between them."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state:
+        return
+    state = AcceleratorState()
+    if PartialState().num_processes == 1 and str(state.mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -127,6 +140,7 @@ class Engine:
         self.total_steps = total_steps or cfg.max_steps
         self.precision = resolve_precision(cfg.precision)
         mp = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
+        _allow_new_precision(mp)
         self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         self.description = description
         self.start_step = 0
