@@ -461,7 +461,10 @@ def summary_section(data: ReportData) -> str:
 
 def accuracy_section(data: ReportData) -> str:
     entries: list[tuple[str, dict[str, Any]]] = [(label, data.stages[key]) for key, label in model_rows(data.stages)]
-    entries += [(label, m["exact_match"]) for label, m, _ in _eval_models(data) if m.get("exact_match")]
+    # A demo stage already measured its model; the eval of the same model (named after the
+    # stage) is a second greedy decode of it, not another model: list each model once.
+    entries += [(label, m["exact_match"]) for label, m, _ in _eval_models(data)
+                if m.get("exact_match") and m["name"] not in data.stages]
     if not entries:
         return ""
     families = sorted({f for _, r in entries for f in r.get("per_family", {})})
