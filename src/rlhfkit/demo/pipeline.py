@@ -103,15 +103,22 @@ def _test_tasks(ctx: DemoContext):
     return read_jsonl(ctx.path("data", "test_tasks.jsonl"))
 
 
-def evaluate_checkpoint(ctx: DemoContext, model_path: str) -> dict[str, Any]:
+def load_for_inference(ctx: DemoContext, model_path: str):
+    """(tokenizer, model) for generation: bf16 weights when the run trains in bf16 (rather than
+    autocast, which would re-cast every weight at every decoding step)."""
     import torch
 
-    from rlhfkit.eval.accuracy import exact_match
     from rlhfkit.models.loading import load_model, load_tokenizer
     from rlhfkit.train.engine import resolve_precision
 
     dtype = torch.bfloat16 if resolve_precision(ctx.settings.precision) == "bf16" else torch.float32
-    tok, model = load_tokenizer(model_path), load_model(model_path, dtype=dtype)
+    return load_tokenizer(model_path), load_model(model_path, dtype=dtype)
+
+
+def evaluate_checkpoint(ctx: DemoContext, model_path: str) -> dict[str, Any]:
+    from rlhfkit.eval.accuracy import exact_match
+
+    tok, model = load_for_inference(ctx, model_path)
     res = exact_match(model, tok, _test_tasks(ctx), max_new_tokens=ctx.settings.max_new_tokens, progress=True)
     return {**res.to_dict(), "samples": res.samples}
 
@@ -138,22 +145,17 @@ def stage_eval_sft(ctx: DemoContext) -> dict[str, Any]:
 
 def stage_preferences(ctx: DemoContext) -> dict[str, Any]:
     """Sample responses from the SFT model on train prompts; label them with the simulated annotator."""
-    import torch
-
     from rlhfkit.data.preference import split_by_prompt
     from rlhfkit.data.schemas import as_conversation
     from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
     from rlhfkit.demo.tasks import make_tasks
-    from rlhfkit.models.loading import load_model, load_tokenizer
     from rlhfkit.rollout.generate import SamplingConfig, generate
-    from rlhfkit.train.engine import resolve_precision
 
     s = ctx.settings
     checkable = [t for t in make_tasks("train", s.train_per_family * 2, seed=s.seed + 1) if t.checkable]
     tasks = checkable[: s.pref_prompts]
     model_path = str(ctx.path("sft", "final"))
-    dtype = torch.bfloat16 if resolve_precision(s.precision) == "bf16" else torch.float32
-    tok, model = load_tokenizer(model_path), load_model(model_path, dtype=dtype)
+    tok, model = load_for_inference(ctx, model_path)
     gens = generate(model, tok, [as_conversation(t.prompt) for t in tasks],
                     SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.pref_temperature,
                                    n=s.samples_per_prompt, seed=s.seed), progress=True)

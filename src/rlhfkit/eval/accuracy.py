@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.demo.tasks import Task, check
@@ -25,16 +24,6 @@ class AccuracyResult:
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
                 "per_family": self.per_family, "mean_response_words": self.mean_response_words}
-
-
-def inference_copy(model, precision: str):
-    """The model in the dtype generation should run in: bf16 weights (not autocast, which
-    would re-cast every weight at every decoding step) when training ran in bf16."""
-    if precision == "bf16":
-        import copy
-
-        return copy.deepcopy(model).to(torch.bfloat16)
-    return model
 
 
 def exact_match(model, tokenizer, tasks: list[Task], *, max_new_tokens: int = 48, batch_size: int = 32,
