@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.demo.tasks import Task, check
 from rlhfkit.eval.winrate import win_rate
