@@ -1,5 +1,6 @@
 """Tokenization masks, packing without attention leaking across examples, batch plans."""
 
+import pytest
 import torch
 
 from rlhfkit.data.batches import IGNORE_INDEX
@@ -24,9 +25,11 @@ def test_loss_mask_covers_exactly_the_response():
     assert tok.decode([lab for _, lab in counted]) == "ok<|im_end|>\n"
 
 
-def test_packed_rows_do_not_attend_across_examples():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: what training on CPU uses
+def test_packed_rows_do_not_attend_across_examples(attention):
     tok = tiny_tokenizer()
     model = tiny_causal_lm(seed=3)
+    model.set_attn_implementation(attention)
     a = encode_pair(tok, as_conversation("first prompt"), "alpha")
     b = encode_pair(tok, as_conversation("second"), "beta gamma")
     packed = collate_packed([a, b])
