@@ -203,8 +203,12 @@ def test_evaluate_judges_the_model_against_the_reference(tmp_path, reference_dir
     assert wr["inconsistent"] == 0 and wr["position_bias"] == 0.0
     assert backend.calls == 4  # 2 open prompts × 2 orders; the reference is not judged against itself
     assert policy["lc_win_rate"]["n"] == 2 and ref.get("win_rate") is None
-    # Exact match ran on all 8 checkable tasks (the scripted answers are never right).
+    # Exact match ran on all 8 checkable tasks (the scripted answers are never right), so the gold
+    # win rate against the (also never right) reference is 8 ties; none for the reference itself.
     assert policy["exact_match"]["n"] == 8 and policy["exact_match"]["accuracy"] == 0.0
+    gold = policy["gold_win_rate"]
+    assert (gold["mean"], gold["ties"], gold["n"], gold["judge"]) == (0.5, 8, 8, "exact checker")
+    assert ref.get("gold_win_rate") is None and ref["exact_match"]["n"] == 8
     # KL on each model's own samples: 0 for the reference, positive for the other model.
     assert ref["kl"]["mean"] == 0.0 and ref["kl"]["per_token_k3"] == 0.0
     assert policy["kl"]["per_token_k3"] > 0 and policy["kl"]["n_responses"] == 6
@@ -301,3 +305,17 @@ def test_cli_eval_rejects_bad_flags_and_missing_models(tmp_path, restore_root_lo
     assert result.exit_code == 2
     assert "no such model folder: runs/nothing/final" in result.output
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_gold_win_rate_by_hand():
+    from rlhfkit.eval.evaluate import gold_win_rate
+
+    # prompts: only model right, only reference right, both right, neither, only model right
+    model = [True, False, True, False, True]
+    reference = [False, True, True, False, False]
+    g = gold_win_rate(model, reference, n_boot=500, seed=0)
+    # outcomes 1, 0, ½, ½, 1 → mean 3/5; = ½ + ½·(accuracy 3/5 − accuracy 2/5)
+    assert g["mean"] == pytest.approx(0.6) and (g["wins"], g["ties"], g["losses"], g["n"]) == (2, 2, 1, 5)
+    assert 0.0 <= g["ci_low"] <= 0.6 <= g["ci_high"] <= 1.0
+    with pytest.raises(ValueError, match="5 model answers but 4"):
+        gold_win_rate(model, reference[:4], n_boot=10, seed=0)

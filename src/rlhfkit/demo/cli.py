@@ -21,8 +21,11 @@ def demo(
 ):
     """Run the whole loop on the embedded model and write an HTML report.
 
-    Stages: demo tasks → eval of the base model → SFT → eval. Rerunning skips finished
-    stages; a killed training stage resumes from its last checkpoint.
+    Stages: demo tasks → eval of the base model → SFT → preference data (simulated annotator)
+    → reward model → DPO → GRPO (gold reward) → win rates vs SFT (exact checker and LLM judge),
+    KL and diversity → HTML report. --full adds IPO, KTO, RLOO, ReMax, PPO and the
+    over-optimization run. Rerunning skips finished stages; a killed training stage resumes
+    from its last checkpoint.
 
     [bold]Examples[/]
 
@@ -55,4 +58,22 @@ def demo(
         r = ctx.results[key]
         table.add_row(label, f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}", str(r["n"]))
     console.print(table)
+    judged = (ctx.results.get("judge_eval") or {}).get("models") or []
+    if judged:
+        wins = Table(title="win rate vs the SFT model (95% CI; tie = ½)")
+        for col in ("model", "gold (exact checker)", "LLM judge", "KL to SFT (nats)"):
+            wins.add_column(col)
+        for m in judged:
+            wins.add_row(m["name"], _rate(m.get("gold_win_rate")), _rate(m.get("win_rate")),
+                         f"{m['kl']['mean']:.3f}" if m.get("kl") else "–")
+        console.print(wins)
+    timings = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in ctx.results.items()
+                        if isinstance(v, dict) and "wall_s" in v)
+    console.print(f"wall time per stage: {timings}")
     console.print(f"total {time.perf_counter() - t0:.0f} s · report: [bold]{ctx.results['report']['path']}[/]")
+
+
+def _rate(block: dict | None) -> str:
+    if not block or block.get("mean") is None:
+        return "–"
+    return f"{block['mean']:.1%} [{block['ci_low']:.1%}, {block['ci_high']:.1%}]"

@@ -296,7 +296,8 @@ def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
                      judge_max_new_tokens=s.judge_max_new_tokens, max_new_tokens=s.max_new_tokens,
                      n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed)
     result = evaluate(cfg)
-    return {"models": [{"name": m["name"], "win_rate": m.get("win_rate"), "lc_win_rate": m.get("lc_win_rate"),
+    return {"models": [{"name": m["name"], "gold_win_rate": m.get("gold_win_rate"), "win_rate": m.get("win_rate"),
+                        "lc_win_rate": m.get("lc_win_rate"),
                         "kl": m.get("kl")} for m in result["models"]]}
 
 

@@ -3,6 +3,8 @@
 For each model, on held-out prompts (the demo test split, or a file):
 
   * gold exact-match accuracy on the checkable tasks (`eval.accuracy.exact_match`, greedy);
+  * gold win rate against the reference on the checkable tasks: prompt by prompt, 1 when only
+    the model answers correctly, 0 when only the reference does, ½ otherwise (paired bootstrap);
   * win rate against the reference model on the open prompts, judged pairwise in both
     orders (tie = ½), with a bootstrap interval, and the length-controlled win rate
     (`eval.winrate`);
@@ -198,15 +200,35 @@ def diversity_numbers(samples_per_prompt: Sequence[Sequence[str]], greedy: Seque
     return out
 
 
+def _win_rate_block(raw) -> dict[str, Any]:
+    return {"mean": raw.mean, "ci_low": raw.ci_low, "ci_high": raw.ci_high, "n": raw.n, "wins": raw.wins,
+            "ties": raw.ties, "losses": raw.losses, "confidence": raw.confidence, "method": raw.method}
+
+
+def gold_win_rate(model_correct: Sequence[bool], reference_correct: Sequence[bool], *, n_boot: int,
+                  seed: int) -> dict[str, Any]:
+    """Win rate against the reference judged by the exact checkers, prompt by prompt.
+
+    Outcome per checkable prompt: 1 when only the model is right, 0 when only the reference
+    is, ½ when both or neither are (outcome = ½ + ½·(correct_model − correct_ref)). Its mean is
+    ½ + ½·(accuracy difference), but the interval is paired: prompts both get right or both
+    get wrong carry no noise.
+    """
+    from rlhfkit.eval.winrate import win_rate
+
+    if len(model_correct) != len(reference_correct):
+        raise ValueError(f"{len(model_correct)} model answers but {len(reference_correct)} reference answers")
+    outcomes = [0.5 + 0.5 * (int(m) - int(r)) for m, r in zip(model_correct, reference_correct)]
+    return {**_win_rate_block(win_rate(outcomes, n_boot=n_boot, seed=seed)), "judge": "exact checker"}
+
+
 def _win_rate_dicts(batch, model_texts: Sequence[str], reference_texts: Sequence[str], *,
                     n_boot: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
     from rlhfkit.eval.winrate import length_controlled_win_rate, win_rate
 
     outcomes = batch.outcomes
-    raw = win_rate(outcomes, n_boot=n_boot, seed=seed)
     summary = batch.summary()
-    wr = {"mean": raw.mean, "ci_low": raw.ci_low, "ci_high": raw.ci_high, "n": raw.n, "wins": raw.wins,
-          "ties": raw.ties, "losses": raw.losses, "confidence": raw.confidence, "method": raw.method,
+    wr = {**_win_rate_block(win_rate(outcomes, n_boot=n_boot, seed=seed)),
           "inconsistent": summary["inconsistent"], "invalid_outputs": summary["invalid_outputs"],
           "position_bias": summary["position_bias"]}
     lc = length_controlled_win_rate(outcomes, [len(t.split()) for t in model_texts],
@@ -279,10 +301,14 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
                                 batch_size=cfg.batch_size, seed=cfg.seed)
 
     # ---- 1. the reference: its greedy answers to the open prompts are what every model is judged against
-    reference = ref_tok = None
+    reference = ref_tok = reference_acc = None
     reference_texts: list[str] = []
     if cfg.reference:
         ref_tok, reference = _load(cfg.reference)
+        if checkable:  # its correctness, prompt by prompt: the gold win rate pairs every model with it
+            reference_acc = exact_match(reference, ref_tok, [p.task for p in checkable],
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                        keep_samples=len(checkable))
         if open_prompts:
             log.info("eval: reference %s answers %d open prompts", cfg.reference, len(open_prompts))
             reference_texts = [g.text for g in generate(reference, ref_tok, [p.prompt for p in open_prompts],
@@ -339,11 +365,15 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
             greedy_texts: list[str] = []
             truncated = 0
             if checkable:
-                acc = exact_match(model, tok, [p.task for p in checkable], max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size, keep_samples=len(checkable))
+                acc = reference_acc if is_reference and reference_acc is not None else exact_match(
+                    model, tok, [p.task for p in checkable], max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.batch_size, keep_samples=len(checkable))
                 row["exact_match"] = acc.to_dict()
                 texts = [s["response"] for s in acc.samples]
                 correct = [s["correct"] for s in acc.samples]
+                if reference_acc is not None and not is_reference:
+                    row["gold_win_rate"] = gold_win_rate(correct, [s["correct"] for s in reference_acc.samples],
+                                                         n_boot=cfg.n_boot, seed=cfg.seed)
                 row["calibration"] = confidence_calibration(texts, correct)
                 greedy_texts += texts
                 for p, text, ok in zip(checkable, texts, correct):
@@ -437,7 +467,8 @@ def results_table(result: dict[str, Any]):
     table = Table(title=f"held-out evaluation ({result['prompts']['checkable']} checkable, "
                         f"{result['prompts']['open']} open prompts)")
     vs = f" vs {ref['name']}" if ref else ""
-    for col in ("model", "exact match [95% CI]", f"win rate{vs}", "LC win rate", "KL (nats)",
+    for col in ("model", "exact match [95% CI]", f"gold win rate{vs}", f"judged win rate{vs}", "LC win rate",
+                "KL (nats)",
                 "mean tokens", "distinct-2", "self-sim (per prompt)"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for m in result["models"]:
@@ -446,7 +477,7 @@ def results_table(result: dict[str, Any]):
         kl = m.get("kl")
         div = m.get("diversity") or {}
         table.add_row(m["name"] + (" (reference)" if m.get("is_reference") else ""), em_text,
-                      _pct(m.get("win_rate")), _pct(m.get("lc_win_rate")),
+                      _pct(m.get("gold_win_rate")), _pct(m.get("win_rate")), _pct(m.get("lc_win_rate")),
                       f"{kl['mean']:.3f}" if kl else "–", f"{m['length']['mean_tokens']:.1f}",
                       f"{div['distinct_2']:.3f}" if div.get("distinct_2") is not None else "–",
                       f"{div['within_prompt_self_similarity']:.3f}"

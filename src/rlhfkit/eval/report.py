@@ -437,25 +437,32 @@ def summary_section(data: ReportData) -> str:
         reward = m.get("reward")
         rows.append([_e(label) + (' <span class="ci">(reference)</span>' if m.get("is_reference") else ""),
                      _ci({"mean": em["accuracy"], "ci_low": em["ci_low"], "ci_high": em["ci_high"]}) if em else "–",
-                     _ci(m.get("win_rate")), _ci(m.get("lc_win_rate")),
+                     _ci(m.get("gold_win_rate")), _ci(m.get("win_rate")), _ci(m.get("lc_win_rate")),
                      _num(kl["mean"]) if kl else "–", _num((m.get("length") or {}).get("mean_tokens"), "{:.1f}"),
                      _num(div.get("distinct_2")), _num(div.get("within_prompt_self_similarity")),
                      _num(reward["mean"]) if reward else "–"])
-    table = _table(["model", "exact match", f"win rate {vs}", "length-controlled", "KL (nats)", "mean tokens",
+    table = _table(["model", "exact match", f"gold win rate {vs}", f"judged win rate {vs}", "length-controlled",
+                    "KL (nats)", "mean tokens",
                     "distinct-2", "self-similarity", "RM score"], rows)
     plot = ""
+    golden = [(label, m["gold_win_rate"]) for label, m, _ in models if m.get("gold_win_rate")]
+    if golden:
+        plot += interval_plot([(label, g["mean"], g["ci_low"], g["ci_high"]) for label, g in golden],
+                              title=f"gold win rate {vs} on the checkable tasks (95% CI)",
+                              xlabel="win rate (exact checker; both right or both wrong = ½)", reference_line=0.5)
     judged = [(label, m) for label, m, _ in models if m.get("win_rate")]
     if judged:
-        plot = interval_plot([(label, m["win_rate"]["mean"], m["win_rate"]["ci_low"], m["win_rate"]["ci_high"])
+        plot += interval_plot([(label, m["win_rate"]["mean"], m["win_rate"]["ci_low"], m["win_rate"]["ci_high"])
                               for label, m in judged],
-                             title=f"win rate {vs} (95% CI; ◆ length-controlled)", xlabel="win rate (tie = ½)",
-                             reference_line=0.5,
-                             second=[(m["lc_win_rate"]["mean"], m["lc_win_rate"]["ci_low"],
-                                      m["lc_win_rate"]["ci_high"]) if m.get("lc_win_rate") else None
-                                     for _, m in judged], second_label="length-controlled")
-    note = ("Exact match on held-out checkable tasks (greedy); win rates judged pairwise in both orders on "
-            "held-out open prompts, tie = ½; KL on each model's own samples; self-similarity of several samples "
-            "for one prompt (near 1 = mode collapse).")
+                              title=f"judged win rate {vs} (95% CI; ◆ length-controlled)",
+                              xlabel="win rate (tie = ½)", reference_line=0.5,
+                              second=[(m["lc_win_rate"]["mean"], m["lc_win_rate"]["ci_low"],
+                                       m["lc_win_rate"]["ci_high"]) if m.get("lc_win_rate") else None
+                                      for _, m in judged], second_label="length-controlled")
+    note = ("Exact match on held-out checkable tasks (greedy); gold win rate: the same answers compared with "
+            "the reference's prompt by prompt by the exact checkers; judged win rates: an LLM judge, pairwise in "
+            "both orders on held-out open prompts, tie = ½; KL on each model's own samples; self-similarity of "
+            "several samples for one prompt (near 1 = mode collapse).")
     return _section("summary", "Models at a glance", table + plot, _e(note))
 
 
@@ -484,6 +491,12 @@ def accuracy_section(data: ReportData) -> str:
 def win_rate_section(data: ReportData) -> str:
     rows = []
     for label, m, result in _eval_models(data):
+        gold = m.get("gold_win_rate")
+        if gold:
+            ref = (result.get("reference") or {}).get("name", "–")
+            rows.append([_e(label), _e(ref), "exact checker (checkable tasks)", str(gold["n"]),
+                         f"{gold['wins']} / {gold['ties']} / {gold['losses']}", _ci(gold), "–", "–", "–", "–"])
+    for label, m, result in _eval_models(data):
         wr, lc = m.get("win_rate"), m.get("lc_win_rate")
         if not wr:
             continue
@@ -498,7 +511,10 @@ def win_rate_section(data: ReportData) -> str:
                     "length-controlled", "length coef", "order flips", "bias to A"],
                    rows, numeric_from=3)
     return _section("win-rates", "Win rates", table,
-                    "Each pair is judged twice, once in each order; if the two orders disagree (an order flip) "
+                    "Exact-checker rows compare each model's greedy answer with the reference's on the same "
+                    "checkable prompt: a win when only the model is right, a tie when both or neither are. "
+                    "LLM-judge rows: each pair is judged twice, once in each order; if the two orders disagree "
+                    "(an order flip) "
                     "the pair is a tie, and 'bias to A' is how often the judge picked whichever answer it saw "
                     "first in both orders. "
                     "Bootstrap percentile intervals over prompts. The length-controlled rate is the win rate a "
