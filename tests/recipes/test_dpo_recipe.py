@@ -165,6 +165,24 @@ def test_over_length_and_identical_pairs_are_skipped_and_counted(tmp_path):
         run_dpo(tiny_dpo_config(tmp_path, path, max_length=8))
 
 
+def test_ties_drop_leaves_out_tied_training_pairs_and_counts_them(tmp_path):
+    path = tmp_path / "p.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n")
+        f.write(json.dumps({"prompt": "Hi", "chosen": "c", "rejected": "d", "label": 0.5}) + "\n")
+        f.write(json.dumps({"prompt": "Yo", "chosen": "e", "rejected": "f", "label": 0.5}) + "\n")
+    spec = dpo.get_preference_loss("dpo")
+    for ties, kept_pairs, counts in (("keep", 3, {}), ("drop", 1, {"tie (ties=drop)": 2})):
+        skipped = SkipReport()
+        cfg = tiny_dpo_config(tmp_path, path, ties=ties)
+        assert len(dpo.load_items(str(path), spec, tiny_tokenizer(), cfg, skipped)) == kept_pairs
+        assert skipped.counts == counts
+    # Held-out pairs keep their ties whatever `ties` says (accuracy reports them apart).
+    eval_items = dpo.load_items(str(path), spec, tiny_tokenizer(), tiny_dpo_config(tmp_path, path, ties="drop"),
+                                SkipReport(), pairs_for_eval=True)
+    assert len(eval_items) == 3
+
+
 def test_paired_loss_on_unpaired_file_names_the_file(tmp_path):
     data = write_unpaired(tmp_path / "thumbs.jsonl", WORDS[:4])
     with pytest.raises(DataError, match="thumbs.jsonl.*use --loss kto"):

@@ -210,7 +210,7 @@ def make_stage_dpo(loss: str) -> Callable[[DemoContext], dict[str, Any]]:
                         eval_data=str(ctx.path("data", "prefs_test.jsonl")), output_dir=str(ctx.path(loss)),
                         max_steps=s.dpo_steps, batch_size=s.dpo_batch, lr=s.dpo_lr,
                         warmup_steps=max(1, s.dpo_steps // 10), seed=s.seed, precision=s.precision,
-                        save_every=max(10, s.dpo_steps // 4))
+                        save_every=max(10, s.dpo_steps // 4), ties="drop")
         out = run_dpo(cfg)
         result = {"final": out["final"], **{k: v for k, v in out["metrics"].items() if k.startswith("eval/")}}
         result.update(evaluate_checkpoint(ctx, out["final"]))

@@ -98,6 +98,8 @@ class DPOConfig(TrainConfig):
                                  "(off: one padded batch of 2B rows, faster with CPU/SDPA attention)")
     precompute_reference: bool = param(True, "score the reference once before training and cache it "
                                              "(off: a no-grad reference forward every micro-batch)")
+    ties: str = param("keep", "tied training pairs (label 0.5): keep them (the loss pulls their implicit "
+                              "rewards together) or drop them (counted in the skip report)", choices=("keep", "drop"))
     max_eval_examples: int = param(256, "at most this many eval records")
     lr: float = param(5e-6, "peak learning rate (AdamW)")
 
@@ -253,7 +255,8 @@ def _holds_unpaired(source: str) -> bool:
 
 def load_items(source: str, spec: PreferenceLossSpec, tokenizer, cfg: DPOConfig, skipped: SkipReport, *,
                limit: int | None = None, pairs_for_eval: bool = False) -> list[Item]:
-    """Read and tokenize `source` for `spec`: pairs for the paired losses; KTO examples for
+    """Read and tokenize `source` for `spec`: pairs for the paired losses (ties dropped and
+    counted when `cfg.ties` is "drop" and this is training data); KTO examples for
     KTO (from unpaired records, or from pairs split in two, ties skipped). With
     `pairs_for_eval`, a KTO eval file of pairs stays pairs (for pairwise accuracy)."""
     unpaired = _holds_unpaired(source)
@@ -262,6 +265,10 @@ def load_items(source: str, spec: PreferenceLossSpec, tokenizer, cfg: DPOConfig,
                         "file holds unpaired feedback (prompt, completion, label): use --loss kto", path=source)
     if spec.paired or (pairs_for_eval and not unpaired):
         pairs = read_preferences(source)[:limit]
+        if cfg.ties == "drop" and not pairs_for_eval:
+            for _ in range(sum(p.is_tie for p in pairs)):
+                skipped.add("tie (ties=drop)", source)
+            pairs = [p for p in pairs if not p.is_tie]
         return encode_preferences(tokenizer, pairs, cfg.max_length, skipped, source)
     if unpaired:
         feedback = read_unpaired(source)[:limit]
