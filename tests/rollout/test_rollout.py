@@ -247,3 +247,37 @@ def test_reward_model_source_scores_with_the_trained_model(tmp_path):
         assert got == pytest.approx(expected, abs=1e-5)
     assert scores[0] != pytest.approx(scores[1])
     assert build_reward(f"rm:{tmp_path / 'rm'}:0.5").score(samples) == pytest.approx([0.5 * x for x in scores])
+
+
+def test_policy_sampler_decodes_with_a_synced_low_precision_copy():
+    from rlhfkit.rollout.generate import PolicySampler, generate
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(seed=0)
+    sampler = PolicySampler(model, torch.bfloat16)
+    assert sampler.model is not model and next(sampler.model.parameters()).dtype == torch.bfloat16
+    prompts = [p.prompt for p in _prompts()]
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    # The policy changes (an optimizer step); until sync the sampler still holds the old weights.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    before = dict(sampler.model.named_parameters())["model.embed_tokens.weight"].clone()
+    sampler.sync()
+    for name, p in sampler.model.named_parameters():
+        torch.testing.assert_close(p, dict(model.named_parameters())[name].to(torch.bfloat16), rtol=0, atol=0)
+    assert not torch.equal(before, dict(sampler.model.named_parameters())["model.embed_tokens.weight"])
+    # It decodes exactly what a bf16 cast of the updated policy decodes.
+    expected = generate(_bf16_copy(model), tok, prompts, greedy)
+    got = sampler.generate(tok, prompts, greedy)
+    assert [g.response_ids for g in got] == [g.response_ids for g in expected]
+    # fp32 runs decode with the policy itself; sync is a no-op.
+    same = PolicySampler(model, None)
+    same.sync()
+    assert same.model is model and same.syncs == 0 and sampler.syncs == 1
+
+
+def _bf16_copy(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)

@@ -44,7 +44,7 @@ from rlhfkit.ops.advantages import (
     leave_one_out_advantages,
 )
 from rlhfkit.ops.kl import get_kl_estimator
-from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.rollout.generate import PolicySampler, SamplingConfig
 from rlhfkit.rollout.rewards import WeightedRewards
 from rlhfkit.rollout.rollout import (
     OnlineConfig,
@@ -190,6 +190,7 @@ class PolicyGradientRun:
     prompts: list[RLPrompt]
     reward: WeightedRewards
     baseline: MovingAverageBaseline
+    sampler: PolicySampler
 
     @property
     def pad_id(self) -> int:
@@ -215,8 +216,9 @@ def setup_run(cfg: PolicyGradientConfig) -> PolicyGradientRun:
     engine = Engine(cfg, Path(cfg.output_dir), description=cfg.algorithm)
     module = engine.setup(PolicyValueModel(model, chunk_size=cfg.logprob_chunk), tokenizer)
     schedule_per_rollout(engine, cfg.updates_per_step)
-    run = PolicyGradientRun(cfg, engine, module, engine.unwrapped(), reference, tokenizer, prompts, reward,
-                            MovingAverageBaseline(cfg.baseline_decay))
+    policy = engine.unwrapped()
+    run = PolicyGradientRun(cfg, engine, module, policy, reference, tokenizer, prompts, reward,
+                            MovingAverageBaseline(cfg.baseline_decay), PolicySampler(policy.model, engine.compute_dtype))
     run.load_state(engine.extra_state)
     return run
 
@@ -230,12 +232,13 @@ def collect(run: PolicyGradientRun, step: int) -> tuple[Rollout, Tensor | None]:
     prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
                                rank=run.engine.rank, world_size=run.engine.world_size)
     sampling = cfg.sampling(step_seed(cfg.seed, step))
-    generations = generate(run.policy.model, run.tokenizer, [p.prompt for p in prompts], sampling)
+    run.sampler.sync()
+    generations = run.sampler.generate(run.tokenizer, [p.prompt for p in prompts], sampling)
     greedy = []
     if ALGORITHMS[cfg.algorithm].greedy_baseline:
         greedy_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1,
                                     batch_size=cfg.gen_batch_size)
-        greedy = generate(run.policy.model, run.tokenizer, [p.prompt for p in prompts], greedy_cfg)
+        greedy = run.sampler.generate(run.tokenizer, [p.prompt for p in prompts], greedy_cfg)
     scores, sources = score_generations(run.reward, prompts, list(generations) + list(greedy))
     n = len(generations)
     rollout = assemble_rollout(generations, scores[:n], {k: v[:n] for k, v in sources.items()},

@@ -34,6 +34,7 @@ from rlhfkit.models.value import CRITICS, PolicyValueModel, save_value_model
 from rlhfkit.ops.advantages import kl_penalized_rewards
 from rlhfkit.ops.gae import gae
 from rlhfkit.ops.stats import masked_mean, masked_whiten
+from rlhfkit.rollout.generate import PolicySampler
 from rlhfkit.rollout.rewards import WeightedRewards
 from rlhfkit.rollout.rollout import (
     OnlineConfig,
@@ -113,6 +114,7 @@ class PPORun:
     reward: WeightedRewards
     kl_controller: FixedKLController | AdaptiveKLController
     ptx: list[Encoded]
+    sampler: PolicySampler
 
     @property
     def pad_id(self) -> int:
@@ -159,7 +161,9 @@ def setup_run(cfg: PPOConfig) -> PPORun:
     schedule_per_rollout(engine, cfg.updates_per_step)
     controller = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
                   else FixedKLController(cfg.kl_coef))
-    run = PPORun(cfg, engine, module, engine.unwrapped(), reference, tokenizer, prompts, reward, controller, ptx)
+    policy = engine.unwrapped()
+    run = PPORun(cfg, engine, module, policy, reference, tokenizer, prompts, reward, controller, ptx,
+                 PolicySampler(policy.model, engine.compute_dtype))
     run.load_state(engine.extra_state)
     return run
 
@@ -173,7 +177,7 @@ def collect(run: PPORun, step: int) -> Rollout:
     with run.engine.autocast():
         return build_rollout(run.policy, run.reference, run.tokenizer, prompts, run.reward,
                              cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
-                             with_values=True, chunk_size=cfg.logprob_chunk)
+                             with_values=True, chunk_size=cfg.logprob_chunk, sampler=run.sampler)
 
 
 def advantages(run: PPORun, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:

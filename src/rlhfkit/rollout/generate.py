@@ -110,3 +110,38 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
+
+
+class PolicySampler:
+    """The generation engine of an online run: it decodes with its own copy of the policy.
+
+    Training keeps fp32 master weights (bf16 autocast casts them at every forward); decoding
+    with them would run every KV-cache step in fp32, or re-cast all weights per token under
+    autocast. So the sampler holds a copy in the compute dtype (bf16 when the run trains in
+    bf16) and `sync` refreshes it from the policy before each rollout — the same contract a
+    separate inference engine (vLLM) has: weights pushed to it after each update.
+
+    With `dtype=None` (fp32 runs) it decodes with the policy module itself and `sync` is free.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None):
+        import copy
+
+        self.policy = model
+        self.dtype = dtype
+        self.model = model if dtype is None else copy.deepcopy(model).to(dtype).eval()
+        self.syncs = 0
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy the policy's current weights into the sampler's (cast to its dtype)."""
+        if self.model is self.policy:
+            return
+        src = dict(self.policy.named_parameters())
+        for name, p in self.model.named_parameters():
+            p.copy_(src[name])
+        self.syncs += 1
+
+    def generate(self, tokenizer, prompts: list[Conversation], cfg: SamplingConfig, *,
+                 progress: bool = False) -> list[Generation]:
+        return generate(self.model, tokenizer, prompts, cfg, progress=progress)

@@ -42,12 +42,12 @@ from rlhfkit.config import ConfigError, check, param
 from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.readers import iter_records
-from rlhfkit.data.schemas import Conversation, ROLES, as_conversation, prompt_text
+from rlhfkit.data.schemas import ROLES, Conversation, as_conversation, prompt_text
 from rlhfkit.data.tokenize import encode_prompt
+from rlhfkit.losses.policy import AGGREGATIONS
 from rlhfkit.ops.kl import KL_ESTIMATORS
 from rlhfkit.ops.logprobs import gather_logprobs
-from rlhfkit.losses.policy import AGGREGATIONS
-from rlhfkit.rollout.generate import Generation, SamplingConfig, generate
+from rlhfkit.rollout.generate import Generation, PolicySampler, SamplingConfig, generate
 from rlhfkit.rollout.rewards import FunctionReward, RewardSource, Sample, WeightedRewards
 from rlhfkit.train.engine import Engine, TrainConfig, lr_lambda
 
@@ -678,12 +678,18 @@ def logprob_temperature(sampling: SamplingConfig) -> float:
 
 def build_rollout(policy: nn.Module, reference: ReferencePolicy, tokenizer, prompts: Sequence[RLPrompt],
                   reward: WeightedRewards, sampling: SamplingConfig, *, micro_batch_size: int,
-                  with_values: bool = False, chunk_size: int = 512) -> Rollout:
+                  with_values: bool = False, chunk_size: int = 512, sampler: PolicySampler | None = None) -> Rollout:
     """Generate `sampling.n` responses per prompt, score them, and fill the log-probs.
 
-    policy: the (unwrapped) PolicyValueModel; generation uses its causal LM at `.model`.
+    policy: the (unwrapped) PolicyValueModel. Generation uses `sampler` (synced with the
+    policy first), else the policy's causal LM at `.model` directly.
     """
-    generations = generate(policy.model, tokenizer, [p.prompt for p in prompts], sampling)
+    prompt_convs = [p.prompt for p in prompts]
+    if sampler is not None:
+        sampler.sync()
+        generations = sampler.generate(tokenizer, prompt_convs, sampling)
+    else:
+        generations = generate(policy.model, tokenizer, prompt_convs, sampling)
     scores, source_scores = score_generations(reward, prompts, generations)
     pad_id = pad_token_id(tokenizer)
     rollout = assemble_rollout(generations, scores, source_scores, group_size=sampling.n, pad_id=pad_id,

@@ -172,6 +172,11 @@ class Engine:
         return self.accelerator.device
 
     @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype autocast computes in (bf16/fp16), or None when training in fp32."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
