@@ -25,10 +25,14 @@ def test_loss_mask_covers_exactly_the_response():
     assert tok.decode([lab for _, lab in counted]) == "ok<|im_end|>\n"
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # eager: what training on CPU uses
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "fp32-matmul"])  # fp32-matmul: CPU training
 def test_packed_rows_do_not_attend_across_examples(attention):
     tok = tiny_tokenizer()
     model = tiny_causal_lm(seed=3)
+    if attention == "fp32-matmul":
+        from rlhfkit.models.attention import register
+
+        attention = register()
     model.set_attn_implementation(attention)
     a = encode_pair(tok, as_conversation("first prompt"), "alpha")
     b = encode_pair(tok, as_conversation("second"), "beta gamma")

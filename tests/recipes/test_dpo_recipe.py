@@ -311,6 +311,17 @@ def test_reference_pass_in_bf16_autocast_matches_a_direct_bf16_forward(tmp_path)
     assert cached.dtype == torch.float32
 
 
+@pytest.mark.parametrize("precompute", [True, False])
+def test_bf16_first_step_sees_policy_equal_to_reference(tmp_path, precompute):
+    # Training switches the model to eager attention on CPU (Engine.setup); the reference pass
+    # runs before setup, and a live reference is a separate model. Both must use the same kernel,
+    # or in bf16 the first step's log-ratios are not 0 and the DPO loss is not ln 2.
+    data = write_pairs(tmp_path / "p.jsonl", WORDS[:8])
+    cfg = tiny_dpo_config(tmp_path, data, precision="bf16", max_steps=1, precompute_reference=precompute)
+    # Measured on the tiny model: 2e-9 with one kernel, 4e-6 with SDPA for the reference only.
+    assert run_dpo(cfg)["metrics"]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+
+
 # ----------------------------------------------------------------------------- learning
 
 

@@ -37,7 +37,7 @@ from rlhfkit.recipes.ppo import PPOConfig, run_ppo
 from rlhfkit.rollout.generate import SamplingConfig, generate
 from rlhfkit.rollout.rewards import FunctionReward, WeightedRewards
 from rlhfkit.rollout.rollout import RLPrompt, prompts_for_step, schedule_per_rollout
-from rlhfkit.train.engine import Engine, lr_lambda
+from rlhfkit.train.engine import Engine, cpu_supports_bf16, lr_lambda
 from rlhfkit.train.metrics import read_metrics
 
 # Names every online recipe logs each step (the brief's stable diagnostics).
@@ -113,6 +113,16 @@ def test_ppo_first_update_is_on_policy(tmp_path):
     row = read_metrics(cfg.output_dir)[0]
     assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and row["clipfrac"] == 0.0
     assert row["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout's policy is the reference
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("cls", [GRPOConfig, PPOConfig])
+def test_bf16_first_rollout_has_zero_kl(tmp_path, cls):
+    # The frozen reference must run the policy's attention kernel and precision: in bf16 two
+    # kernels differ by far more than rounding noise of one.
+    cfg = cls(**_base(tmp_path, "bf16", max_steps=1, precision="bf16"))
+    (run_ppo if cls is PPOConfig else run_policy_gradient)(cfg)
+    assert read_metrics(cfg.output_dir)[0]["kl"] == 0.0
 
 
 def _likes_a(prompts_file: Path, tmp_path: Path, **kw) -> GRPOConfig:

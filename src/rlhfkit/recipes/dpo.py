@@ -52,7 +52,7 @@ from rlhfkit.losses.reward import pairwise_metrics
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.train.checkpoint import atomic_write_text
-from rlhfkit.train.engine import Engine, TrainConfig
+from rlhfkit.train.engine import Engine, TrainConfig, set_training_attention
 from rlhfkit.train.loop import SupervisedTask, fit
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ def build_reference(cfg: DPOConfig, model: nn.Module, policy: TokenLogprobs, dev
         return Reference(policy, None, identity)
     frozen = load_model(name, seed=cfg.seed).to(device)
     frozen.requires_grad_(False)
+    set_training_attention(frozen, cfg, device)  # the policy's kernel, so step 0 gives policy = reference
     return Reference(TokenLogprobs(frozen, cfg.logprob_chunk).eval(), None, identity)
 
 
@@ -655,6 +656,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
                        seed=cfg.seed)
     engine = Engine(cfg, run_dir, description="dpo")
     model.to(engine.device)
+    # The reference pass below runs before engine.setup: give it the kernel training will use.
+    set_training_attention(model, cfg, engine.device)
     policy = TokenLogprobs(model, cfg.logprob_chunk)
     ref_train = ref_eval = None
     live_reference = None

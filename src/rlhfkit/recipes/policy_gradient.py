@@ -67,7 +67,7 @@ from rlhfkit.rollout.rollout import (
     step_seed,
     with_logprobs,
 )
-from rlhfkit.train.engine import Engine
+from rlhfkit.train.engine import Engine, set_training_attention
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,9 @@ def setup_run(cfg: PolicyGradientConfig) -> PolicyGradientRun:
     reward = build_reward(cfg.reward, normalize=cfg.reward_normalize)
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     model = load_model(cfg.model, lora=lora, seed=cfg.seed)
-    reference = ReferencePolicy(model)  # before the engine can load trained weights into `model`
     engine = Engine(cfg, Path(cfg.output_dir), description=cfg.algorithm)
+    set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
+    reference = ReferencePolicy(model)  # before engine.setup can load trained weights into `model`
     module = engine.setup(PolicyValueModel(model, chunk_size=cfg.logprob_chunk), tokenizer)
     schedule_per_rollout(engine, cfg.updates_per_step)
     policy = engine.unwrapped()

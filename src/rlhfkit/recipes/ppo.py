@@ -55,7 +55,7 @@ from rlhfkit.rollout.rollout import (
     schedule_per_rollout,
     step_seed,
 )
-from rlhfkit.train.engine import Engine
+from rlhfkit.train.engine import Engine, set_training_attention
 from rlhfkit.train.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.train.loop import MicroBatchStream
 
@@ -155,8 +155,9 @@ def setup_run(cfg: PPOConfig) -> PPORun:
     ptx = _ptx_examples(cfg, tokenizer)
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     model = load_model(cfg.model, lora=lora, seed=cfg.seed)
-    reference = ReferencePolicy(model)  # before the engine can load trained weights into `model`
     engine = Engine(cfg, Path(cfg.output_dir), description="ppo")
+    set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
+    reference = ReferencePolicy(model)  # before engine.setup can load trained weights into `model`
     module = engine.setup(PolicyValueModel(model, critic=cfg.critic, chunk_size=cfg.logprob_chunk), tokenizer)
     schedule_per_rollout(engine, cfg.updates_per_step)
     controller = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0

@@ -39,11 +39,7 @@ from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTENTIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-# Up to this many tokens per sequence, plain matmul attention trains faster on CPU than
-# PyTorch's SDPA kernel (whose CPU backward is ≈ 5× slower than the forward at these sizes);
-# beyond it the T×T scores eager attention keeps for the backward cost too much memory.
-EAGER_CPU_MAX_LENGTH = 1024
+ATTENTIONS = ("auto", "fp32-matmul", "eager", "sdpa", "flash_attention_2")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -73,9 +69,9 @@ class TrainConfig(Config):
     eval_every: int = param(0, "evaluate every N steps (0 = only at the end)")
     resume: bool = param(True, "resume from the run folder's latest checkpoint if there is one")
     tracker: str = param("none", "also log to tensorboard or wandb (if installed)", choices=TRACKERS)
-    attention: str = param("auto", "attention kernel for training: auto (eager on CPU up to "
-                           f"{EAGER_CPU_MAX_LENGTH} tokens, the model's own choice elsewhere), eager, sdpa or "
-                           "flash_attention_2", choices=ATTENTIONS)
+    attention: str = param("auto", "attention kernel for training: auto (fp32-matmul on CPU, the model's own "
+                           "choice on GPUs), fp32-matmul (models/attention.py), eager, sdpa or flash_attention_2",
+                           choices=ATTENTIONS)
     logprob_chunk: int = param(512, "tokens per chunk of the output projection (memory vs speed)")
     progress: bool = param(True, "show a progress bar")
 
@@ -107,13 +103,34 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-def resolve_attention(attention: str, device: torch.device, max_length: int) -> str | None:
-    """The attention implementation to train with; None keeps the model's own."""
-    if attention != "auto":
-        return attention
-    if device.type == "cpu" and max_length <= EAGER_CPU_MAX_LENGTH:
-        return "eager"
-    return None
+def resolve_attention(attention: str, device: torch.device) -> str | None:
+    """The transformers attn_implementation to train with; None keeps the model's own.
+
+    On CPU, "auto" is rlhfkit's fp32 matmul attention: PyTorch's SDPA backward is several
+    times slower at RLHF's short sequences (see `rlhfkit.models.attention`).
+    """
+    if attention == "auto":
+        attention = "fp32-matmul" if device.type == "cpu" else "model"
+    if attention == "model":
+        return None
+    if attention == "fp32-matmul":
+        from rlhfkit.models.attention import register
+
+        return register()
+    return attention
+
+
+def set_training_attention(module: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Switch the transformers model inside `module` to the attention kernel training uses.
+
+    `Engine.setup` does it for the trained module; a recipe that runs the same weights before
+    setup or beside it (DPO's reference pass, a frozen reference copy) calls it too, so both
+    passes use one kernel (in bf16, two kernels' log-probs differ by up to ~0.4 nats per sequence).
+    """
+    attention = resolve_attention(cfg.attention, device)
+    inner = inner_hf_model(module)
+    if attention is not None and hasattr(inner, "set_attn_implementation"):
+        inner.set_attn_implementation(attention)
 
 
 def _allow_new_precision(mixed_precision: str) -> None:
@@ -200,10 +217,7 @@ class Engine:
               lr: float | None = None) -> nn.Module:
         """Optimizer + schedule + accelerate.prepare, then resume from the latest checkpoint."""
         self.tokenizer = tokenizer
-        attention = resolve_attention(self.cfg.attention, self.device, self.cfg.max_length)
-        inner = inner_hf_model(module)
-        if attention is not None and hasattr(inner, "set_attn_implementation"):
-            inner.set_attn_implementation(attention)
+        set_training_attention(module, self.cfg, self.device)
         params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
