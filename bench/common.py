@@ -159,6 +159,22 @@ def ratio_lines(ours: StepTimes, theirs: StepTimes, *, target: float | None = No
     return line
 
 
+def agreement_line(name: str, ours: float, theirs: float, *, width: int = 15, tol: float = 1e-3) -> str:
+    """'name  0.693147   |ours − TRL| = 1.2e-05  within 1e-3' (or 'DIFFERS by more than 1e-3')."""
+    diff = abs(ours - theirs)
+    tol_text = f"{tol:.0e}".replace("e-0", "e-")  # 1e-3, not 0.001
+    verdict = f"within {tol_text}" if diff <= tol else f"DIFFERS by more than {tol_text}"
+    return f"{name:{width}} {ours:.6f}   |ours − TRL| = {diff:.2e}  {verdict}"
+
+
+def agreement_lines(ours: dict[str, float], trl_name: str, trl_value: float, *, width: int | None = None,
+                    tol: float = 1e-3) -> str:
+    """An `agreement_line` per side of ours against TRL's value, then TRL's own line."""
+    width = width or max(len(name) for name in (*ours, trl_name))
+    lines = [agreement_line(name, value, trl_value, width=width, tol=tol) for name, value in ours.items()]
+    return "\n".join([*lines, f"{trl_name:{width}} {trl_value:.6f}"])
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, or 'n/a' where the OS has none."""
     try:
