@@ -43,7 +43,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import StepTimes, load_average, model_flops_per_token, stopwatch  # bench/common.py
+from common import (  # bench/common.py
+    StepTimes,
+    load_average,
+    model_flops_per_token,
+    stopwatch,
+)
 from trl_side import (  # bench/trl_side.py
     MODEL,
     PACKED,
@@ -70,7 +75,13 @@ from rlhfkit.losses.preference import get_preference_loss
 from rlhfkit.models.loading import load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.recipes.dpo import DPOConfig as OurDPOConfig
-from rlhfkit.recipes.dpo import EncodedPair, build_reference, load_items, precompute_reference, preference_task
+from rlhfkit.recipes.dpo import (
+    EncodedPair,
+    build_reference,
+    load_items,
+    precompute_reference,
+    preference_task,
+)
 from rlhfkit.train.engine import Engine, set_training_attention
 
 OURS, OURS_PACKED, TRL = PADDED, PACKED, "TRL DPOTrainer"  # ours: what `rlhf dpo` runs (padded)

@@ -65,7 +65,12 @@ from trl_side import (  # bench/trl_side.py
 
 from rlhfkit.data.errors import SkipReport
 from rlhfkit.models.loading import load_tokenizer, resolve_model_path
-from rlhfkit.models.reward import EncodedPair, collate_pairs, encode_preference_pairs, load_reward_model
+from rlhfkit.models.reward import (
+    EncodedPair,
+    collate_pairs,
+    encode_preference_pairs,
+    load_reward_model,
+)
 from rlhfkit.recipes.reward import RewardConfig as OurRewardConfig
 from rlhfkit.recipes.reward import read_splits, reward_task
 from rlhfkit.train.engine import Engine, inner_hf_model

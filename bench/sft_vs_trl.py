@@ -32,7 +32,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import StepTimes, load_average, model_flops_per_token  # bench/common.py
+from common import (  # bench/common.py
+    StepTimes,
+    agreement_line,
+    load_average,
+    model_flops_per_token,
+)
 from trl_side import (  # bench/trl_side.py
     MODEL,
     Interleaver,
@@ -62,7 +67,7 @@ from rlhfkit.recipes.sft import SFTConfig as OurSFTConfig
 from rlhfkit.recipes.sft import encode_examples, sft_task
 from rlhfkit.train.engine import Engine, inner_hf_model
 
-OURS, OURS_PADDED, TRL = "ours (packed)", "ours (padded)", "TRL SFTTrainer"
+OURS, OURS_PADDED, TRL = "ours (packed)", "ours (padded, default)", "TRL SFTTrainer"
 
 
 # ------------------------------------------------------------------------------ data
@@ -101,17 +106,29 @@ def build_ours(encoded: list[Encoded], tokenizer, *, packing: bool, args, data_p
     return OurSide(engine, sft_task(tokenizer, encoded, [], packing=packing), cfg)
 
 
-def fp32_reference_loss(side: OurSide, encoded: list[Encoded], tokenizer) -> float:
-    """Mean NLL of the batch's completion tokens with fresh weights in fp32, forward only.
+def forward_loss(side: OurSide, encoded: list[Encoded], tokenizer, *, precision: str,
+                 attention: str | None = None) -> float:
+    """Mean NLL of the batch's completion tokens with the side's current (fresh) weights, forward only.
 
-    Runs the inner transformers model (not the accelerate-prepared module, whose forward
-    autocasts), right-padded, with autocast off.
+    precision "fp32": the inner transformers model (not the accelerate-prepared module, whose
+    forward autocasts) with autocast off; "run": under the engine's autocast, as a training
+    step computes it. `attention`: run with that attention kernel (e.g. TRL's "sdpa") instead
+    of the one training uses, restored afterwards.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batch = collate_padded(encoded, pad).to(side.engine.device)
-    module = TokenLogprobs(inner_hf_model(side.engine.unwrapped()), side.cfg.logprob_chunk)
-    with torch.no_grad(), torch.autocast(side.engine.device.type, enabled=False):
-        loss, _ = sft_loss(module(batch), batch.loss_mask)
+    inner = inner_hf_model(side.engine.unwrapped())
+    module = TokenLogprobs(inner, side.cfg.logprob_chunk)
+    trained_with = inner.config._attn_implementation
+    if attention:
+        inner.set_attn_implementation(attention)
+    try:
+        cast = side.engine.autocast() if precision == "run" else torch.autocast(side.engine.device.type,
+                                                                                 enabled=False)
+        with torch.no_grad(), cast:
+            loss, _ = sft_loss(module(batch), batch.loss_mask)
+    finally:
+        inner.set_attn_implementation(trained_with)
     return float(loss)
 
 
@@ -202,7 +219,9 @@ def run(args, threads: int, tmp: Path) -> None:
           f"max_length {trainer.args.max_length}")
     print(f"ours          {optimizer_summary(ours[OURS].engine)}, no gradient checkpointing, "
           f"logprob_chunk {ours[OURS].cfg.logprob_chunk}")
-    reference_loss = fp32_reference_loss(ours[OURS_PADDED], encoded, tokenizer)
+    reference_loss = forward_loss(ours[OURS_PADDED], encoded, tokenizer, precision="fp32")
+    trl_kernel_loss = forward_loss(ours[OURS_PADDED], encoded, tokenizer, precision="run", attention="sdpa")
+    kernel = inner_hf_model(ours[OURS_PADDED].engine.unwrapped()).config._attn_implementation
     print("load average  before the steps: " + load_average())
 
     trainer.train()
@@ -225,9 +244,17 @@ def run(args, threads: int, tmp: Path) -> None:
     print(step_loss_lines(inter, recorder, 0, width=15))
     print(f"{'fp32 reference':15} {reference_loss:.6f}   (same fresh weights and batch, fp32 forward, no autocast: "
           "the scale of bf16 rounding noise in the lines above)")
+    trl_loss = recorder.losses[0] if recorder.losses else float("nan")
+    print(agreement_line("ours, TRL's kernel", trl_kernel_loss, trl_loss, width=15) +
+          f"   (ours padded, forward only, {args.precision}, attention 'sdpa' as TRL's model uses instead of "
+          f"ours '{kernel}': the same computation up to the attention kernel)")
+    padded_metrics = inter.metrics.get(OURS_PADDED) or []
+    for name, value in (("ours (padded)", padded_metrics[0]["loss"] if padded_metrics else None), ("TRL", trl_loss)):
+        if value is not None:
+            print(f"{name + ' vs fp32':15} |Δ| = {abs(value - reference_loss):.2e}")
 
     flops = model_flops_per_token(sum(p.numel() for p in ours[OURS].engine.unwrapped().parameters()))
-    print_speed(times, inter, ours=OURS, others=[OURS_PADDED], flops=flops, device=device, warmup=args.warmup)
+    print_speed(times, inter, ours=OURS_PADDED, others=[OURS], flops=flops, device=device, warmup=args.warmup)
 
 if __name__ == "__main__":
     sys.exit(main())
