@@ -6,14 +6,13 @@ and the ratio.
     python bench/grpo_vs_trl.py                 # 8 prompts × 4 samples, ≤ 64 new tokens, bf16, 1 + 5 steps
     python bench/grpo_vs_trl.py --beta 0        # TRL's default β: no TRL reference model (ours still runs one)
     python bench/grpo_vs_trl.py --fixed-length  # every response exactly --max-new-tokens long, both sides
-    python bench/grpo_vs_trl.py --ours-generate-autocast   # what-if: our sampling in bf16 autocast, as TRL's
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --prompts 2 --group 4 --max-new-tokens 32 \\
         --warmup 0 --steps 1 --gen-repeats 1 --threads 1   # smoke test, ≈ 1–2 minutes
 
 What each side runs per step (one rollout, then one optimizer step on it)
 - ours: exactly what `rlhf grpo` runs per step: `recipes.policy_gradient.train_step` on the
   run `setup_run` builds from a `GRPOConfig` (demo tasks, gold reward), then
-  `engine.end_step` (metrics logging). train_step: `rollout.generate` (HF `model.generate`
+  `engine.end_step` (metrics logging). train_step: `PolicySampler` (sync, then HF `model.generate`
   with KV cache, prompts sorted by length and left-padded, `gen_batch_size` = all rows, so
   one batch) → the gold reward (`GoldReward`: the demo task's checker) → `with_logprobs`:
   one no-grad forward of the policy (old log-probs and entropy) and one of the frozen
@@ -51,12 +50,12 @@ Settings made equal (TRL 1.16 defaults in brackets where we set them)
   [0.9/0.999], weight decay 0, clip 1.0.
 
 Differences that remain (printed again with the results)
-- generation precision: ours calls `generate` on the inner HF model outside the engine's
-  autocast, so it samples in fp32; TRL's model forward is patched by accelerate with bf16
-  autocast, so it samples in bf16 (the script checks the dtype of a decoder matmul during
-  decoding on each side and prints it). `--ours-generate-autocast` runs our in-step
-  generation under the engine's autocast (a what-if); the "our generation engine alone"
-  section times fp32, autocast and a bf16 copy of the weights on the same batch.
+- generation weights: ours samples with `PolicySampler`, a bf16 copy of the policy synced
+  from the fp32 master weights before each rollout (≈ 0.04 s); TRL samples with its training
+  model, whose forward accelerate patches with bf16 autocast, so every weight is re-cast to
+  bf16 at every decoding step (the script checks the dtype of a decoder matmul during
+  decoding on each side and prints it). The "our generation engine alone" section times the
+  sampler, fp32 decoding and autocast decoding on the same batch.
 - extra forwards: ours runs a no-grad policy forward (old log-probs, entropy) every step and
   a reference forward even at β = 0; TRL runs neither when on-policy / β = 0.
 - TRL computes entropy in the training forward and checkpoints activations; ours does neither.
@@ -69,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import logging
 import math
 import os
@@ -105,6 +103,7 @@ from rlhfkit.recipes.policy_gradient import (
     setup_run,
     train_step,
 )
+from rlhfkit.rollout.generate import PolicySampler, generate
 from rlhfkit.rollout.rewards import Sample
 from rlhfkit.rollout.rollout import GoldReward, step_seed
 
@@ -178,25 +177,25 @@ def build_ours(args, tmp: Path) -> OurSide:
     run.prompts = run.prompts[:args.prompts]  # the same P prompts every step (prompts_per_step = P)
     if args.fixed_length:
         # `rollout.generate` passes no min_new_tokens; HF merges the model's generation_config.
-        run.policy.model.generation_config.min_new_tokens = args.max_new_tokens
+        for model in (run.policy.model, run.sampler.model):
+            model.generation_config.min_new_tokens = args.max_new_tokens
     return OurSide(run)
 
 
-def time_our_generation(side: OurSide, *, autocast: bool) -> None:
-    """Wrap the `generate` that train_step calls, to time it and count its sampled tokens;
-    with `autocast`, run it under the engine's autocast (not what the recipe does)."""
-    inner = pg.generate
+def time_our_generation(side: OurSide) -> None:
+    """Wrap the sampler's `generate` that train_step calls, to time it and count its sampled tokens."""
+    sampler = side.run.sampler
+    inner = sampler.generate
     engine = side.run.engine
 
-    def timed_generate(model, tokenizer, prompts, cfg, **kw):
-        with engine.autocast() if autocast else contextlib.nullcontext(), stopwatch(engine.device) as t:
-            out = inner(model, tokenizer, prompts, cfg, **kw)
+    def timed_generate(tokenizer, prompts, cfg, **kw):
+        with stopwatch(engine.device) as t:
+            out = inner(tokenizer, prompts, cfg, **kw)
         side.gen_seconds.append(t[0])
         side.gen_tokens.append(sum(len(g.response_ids) for g in out))
         return out
 
-    timed_generate.__wrapped__ = inner
-    pg.generate = timed_generate
+    sampler.generate = timed_generate
 
 
 # ------------------------------------------------------------------------------ TRL side
@@ -351,31 +350,29 @@ class DecodeDtype:
 
 
 def our_generation_alone(side: OurSide, repeats: int) -> dict[str, list[tuple[int, float]]]:
-    """Rollouts of the benchmark batch with our `rollout.generate` alone: (sampled tokens,
-    seconds) per call, the variants alternating within each repeat:
+    """Rollouts of the benchmark batch with our generation alone: (sampled tokens, seconds)
+    per call, the variants alternating within each repeat:
 
-    - as train_step calls it: on the fp32 policy, outside autocast (fp32 sampling);
-    - under the engine's autocast (what TRL's accelerate-patched forward does): every weight
-      is re-cast to bf16 at every decoding step;
-    - on a bf16 copy of the policy made for the call (cast once; the copy's time included).
+    - what train_step runs: `PolicySampler.sync` (copy the policy's weights into the sampler's
+      bf16 copy) + `PolicySampler.generate`;
+    - `rollout.generate` on the fp32 training weights, outside autocast (fp32 sampling);
+    - the same under the engine's autocast (what TRL's accelerate-patched forward does):
+      every weight re-cast to bf16 at every decoding step.
     """
     run = side.run
     prompts = [p.prompt for p in pg.prompts_for_step(run.prompts, run.cfg.prompts_per_step, seed=run.cfg.seed,
                                                      step=0)]
-    generate = getattr(pg.generate, "__wrapped__", pg.generate)
-    bf16 = run.engine.precision == "bf16"
-    variants = ["as train_step (fp32 policy, no autocast)"]
-    if bf16:
-        variants += ["under engine.autocast() (bf16)", "bf16 copy of the policy (cast included)"]
+    variants = ["sampler: sync + generate (as train_step)"]
+    if run.engine.precision == "bf16":
+        variants += ["fp32 training weights, no autocast", "training weights under engine.autocast()"]
     out: dict[str, list[tuple[int, float]]] = {v: [] for v in variants}
     for r in range(repeats):
         sampling = run.cfg.sampling(step_seed(run.cfg.seed, 10_000 + r))
         for name in variants:
             with stopwatch(run.engine.device) as t:
-                if name.startswith("bf16 copy"):
-                    model = copy.deepcopy(run.policy.model).to(torch.bfloat16)
-                    gens = generate(model, run.tokenizer, prompts, sampling)
-                    del model
+                if name.startswith("sampler"):
+                    run.sampler.sync()
+                    gens = PolicySampler.generate(run.sampler, run.tokenizer, prompts, sampling)  # not the timed one
                 else:
                     with run.engine.autocast() if "autocast" in name else contextlib.nullcontext():
                         gens = generate(run.policy.model, run.tokenizer, prompts, sampling)
@@ -405,9 +402,6 @@ def parse_args(argv=None):
                    help="min_new_tokens = max_new_tokens on both sides: every response has the same length")
     p.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
                    help="TRL's gradient checkpointing (its default is on); ours never checkpoints")
-    p.add_argument("--ours-generate-autocast", action="store_true",
-                   help="run our in-step generation under the engine's bf16 autocast, as TRL samples (the recipe "
-                        "samples in fp32); a what-if, not what `rlhf grpo` runs")
     p.add_argument("--gen-repeats", type=int, default=2,
                    help="after the steps, time our generate alone on the same batch this many times (0 = skip)")
     args = p.parse_args(argv)
@@ -451,7 +445,7 @@ def _med(xs: list[float]) -> float:
 
 def run(args, threads: int, tmp: Path) -> None:
     ours = build_ours(args, tmp)
-    time_our_generation(ours, autocast=args.ours_generate_autocast)
+    time_our_generation(ours)
     device = ours.run.engine.device
     tokenizer = ours.run.tokenizer
     tasks = bench_tasks(args.prompts, ours.run.cfg.demo_families)
@@ -465,7 +459,7 @@ def run(args, threads: int, tmp: Path) -> None:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # TRL's logs are read from the trainer, not printed
-    dtypes = {OURS: DecodeDtype(ours.run.policy.model), TRL: DecodeDtype(trainer.model)}
+    dtypes = {OURS: DecodeDtype(ours.run.sampler.model), TRL: DecodeDtype(trainer.model)}
 
     rows = args.prompts * args.group
     cfg = ours.run.cfg
@@ -566,9 +560,8 @@ def run(args, threads: int, tmp: Path) -> None:
     print(f"- reference forward: ours always; TRL {'too (β ≠ 0)' if trainer.ref_model is not None else 'none (β = 0)'}")
     print(f"- TRL gradient checkpointing {t.gradient_checkpointing} (ours off); TRL computes entropy in the "
           f"training forward")
-    print(f"- sampling precision: ours {dtypes[OURS].dtype}"
-          f"{' (--ours-generate-autocast: not what the recipe runs)' if args.ours_generate_autocast else ''}, "
-          f"TRL {dtypes[TRL].dtype}")
+    print(f"- sampling precision: ours {dtypes[OURS].dtype} (a synced bf16 copy), "
+          f"TRL {dtypes[TRL].dtype} (training weights under autocast)")
     print("- generation batching: ours sorts the rows by prompt length (one batch here); TRL keeps its order")
 
 
