@@ -125,6 +125,26 @@ def test_bf16_first_rollout_has_zero_kl(tmp_path, cls):
     assert read_metrics(cfg.output_dir)[0]["kl"] == 0.0
 
 
+def test_on_policy_grpo_takes_old_logprobs_from_the_update_with_the_same_result(tmp_path, monkeypatch):
+    # One update per rollout, KL in the loss: the rollout's own policy forward is skipped and the
+    # training forward's detached log-probs serve as log π_old. Same losses, KL, entropy, weights.
+    from rlhfkit.recipes import policy_gradient as pg
+
+    assert pg.old_logprobs_from_update(GRPOConfig(model="tiny", tasks="demo"))
+    assert not pg.old_logprobs_from_update(GRPOConfig(model="tiny", tasks="demo", inner_epochs=2))
+    assert not pg.old_logprobs_from_update(RLOOConfig(model="tiny", tasks="demo", kl_coef=0.1))
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(pg, "old_logprobs_from_update", lambda cfg, fused=fused: fused)
+        cfg = GRPOConfig(**_base(tmp_path, f"fused-{fused}", max_steps=2, kl_coef=0.1))
+        run_policy_gradient(cfg)
+        runs[fused] = read_metrics(cfg.output_dir)
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "kl", "entropy", "reward", "grad_norm", "kl_penalty"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert a["approx_kl"] == 0.0 and a["clipfrac"] == 0.0
+
+
 def _likes_a(prompts_file: Path, tmp_path: Path, **kw) -> GRPOConfig:
     return GRPOConfig(model="tiny", prompts=str(prompts_file), output_dir=str(tmp_path / "likes_a"),
                       max_steps=30, prompts_per_step=2, group_size=8, max_new_tokens=8, batch_size=16,

@@ -118,8 +118,11 @@ class PolicyValueModel(nn.Module):
         return self.value_head is not None
 
     def forward(self, batch: LMBatch, *, temperature: float = 1.0, with_entropy: bool = False,
-                with_values: bool = True) -> PolicyOutputs:
-        """Outputs for the positions whose label counts; see the module docstring."""
+                with_values: bool = True, entropy_grad: bool = True) -> PolicyOutputs:
+        """Outputs for the positions whose label counts; see the module docstring.
+
+        entropy_grad=False computes the entropy as a metric only: from detached hidden states,
+        without a gradient (no checkpointed chunks kept for the backward)."""
         attention_mask = None if batch.packed else batch.attention_mask
         parts = split_causal_lm(self.model)
         hidden = hidden_states(self.model, batch.input_ids, attention_mask, batch.position_ids)
@@ -131,8 +134,10 @@ class PolicyValueModel(nn.Module):
         logprobs = self._place(flat_logp, mask)
         entropy = None
         if with_entropy:
-            flat_entropy = chunked_entropy(counted, parts.head.weight, parts.head.bias,
-                                           chunk_size=self.chunk_size, temperature=scale)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+                source = counted if entropy_grad else counted.detach()
+                flat_entropy = chunked_entropy(source, parts.head.weight, parts.head.bias,
+                                               chunk_size=self.chunk_size, temperature=scale)
             entropy = self._place(flat_entropy, mask)
         values = None
         if with_values and self.value_head is not None:

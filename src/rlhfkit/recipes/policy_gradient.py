@@ -248,9 +248,17 @@ def collect(run: PolicyGradientRun, step: int) -> tuple[Rollout, Tensor | None]:
     with run.engine.autocast():
         rollout = with_logprobs(rollout, run.policy, run.reference, pad_id=run.pad_id,
                                 temperature=logprob_temperature(sampling), micro_batch_size=cfg.batch_size,
-                                chunk_size=cfg.logprob_chunk)
+                                chunk_size=cfg.logprob_chunk, policy_pass=not old_logprobs_from_update(cfg))
     greedy_scores = scores[n:].to(rollout.scores.device)[rollout.prompt_index] if greedy else None
     return rollout, greedy_scores
+
+
+def old_logprobs_from_update(cfg: PolicyGradientConfig) -> bool:
+    """True when the rollout needs no policy forward of its own: with one update per rollout the
+    policy is unchanged until that update, so its training forward gives exactly log π_old
+    (ratio ≡ 1, the gradient of log π), and nothing before it reads them (the KL is a loss term,
+    not a reward penalty). Saves one forward of every rollout."""
+    return cfg.updates_per_step == 1 and (cfg.resolved_kl_placement != "reward" or cfg.kl_coef == 0)
 
 
 def shaped_scores(run: PolicyGradientRun, rollout: Rollout) -> Tensor:
@@ -274,8 +282,10 @@ def advantages(run: PolicyGradientRun, rollout: Rollout, scores: Tensor, greedy_
     return adv
 
 
-def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> dict[str, float]:
-    """Step 5: inner_epochs × minibatches optimizer steps; returns metrics averaged over them.
+def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> tuple[dict[str, float], Rollout]:
+    """Step 5: inner_epochs × minibatches optimizer steps; returns metrics averaged over them,
+    and the rollout with its old log-probs and entropy filled in when the rollout came without
+    them (`old_logprobs_from_update`: taken, detached, from this update's own forward).
 
     Each micro-batch's loss is scaled by its share of the minibatch's loss units (tokens for
     "token" aggregation, responses otherwise), so the accumulated gradient is exactly that
@@ -285,6 +295,10 @@ def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> dict[str, flo
     temperature = logprob_temperature(cfg.sampling(0))
     sums: dict[str, float] = {}
     grad_norms = []
+    fill = rollout.old_logprobs is None
+    old_parts: list[Tensor] = []
+    entropy_parts: list[Tensor] = []
+    width = rollout.response_mask.shape[1]
     run.module.train()
     for epoch in range(cfg.inner_epochs):
         for rows in minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch):
@@ -295,8 +309,13 @@ def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> dict[str, flo
                 # DDP averages gradients over processes, hence × world_size.
                 share = loss_units(part, cfg.aggregation) * engine.world_size / global_units
                 with engine.accumulate(last=i == len(parts) - 1), engine.autocast():
-                    out = policy_outputs(run.module, part, run.pad_id, temperature=temperature)
-                    loss, metrics = grpo_loss(out.logprobs, part.old_logprobs, part.ref_logprobs, part.advantages,
+                    out = policy_outputs(run.module, part, run.pad_id, temperature=temperature, with_entropy=fill,
+                                         entropy_grad=False)
+                    old = out.logprobs.detach() if fill else part.old_logprobs
+                    if fill:  # rows in rollout order: one update per rollout, so minibatch_rows keeps it
+                        old_parts.append(torch.nn.functional.pad(old, (0, width - old.shape[1])))
+                        entropy_parts.append(torch.nn.functional.pad(out.entropy, (0, width - old.shape[1])))
+                    loss, metrics = grpo_loss(out.logprobs, old, part.ref_logprobs, part.advantages,
                                               part.response_mask, clip_eps=cfg.clip_eps, kl_coef=loss_kl_coef,
                                               kl_estimator=cfg.resolved_kl_estimator, aggregation=cfg.aggregation)
                 engine.backward(loss * share)
@@ -310,7 +329,9 @@ def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> dict[str, flo
             grad_norms.append(engine.optimizer_step())
     out = {k: v / cfg.updates_per_step for k, v in sums.items()}
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return out
+    if fill:
+        rollout = dataclasses.replace(rollout, old_logprobs=torch.cat(old_parts), entropy=torch.cat(entropy_parts))
+    return out, rollout
 
 
 def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int]:
@@ -321,8 +342,9 @@ def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int
     adv = advantages(run, rollout, scores, greedy_scores)
     rollout = dataclasses.replace(rollout, advantages=adv)
     t1 = time.perf_counter()
+    update_metrics, rollout = update(run, rollout, step)
     metrics = rollout_metrics(rollout)
-    metrics.update(update(run, rollout, step))
+    metrics.update(update_metrics)
     metrics.update({
         "advantage/std": float(adv.std()) if adv.numel() > 1 else 0.0,
         "advantage/zero_frac": float((adv == 0).float().mean()),

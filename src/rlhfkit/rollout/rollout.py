@@ -631,11 +631,12 @@ class ResponseOutputs:
 
 
 def policy_outputs(module: nn.Module, rollout: Rollout, pad_id: int, *, temperature: float,
-                   with_entropy: bool = False, with_values: bool = False,
+                   with_entropy: bool = False, with_values: bool = False, entropy_grad: bool = True,
                    batch: LMBatch | None = None) -> ResponseOutputs:
     """One forward of a PolicyValueModel (possibly DDP-wrapped) over the rollout's rows."""
     batch = rollout.lm_batch(pad_id) if batch is None else batch
-    out = module(batch, temperature=temperature, with_entropy=with_entropy, with_values=with_values)
+    out = module(batch, temperature=temperature, with_entropy=with_entropy, with_values=with_values,
+                 entropy_grad=entropy_grad)
     return ResponseOutputs(rollout.response_layout(out.logprobs, batch),
                            None if out.entropy is None else rollout.response_layout(out.entropy, batch),
                            None if out.values is None else rollout.response_layout(out.values, batch))
@@ -644,27 +645,32 @@ def policy_outputs(module: nn.Module, rollout: Rollout, pad_id: int, *, temperat
 @torch.no_grad()
 def with_logprobs(rollout: Rollout, module: nn.Module, reference: ReferencePolicy, *, pad_id: int,
                   temperature: float, micro_batch_size: int, with_values: bool = False,
-                  chunk_size: int = 512) -> Rollout:
-    """Fill old log-probs (and entropy, values) from the policy and ref log-probs from π_ref."""
+                  chunk_size: int = 512, policy_pass: bool = True) -> Rollout:
+    """Fill old log-probs (and entropy, values) from the policy and ref log-probs from π_ref.
+
+    policy_pass=False skips the policy forward (old log-probs and entropy stay None): for an
+    on-policy update, whose training forward gives exactly these log-probs (see
+    `recipes.policy_gradient.update`)."""
     was_training = module.training
     module.eval()
     old, ref, ent, val = [], [], [], []
     for s in range(0, rollout.num_rows, micro_batch_size):
         part = rollout.select(range(s, min(s + micro_batch_size, rollout.num_rows)))
         batch = part.lm_batch(pad_id)
-        out = policy_outputs(module, part, pad_id, temperature=temperature, with_entropy=True,
-                             with_values=with_values, batch=batch)
+        width = rollout.response_mask.shape[1]
+        if policy_pass:
+            out = policy_outputs(module, part, pad_id, temperature=temperature, with_entropy=True,
+                                 with_values=with_values, batch=batch)
+            old.append(_pad_to(out.logprobs, width))
+            ent.append(_pad_to(out.entropy, width))
+            if out.values is not None:
+                val.append(_pad_to(out.values, width))
         ref_lp = part.response_layout(reference.logprobs(batch, temperature=temperature, chunk_size=chunk_size),
                                       batch)
-        width = rollout.response_mask.shape[1]
-        old.append(_pad_to(out.logprobs, width))
         ref.append(_pad_to(ref_lp, width))
-        ent.append(_pad_to(out.entropy, width))
-        if out.values is not None:
-            val.append(_pad_to(out.values, width))
     module.train(was_training)
-    return dataclasses.replace(rollout, old_logprobs=torch.cat(old), ref_logprobs=torch.cat(ref),
-                               entropy=torch.cat(ent), values=torch.cat(val) if val else None)
+    return dataclasses.replace(rollout, old_logprobs=torch.cat(old) if old else None, ref_logprobs=torch.cat(ref),
+                               entropy=torch.cat(ent) if ent else None, values=torch.cat(val) if val else None)
 
 
 def _pad_to(x: Tensor, width: int) -> Tensor:
