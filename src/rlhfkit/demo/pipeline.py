@@ -106,13 +106,9 @@ def _test_tasks(ctx: DemoContext):
 def load_for_inference(ctx: DemoContext, model_path: str):
     """(tokenizer, model) for generation: bf16 weights when the run trains in bf16 (rather than
     autocast, which would re-cast every weight at every decoding step)."""
-    import torch
+    from rlhfkit.judge.cli import load_local_model
 
-    from rlhfkit.models.loading import load_model, load_tokenizer
-    from rlhfkit.train.engine import resolve_precision
-
-    dtype = torch.bfloat16 if resolve_precision(ctx.settings.precision) == "bf16" else torch.float32
-    return load_tokenizer(model_path), load_model(model_path, dtype=dtype)
+    return load_local_model(model_path, ctx.settings.precision)
 
 
 def evaluate_checkpoint(ctx: DemoContext, model_path: str) -> dict[str, Any]:
@@ -205,14 +201,20 @@ def make_stage_dpo(loss: str) -> Callable[[DemoContext], dict[str, Any]]:
         from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 
         s = ctx.settings
+        train = (ctx.results.get("preferences") or {}).get("train") or {}
+        # Ties carry no preference; DPO trains on the decided pairs, unless there are none.
+        ties = "drop" if train.get("pairs", 0) > train.get("ties", 0) else "keep"
+        if ties == "keep":
+            log.warning("stage %s: every training pair is a tie; training on the ties (label 0.5)", loss)
         cfg = DPOConfig(model=str(ctx.path("sft", "final")), loss=loss, beta=s.dpo_beta,
                         train_data=str(ctx.path("data", "prefs_train.jsonl")),
                         eval_data=str(ctx.path("data", "prefs_test.jsonl")), output_dir=str(ctx.path(loss)),
                         max_steps=s.dpo_steps, batch_size=s.dpo_batch, lr=s.dpo_lr,
                         warmup_steps=max(1, s.dpo_steps // 10), seed=s.seed, precision=s.precision,
-                        save_every=max(10, s.dpo_steps // 4), ties="drop")
+                        save_every=max(10, s.dpo_steps // 4), ties=ties)
         out = run_dpo(cfg)
-        result = {"final": out["final"], **{k: v for k, v in out["metrics"].items() if k.startswith("eval/")}}
+        result = {"final": out["final"], "ties": ties,
+                  **{k: v for k, v in out["metrics"].items() if k.startswith("eval/")}}
         result.update(evaluate_checkpoint(ctx, out["final"]))
         return result
     return stage
@@ -294,7 +296,8 @@ def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
                      reference=str(ctx.path("sft", "final")), tasks=str(ctx.path("data", "test_tasks.jsonl")),
                      judge=s.model, judge_cache=str(ctx.path("eval", "judge_cache.sqlite")),
                      judge_max_new_tokens=s.judge_max_new_tokens, max_new_tokens=s.max_new_tokens,
-                     n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed)
+                     n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed,
+                     precision=s.precision)
     result = evaluate(cfg)
     return {"models": [{"name": m["name"], "gold_win_rate": m.get("gold_win_rate"), "win_rate": m.get("win_rate"),
                         "lc_win_rate": m.get("lc_win_rate"),

@@ -67,6 +67,8 @@ class EvalConfig(Config):
     keep_samples: int = param(6, "answers per kind (open / checkable) kept for the report")
     n_boot: int = param(2000, "bootstrap resamples for the intervals")
     seed: int = param(0, "seed for the demo tasks and the sampling")
+    precision: str = param("auto", "weights for generation: auto (bf16 where the hardware has it) or fp32",
+                           choices=("auto", "bf16", "fp32"))
     output_dir: str = param("runs/eval", "folder for eval.json")
 
     def validate(self) -> None:
@@ -258,10 +260,10 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(path: str):
+def _load(path: str, precision: str):
     from rlhfkit.judge.cli import load_local_model
 
-    return load_local_model(path)
+    return load_local_model(path, precision)
 
 
 def _pad_id(tokenizer) -> int:
@@ -304,7 +306,7 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
     reference = ref_tok = reference_acc = None
     reference_texts: list[str] = []
     if cfg.reference:
-        ref_tok, reference = _load(cfg.reference)
+        ref_tok, reference = _load(cfg.reference, cfg.precision)
         if checkable:  # its correctness, prompt by prompt: the gold win rate pairs every model with it
             reference_acc = exact_match(reference, ref_tok, [p.task for p in checkable],
                                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -358,7 +360,7 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
             t0 = time.perf_counter()
             log.info("eval: %s (%s)", label, path)
             is_reference = cfg.reference is not None and path == cfg.reference
-            tok, model = (ref_tok, reference) if is_reference else _load(path)
+            tok, model = (ref_tok, reference) if is_reference else _load(path, cfg.precision)
             row: dict[str, Any] = {"name": label, "path": path, "is_reference": is_reference}
 
             # gold exact match on the checkable tasks (every answer kept: calibration reads them)

@@ -33,19 +33,21 @@ judge_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
 
 # ----------------------------------------------------------------------------- the --judge flag
 
-def load_local_model(path: str):
+def load_local_model(path: str, precision: str = "auto"):
     """(tokenizer, model) of 'embedded', 'tiny', a folder or an HF id, on the GPU when there is
-    one; a path that is none of these is a `ModelNotFound`, not a traceback."""
+    one, in `train.engine.inference_dtype(precision)` (bf16 where the hardware has it); a path
+    that is none of these is a `ModelNotFound`, not a traceback."""
     import torch
 
     from rlhfkit.models.loading import ModelNotFound, load_model, load_tokenizer
+    from rlhfkit.train.engine import inference_dtype
 
     try:
         tokenizer = load_tokenizer(path)
     except (OSError, ValueError) as e:
         raise ModelNotFound(f"cannot load model '{path}': not 'embedded', a model folder or a Hugging Face id "
                             f"({str(e).splitlines()[0]})") from None
-    model = load_model(path)
+    model = load_model(path, dtype=inference_dtype(precision))
     return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 

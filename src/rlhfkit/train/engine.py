@@ -133,6 +133,13 @@ def set_training_attention(module: nn.Module, cfg: TrainConfig, device: torch.de
         inner.set_attn_implementation(attention)
 
 
+def inference_dtype(precision: str = "auto") -> torch.dtype:
+    """The weight dtype for generation and evaluation: bf16 where training would use bf16
+    (decoding with bf16 weights is ≈ 2× faster on CPU than fp32, and casting fp32 weights under
+    autocast at every decoding step is slower still), fp32 otherwise."""
+    return torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
+
+
 def _allow_new_precision(mixed_precision: str) -> None:
     """accelerate keeps one process-wide state and refuses a second Accelerator with another
     precision. A single (non-distributed) process may run several recipes in a row (the demo
