@@ -14,7 +14,9 @@ console = Console()
 
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="folder for data, checkpoints, metrics and the report"),
-    quick: bool = typer.Option(True, "--quick/--full", help="quick (≈10 min on 2 CPU cores) or full sizes"),
+    quick: bool = typer.Option(True, "--quick/--full",
+                               help="quick (≈ 10 min on 2 CPU cores) or full (≈ 1 h: more data, every loss and "
+                                    "algorithm)"),
     model: str = typer.Option("embedded", help="starting model: 'embedded', a Hugging Face id or a folder"),
     fresh: bool = typer.Option(False, help="redo every stage even if its results exist"),
     seed: int = typer.Option(0, help="seed for data, training and sampling"),
