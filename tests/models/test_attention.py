@@ -53,12 +53,19 @@ def test_in_bf16_it_stays_closer_to_sdpa_than_eager_does():
 
 
 def test_large_calls_go_to_sdpa_with_the_same_result(monkeypatch):
-    batch = _batch()
+    batch = _batch()  # right-padded: the second row has fully masked (padding) query rows
     model = tiny_causal_lm(seed=1)
     model.set_attn_implementation(attention.register())
     small = _logprobs(model, batch).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        small_bf16 = _logprobs(model, batch)
     monkeypatch.setattr(attention, "MATMUL_MAX_ELEMENTS", 0)
     torch.testing.assert_close(_logprobs(model, batch).detach(), small, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 queries, an fp32 additive mask
+        large_bf16 = _logprobs(model, batch)
+    large_bf16.sum().backward()
+    assert torch.isfinite(large_bf16).all() and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(large_bf16.detach(), small_bf16.detach(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # 4 query heads: grouped 4, 2, none

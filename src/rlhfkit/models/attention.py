@@ -41,6 +41,9 @@ def fp32_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     p = dropout if module.training else 0.0
     b, h, t, _ = query.shape
     if b * h * t * key.shape[-2] > MATMUL_MAX_ELEMENTS:
+        if mask is not None:  # SDPA wants the mask in the query's dtype; a finite minimum keeps
+            # fully masked (padding) rows uniform rather than NaN, as in the matmul path
+            mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
                                                          scale=scaling)
         return out.transpose(1, 2).contiguous(), None
