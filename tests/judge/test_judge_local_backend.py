@@ -74,3 +74,44 @@ def test_requires_a_chat_template(model, tokenizer):
                                    pad_token="<pad>", eos_token="</s>")
     with pytest.raises(ValueError, match="chat template"):
         LocalModelBackend(model, bare)
+
+
+def _direct_choice_logprob(model, tokenizer, request, prefix, choice):
+    """Reference: one unpadded sequence, log P of the choice's tokens summed by hand."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": request}], add_generation_prompt=True,
+                                         tokenize=False)
+    ctx = tokenizer(text, add_special_tokens=False)["input_ids"] + tokenizer(prefix, add_special_tokens=False)[
+        "input_ids"]
+    suffix = tokenizer(prefix + choice, add_special_tokens=False)["input_ids"][len(ctx) - len(
+        tokenizer(text, add_special_tokens=False)["input_ids"]):]
+    ids = torch.tensor([ctx + suffix])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+    return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(suffix))
+
+
+def test_choice_logprobs_match_a_direct_unpadded_computation(model, tokenizer):
+    requests = ["hi", "a much longer prompt, so the other one in its batch needs left padding"]
+    backend = LocalModelBackend(model, tokenizer, batch_size=2)
+    from rlhfkit.judge.pairwise import resolve_judge_mode
+
+    assert resolve_judge_mode("auto", backend) == "logprob"  # a local judge is read from its log-probs
+    got = backend.choice_logprobs(requests, "Verdict: ", ["A", "B!"])  # "B!": a two-token choice
+    for row, request in zip(got, requests):
+        expected = [_direct_choice_logprob(model, tokenizer, request, "Verdict: ", c) for c in ("A", "B!")]
+        assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_choice_logprobs_refuse_a_prefix_merged_with_the_choice(model, tokenizer):
+    from rlhfkit.judge.backends import JudgeError
+
+    class Merging:  # a tokenizer whose "ab" is one token
+        chat_template = "x"
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [99] if text == "ab" else [ord(c) for c in text]}
+
+    backend = LocalModelBackend(model, tokenizer)
+    backend.tokenizer = Merging()
+    with pytest.raises(JudgeError, match="merges the prefix"):
+        backend.choice_logprobs(["q"], "a", ["b"])

@@ -212,3 +212,81 @@ def test_judge_agreement_by_hand():
         judge_agreement(["a"], ["a", "b"])
     with pytest.raises(DataError, match=r"human_labels\[0\]"):
         judge_agreement(["a"], ["maybe"])
+
+
+# ----------------------------------------------------------------------------- scored (logprob) mode
+
+def scored(preference: dict[str, float], bias: float, noise: dict[tuple[str, str], float] | None = None):
+    """A scoring judge: log P(A) − log P(B) = q(first) − q(second) + bias (+ noise per shown order)."""
+    def score_fn(conversation, prefix, choices):
+        assert prefix == "Verdict:" and tuple(choices) == (" A", " B")
+        first, second = shown(conversation)
+        s = preference.get(first, 0.0) - preference.get(second, 0.0) + bias
+        s += (noise or {}).get((first, second), 0.0)
+        return [s, 0.0]
+    return score_fn
+
+
+def test_logprob_mode_cancels_a_constant_position_bias():
+    # A judge that would answer "A" every time (bias +5 nats) but whose log-probs still carry
+    # a preference: good > ok > bad. Verdict mode: all ties; logprob mode: the preference.
+    prefs = {"good": 1.0, "ok": 0.0, "bad": -1.0}
+    backend = ScriptedBackend(lambda c: "Verdict: A", score_fn=scored(prefs, bias=5.0))
+    items = [("q1", "good", "bad"), ("q2", "bad", "ok"), ("q3", "ok", "ok")]
+    assert [v.winner for v in PairwiseJudge(backend, TEMPLATE).judge_many(items).verdicts] == ["tie"] * 3
+    batch = PairwiseJudge(backend, TEMPLATE, mode="logprob").judge_many(items)
+    assert [v.winner for v in batch.verdicts] == ["a", "b", "tie"]
+    # s_ab = q_a − q_b + 5, s_ba = q_b − q_a + 5: offset c = 5; score = (s_ab − s_ba)/2 = q_a − q_b
+    assert batch.position_offset == pytest.approx(5.0)
+    assert [v.score for v in batch.verdicts] == pytest.approx([2.0, -1.0, 0.0])
+    assert batch.position_bias == 1.0  # raw: the first answer had the higher log-prob every time
+    assert batch.outcomes == [1.0, 0.0, 0.5]
+
+
+def test_logprob_mode_orders_that_disagree_after_the_offset_are_a_tie():
+    # Pair 1 (good, bad): s_ab = 2, s_ba = −2. Pair 2 (x, y), order-dependent noise: s_ab = 3, s_ba = 1.
+    # Offset c = mean((2 − 2)/2, (3 + 1)/2) = 1. Pair 1: e_ab = 1, e_ba = 3 → a.
+    # Pair 2: e_ab = 3 − 1 = 2 favours x, e_ba = −(1 − 1) = 0 does not → the orders disagree → tie.
+    backend = ScriptedBackend(lambda c: "", score_fn=scored({"good": 1, "bad": -1}, 0.0,
+                                                            {("x", "y"): 3.0, ("y", "x"): 1.0}))
+    batch = PairwiseJudge(backend, TEMPLATE, mode="logprob").judge_many([("p1", "good", "bad"), ("p2", "x", "y")])
+    assert batch.position_offset == pytest.approx(1.0)
+    v1, v2 = batch.verdicts
+    assert v1.winner == "a" and v1.consistent
+    assert v2.winner == "tie" and not v2.consistent and batch.n_inconsistent == 1
+    assert v2.score == pytest.approx(1.0)  # (s_ab − s_ba)/2 = (3 − 1)/2
+
+
+def test_logprob_mode_is_cached_and_needs_a_scoring_backend(tmp_path):
+    backend = ScriptedBackend(lambda c: "", score_fn=scored({"good": 1}, 2.0))
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    first = PairwiseJudge(backend, TEMPLATE, mode="logprob", cache=cache).judge_many([("q", "good", "bad")])
+    calls = backend.calls
+    again = PairwiseJudge(backend, TEMPLATE, mode="logprob", cache=cache).judge_many([("q", "good", "bad")])
+    assert backend.calls == calls == 2 and again.n_backend_calls == 0
+    assert again.verdicts[0].score == first.verdicts[0].score
+    # the verdict-mode cache entries are separate: a verdict run still asks the backend
+    PairwiseJudge(backend, TEMPLATE, cache=cache).judge_many([("q", "good", "bad")])
+    assert backend.calls == 4
+    from rlhfkit.judge.backends import JudgeError, OpenAICompatibleBackend
+
+    with pytest.raises(JudgeError, match="cannot score"):  # scripted, but without a score_fn
+        PairwiseJudge(ScriptedBackend(lambda c: ""), TEMPLATE, mode="logprob").judge("q", "a", "b")
+    with OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", api_key_env=None) as http:
+        with pytest.raises(ValueError, match="cannot score answers"):  # no log-probs over HTTP here
+            PairwiseJudge(http, TEMPLATE, mode="logprob")
+
+
+def test_resolve_judge_mode():
+    from rlhfkit.config import ConfigError
+    from rlhfkit.judge.backends import OpenAICompatibleBackend
+    from rlhfkit.judge.pairwise import resolve_judge_mode
+
+    scripted = ScriptedBackend(lambda c: "")
+    assert resolve_judge_mode("auto", scripted) == "verdict" and resolve_judge_mode("logprob", scripted) == "logprob"
+    with OpenAICompatibleBackend("http://127.0.0.1:9/v1", "m", api_key_env=None) as http:
+        assert resolve_judge_mode("auto", http) == "verdict"
+        with pytest.raises(ConfigError, match="cannot score"):
+            resolve_judge_mode("logprob", http)
+    with pytest.raises(ConfigError, match="auto, verdict or logprob"):
+        resolve_judge_mode("vibes", scripted)

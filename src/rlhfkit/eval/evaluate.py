@@ -55,6 +55,9 @@ class EvalConfig(Config):
                                    "OpenAI-compatible base URL, or 'none'")
     judge_model: str | None = param(None, "model name sent to an HTTP judge")
     judge_template: str = param("pairwise", "judge prompt: built-in name or a .txt file")
+    judge_mode: str = param("auto", "verdict: parse the judge's generated 'Verdict: X'; logprob: read log P(A) − "
+                                    "log P(B) and remove the batch's position offset (local judges); auto: logprob "
+                                    "for a local judge, verdict over HTTP", choices=("auto", "verdict", "logprob"))
     judge_cache: str | None = param(None, "judge cache file; 'none' = off; empty = ~/.cache/rlhfkit/judge_cache.sqlite")
     judge_max_new_tokens: int = param(256, "longest judge answer in tokens")
     reward_model: str | None = param(None, "a trained reward model folder: scores every model's answers")
@@ -232,7 +235,7 @@ def _win_rate_dicts(batch, model_texts: Sequence[str], reference_texts: Sequence
     summary = batch.summary()
     wr = {**_win_rate_block(win_rate(outcomes, n_boot=n_boot, seed=seed)),
           "inconsistent": summary["inconsistent"], "invalid_outputs": summary["invalid_outputs"],
-          "position_bias": summary["position_bias"]}
+          "position_bias": summary["position_bias"], "position_offset": batch.position_offset}
     lc = length_controlled_win_rate(outcomes, [len(t.split()) for t in model_texts],
                                     [len(t.split()) for t in reference_texts], n_boot=n_boot, seed=seed)
     lcd = {"mean": lc.mean, "ci_low": lc.ci_low, "ci_high": lc.ci_high, "n": lc.n, "intercept": lc.intercept,
@@ -288,7 +291,7 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
     """
     from rlhfkit.eval.accuracy import exact_match
     from rlhfkit.eval.kl import kl_of_generations
-    from rlhfkit.judge.pairwise import PairwiseJudge
+    from rlhfkit.judge.pairwise import PairwiseJudge, resolve_judge_mode
     from rlhfkit.train.checkpoint import atomic_write_text
 
     t_start = time.perf_counter()
@@ -323,7 +326,8 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
 
         backend = judge_backend or backend_from_spec(cfg.judge, judge_model=cfg.judge_model,
                                                      max_new_tokens=cfg.judge_max_new_tokens)
-        judge = PairwiseJudge(backend, cfg.judge_template, both_orders=True, cache=open_cache(cfg.judge_cache))
+        judge = PairwiseJudge(backend, cfg.judge_template, both_orders=True, cache=open_cache(cfg.judge_cache),
+                              mode=resolve_judge_mode(cfg.judge_mode, backend))
 
     # ---- 3. the reward model
     rm = rm_tok = None
@@ -438,7 +442,8 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
         "tasks": cfg.tasks,
         "prompts": {"checkable": len(checkable), "open": len(open_prompts), "sampled": len(sampled)},
         "reference": ({"name": model_label(cfg.reference), "path": cfg.reference} if cfg.reference else None),
-        "judge": ({"name": backend.name, "model": backend.model, "template": cfg.judge_template}
+        "judge": ({"name": backend.name, "model": backend.model, "template": cfg.judge_template,
+                   "mode": judge.mode if judge is not None else None}
                   if backend is not None else None),
         "reward_model": reward_model_report,
         "models": models_out,

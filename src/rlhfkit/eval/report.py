@@ -501,7 +501,8 @@ def win_rate_section(data: ReportData) -> str:
         if not wr:
             continue
         ref = (result.get("reference") or {}).get("name", "–")
-        judge = (result.get("judge") or {}).get("name", "–")
+        judge_info = result.get("judge") or {}
+        judge = judge_info.get("name", "–") + (f" ({judge_info['mode']})" if judge_info.get("mode") else "")
         rows.append([_e(label), _e(ref), _e(judge), str(wr["n"]), f"{wr['wins']} / {wr['ties']} / {wr['losses']}",
                      _ci(wr), _ci(lc), _num(lc.get("length_coef") if lc else None, "{:+.2f}"),
                      str(wr.get("inconsistent", "–")), _num(wr.get("position_bias"), "{:.0%}")])
@@ -516,7 +517,9 @@ def win_rate_section(data: ReportData) -> str:
                     "LLM-judge rows: each pair is judged twice, once in each order; if the two orders disagree "
                     "(an order flip) "
                     "the pair is a tie, and 'bias to A' is how often the judge picked whichever answer it saw "
-                    "first in both orders. "
+                    "first in both orders. A judge marked (logprob) is read from its log-probabilities, "
+                    "log P(A) − log P(B) after 'Verdict:', with the batch's mean preference for the first answer "
+                    "(its position offset) subtracted before the two orders vote. "
                     "Bootstrap percentile intervals over prompts. The length-controlled rate is the win rate a "
                     "logistic fit predicts at equal answer length (a positive length coefficient means the judge "
                     "favoured longer answers).")

@@ -14,6 +14,11 @@ Every backend has
 Three backends: `ScriptedBackend` (a Python function, for tests), `OpenAICompatibleBackend`
 (any `/chat/completions` endpoint: vLLM, llama.cpp server, hosted APIs) and
 `LocalModelBackend` (a transformers model and tokenizer, greedy decoding).
+
+A backend that can also score answers (`ScoringBackend`: the local model, a scripted one)
+has `choice_logprobs(requests, prefix, choices)`: log P(choice | request, assistant turn
+starting with `prefix`) for each choice — what `PairwiseJudge(mode="logprob")` reads instead
+of a generated verdict.
 """
 
 from __future__ import annotations
@@ -57,17 +62,32 @@ class JudgeBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A backend that can score fixed answers as well as generate."""
+
+    def choice_logprobs(self, requests: Sequence[ChatRequest], prefix: str,
+                        choices: Sequence[str]) -> list[list[float]]:
+        """Per request, log P(choice) for each choice, as the start of an assistant turn
+        beginning with `prefix`."""
+        ...
+
+
 class ScriptedBackend:
     """A backend whose answers come from `fn(conversation) -> str`; for tests and dry runs.
 
-    Records every conversation it is asked about in `requests`, so a test can count calls.
+    With `score_fn(conversation, prefix, choices) -> [log-prob per choice]` it is also a
+    `ScoringBackend`. Records every conversation it is asked about in `requests`, so a test
+    can count calls.
     """
 
     def __init__(self, fn: Callable[[Conversation], str], *, name: str = "scripted",
-                 model: str = "scripted"):
+                 model: str = "scripted",
+                 score_fn: Callable[[Conversation, str, Sequence[str]], Sequence[float]] | None = None):
         self.fn = fn
         self.name = name
         self.model = model
+        self.score_fn = score_fn
         self.requests: list[Conversation] = []
 
     @property
@@ -78,6 +98,14 @@ class ScriptedBackend:
         conversations = [as_conversation(r) for r in requests]
         self.requests.extend(conversations)
         return [self.fn(c) for c in conversations]
+
+    def choice_logprobs(self, requests: Sequence[ChatRequest], prefix: str,
+                        choices: Sequence[str]) -> list[list[float]]:
+        if self.score_fn is None:
+            raise JudgeError("this scripted backend has no score_fn: it cannot score choices")
+        conversations = [as_conversation(r) for r in requests]
+        self.requests.extend(conversations)
+        return [[float(x) for x in self.score_fn(c, prefix, choices)] for c in conversations]
 
 
 class TokenBucket:
@@ -312,6 +340,55 @@ class LocalModelBackend:
         config = getattr(model, "config", None)
         self.model = (getattr(config, "_name_or_path", None) or type(model).__name__)
         self.name = name or f"local:{self.model}"
+
+    def choice_logprobs(self, requests: Sequence[ChatRequest], prefix: str,
+                        choices: Sequence[str]) -> list[list[float]]:
+        """log P(choice | rendered request + `prefix`) summed over the choice's tokens, for each
+        choice: one forward per batch and choice, no generation."""
+        import torch
+
+        base = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        suffixes = []
+        for c in choices:
+            joint = self.tokenizer(prefix + c, add_special_tokens=False)["input_ids"]
+            if joint[:len(base)] != base or len(joint) == len(base):
+                raise JudgeError(f"the tokenizer merges the prefix {prefix!r} with the choice {c!r}; pick a "
+                                 "prefix that ends where a token ends")
+            suffixes.append(joint[len(base):])
+        contexts = [self.tokenizer(self.tokenizer.apply_chat_template(
+                        conversation_to_dicts(as_conversation(r)), add_generation_prompt=True, tokenize=False),
+                        add_special_tokens=False)["input_ids"] + base for r in requests]
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        device = next(self.hf_model.parameters()).device
+        out = [[0.0] * len(choices) for _ in requests]
+        was_training = self.hf_model.training
+        self.hf_model.eval()
+        try:
+            for start in range(0, len(contexts), self.batch_size):
+                for k, suffix in enumerate(suffixes):
+                    rows = [ctx + suffix for ctx in contexts[start:start + self.batch_size]]
+                    width = max(len(r) for r in rows)
+                    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+                    for i, r in enumerate(rows):  # left padding: every row ends with the choice
+                        input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+                        attention_mask[i, width - len(r):] = 1
+                    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() does
+                    with torch.no_grad():
+                        logits = self.hf_model(input_ids=input_ids.to(device),
+                                               attention_mask=attention_mask.to(device),
+                                               position_ids=position_ids.to(device)).logits
+                    n = len(suffix)  # logits at t predict token t + 1
+                    logp = torch.log_softmax(logits[:, -n - 1:-1].float(), dim=-1)
+                    target = torch.tensor(suffix, device=logp.device).expand(len(rows), n)
+                    picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+                    for i, v in enumerate(picked.tolist()):
+                        out[start + i][k] = v
+        finally:
+            self.hf_model.train(was_training)
+        return out
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[str]:
         import torch

@@ -161,6 +161,8 @@ def judge_pairs(
                                                   "{prompt}, {response_a}, {response_b}"),
     cache: Optional[str] = typer.Option(None, help=CACHE_HELP),
     both_orders: bool = typer.Option(True, "--both-orders/--one-order", help="ask in both orders (disagreement = tie)"),
+    mode: str = typer.Option("auto", help="verdict (parse 'Verdict: X'), logprob (read log P(A) − log P(B), position "
+                                          "offset removed; local judges) or auto (logprob for a local judge)"),
     round: Optional[int] = typer.Option(None, "--round", help="labeling round written into the provenance"),
     model_version: Optional[str] = typer.Option(None, help="policy version written into the provenance"),
     max_new_tokens: int = typer.Option(256, help="longest judge answer in tokens"),
@@ -178,20 +180,21 @@ def judge_pairs(
 
       OPENAI_API_KEY=... rlhf judge pairs --data pairs.jsonl --out ai_prefs.jsonl --judge https://api.openai.com/v1 --judge-model gpt-4o-mini --rate-limit 5
     """
-    _friendly(_judge_pairs)(data, out, judge, judge_model, template, cache, both_orders, round, model_version,
+    _friendly(_judge_pairs)(data, out, judge, judge_model, template, cache, both_orders, mode, round, model_version,
                             max_new_tokens, concurrency, rate_limit)
 
 
-def _judge_pairs(data, out, judge, judge_model, template, cache, both_orders, round, model_version,
+def _judge_pairs(data, out, judge, judge_model, template, cache, both_orders, mode, round, model_version,
                  max_new_tokens, concurrency, rate_limit):
     from rlhfkit.judge.constitutional import preference_record
-    from rlhfkit.judge.pairwise import PairwiseJudge, label_pairs_with_judge
+    from rlhfkit.judge.pairwise import PairwiseJudge, label_pairs_with_judge, resolve_judge_mode
 
     records = read_judge_items(data)
     backend = backend_from_spec(judge, judge_model=judge_model, max_new_tokens=max_new_tokens,
                                 max_concurrency=concurrency, max_requests_per_s=rate_limit)
     try:
-        pj = PairwiseJudge(backend, template, both_orders=both_orders, cache=open_cache(cache))
+        pj = PairwiseJudge(backend, template, both_orders=both_orders, cache=open_cache(cache),
+                           mode=resolve_judge_mode(mode, backend))
         pairs, batch = label_pairs_with_judge(pj, [{k: r[k] for k in _PAIR_FIELDS} for r in records],
                                               round=round, model_version=model_version)
     finally:

@@ -9,6 +9,21 @@ Outputs are parsed strictly: the judge must end with a line `Verdict: A`, `Verdi
 `Verdict: tie` (see `parse_verdict` for the tolerated spellings). Anything else is recorded as
 `invalid`, counted, and treated as a tie — never guessed.
 
+Scored mode (`mode="logprob"`, for judges that expose log-probs: a local model). A small
+judge's generated verdict is often the same letter whatever it reads (the embedded 135M
+model answers "A" for 85–90% of pairs), so both-order voting turns everything into ties.
+Instead of generating, read the judge's preference directly: after the filled template and
+an assistant turn starting "Verdict:", s = log P(" A") − log P(" B"). For one pair,
+
+    s_ab = q + c + ε₁          (response a shown first)
+    s_ba = −q + c + ε₂         (response b shown first)
+
+where q is the judge's preference for a and c its position bias. c is estimated per batch as
+the mean of (s_ab + s_ba)/2 over its pairs, and each order's evidence for a is e_ab = s_ab − c,
+e_ba = −(s_ba − c). If both favour the same response it wins; if they disagree the pair is a
+tie, exactly as in verdict mode. `Verdict.score` = (e_ab + e_ba)/2 = (s_ab − s_ba)/2, the
+judge's margin for a in nats, which c cancels from.
+
 Templates are plain text files with three placeholders, `{prompt}`, `{response_a}` and
 `{response_b}`; the filled template is sent as a single user message. The built-in one is
 `templates/pairwise.txt`; copy and edit it, then pass its path.
@@ -31,7 +46,7 @@ from rlhfkit.data.schemas import (
     Provenance,
     as_conversation,
 )
-from rlhfkit.judge.backends import JudgeBackend
+from rlhfkit.judge.backends import JudgeBackend, LocalModelBackend
 from rlhfkit.judge.cache import JudgeCache, cache_key
 
 logger = logging.getLogger(__name__)
@@ -160,6 +175,7 @@ class Verdict:
     p_a: float
     raw: tuple[OrderResult, ...]
     consistent: bool
+    score: float | None = None  # logprob mode: the judge's margin for response_a, nats
 
     @property
     def rationale(self) -> str:
@@ -194,6 +210,7 @@ class JudgeBatch:
     position_bias: float
     second_position_bias: float
     n_backend_calls: int = field(default=0, compare=False)
+    position_offset: float | None = None  # logprob mode: c, the batch's mean preference for the first answer
 
     def __len__(self) -> int:
         return len(self.verdicts)
@@ -210,6 +227,15 @@ class JudgeBatch:
                 "ties": len(self.verdicts) - wins - losses, "invalid_outputs": self.n_invalid,
                 "inconsistent": self.n_inconsistent, "position_bias": self.position_bias,
                 "second_position_bias": self.second_position_bias}
+
+
+def _position_bias(verdicts: Sequence[Verdict]) -> dict[str, float]:
+    """Among pairs judged in both orders, how often the answer shown first (second) won both."""
+    both = [v for v in verdicts if len(v.raw) == 2]
+    if not both:
+        return {"position_bias": float("nan"), "second_position_bias": float("nan")}
+    return {"position_bias": sum(all(r.choice == "A" for r in v.raw) for v in both) / len(both),
+            "second_position_bias": sum(all(r.choice == "B" for r in v.raw) for v in both) / len(both)}
 
 
 def _as_item(item: Any, index: int) -> JudgeItem:
@@ -240,12 +266,22 @@ class PairwiseJudge:
     found in `cache` and duplicates); new completions are written back to the cache.
     """
 
+    SCORE_PREFIX = "Verdict:"
+    SCORE_CHOICES = (" A", " B")
+
     def __init__(self, backend: JudgeBackend, template: str | Path = "pairwise", *,
-                 both_orders: bool = True, cache: JudgeCache | None = None):
+                 both_orders: bool = True, cache: JudgeCache | None = None,
+                 mode: Literal["verdict", "logprob"] = "verdict"):
+        if mode not in ("verdict", "logprob"):
+            raise ValueError(f"mode must be 'verdict' or 'logprob', got {mode!r}")
+        if mode == "logprob" and not callable(getattr(backend, "choice_logprobs", None)):
+            raise ValueError(f"judge {backend.name} cannot score answers (no log-probs): use mode='verdict', "
+                             "or a local model judge")
         self.backend = backend
         self.template = load_template(template)
         self.both_orders = both_orders
         self.cache = cache
+        self.mode = mode
 
     def _requests(self, item: JudgeItem) -> list[tuple[Literal["ab", "ba"], Conversation]]:
         orders: list[tuple[Literal["ab", "ba"], Conversation]] = [
@@ -275,12 +311,64 @@ class PairwiseJudge:
             known.update(fresh)
         return [known[k] for k in keys], len(todo)
 
+    def _scores_cached(self, requests: list[Conversation]) -> tuple[list[float], int]:
+        """s = log P(" A") − log P(" B") per request (cached as text under a key of its own)."""
+        import json
+
+        tag = f"{self.template}\n#logprob {self.SCORE_PREFIX}{'|'.join(self.SCORE_CHOICES)}"
+        keys = [cache_key(self.backend.name, self.backend.model, tag, r) for r in requests]
+        known: dict[str, str] = self.cache.get_many(keys) if self.cache is not None else {}
+        todo: dict[str, Conversation] = {}
+        for key, request in zip(keys, requests):
+            if key not in known and key not in todo:
+                todo[key] = request
+        if todo:
+            scored = self.backend.choice_logprobs(list(todo.values()), self.SCORE_PREFIX,  # type: ignore[attr-defined]
+                                                  self.SCORE_CHOICES)
+            fresh = {k: json.dumps(v) for k, v in zip(todo, scored)}
+            if self.cache is not None:
+                self.cache.put_many(fresh, backend=self.backend.name, model=self.backend.model)
+            known.update(fresh)
+        out = []
+        for k in keys:
+            lp_a, lp_b = json.loads(known[k])
+            out.append(lp_a - lp_b)
+        return out, len(todo)
+
+    def _judge_scored(self, pairs: list[JudgeItem], plan) -> tuple[list[Verdict], int, float | None]:
+        flat = [request for orders in plan for _, request in orders]
+        scores, n_calls = self._scores_cached(flat)
+        per_pair, cursor = [], 0
+        for orders in plan:
+            per_pair.append({order: scores[cursor + i] for i, (order, _) in enumerate(orders)})
+            cursor += len(orders)
+        both = [s for s in per_pair if len(s) == 2]
+        offset = sum((s["ab"] + s["ba"]) / 2 for s in both) / len(both) if both else 0.0
+        verdicts = []
+        for s in per_pair:
+            raw = tuple(OrderResult(order=o, text=f"log P(A) − log P(B) = {v:+.4f}",
+                                    choice="A" if v > 0 else "B" if v < 0 else "tie") for o, v in s.items())
+            evidence = [s["ab"] - offset] if "ab" in s else []
+            if "ba" in s:
+                evidence.append(-(s["ba"] - offset))
+            signs = {(e > 0) - (e < 0) for e in evidence}
+            sign = next(iter(signs)) if len(signs) == 1 else 0
+            winner: Winner = "a" if sign > 0 else "b" if sign < 0 else "tie"
+            verdicts.append(Verdict(winner=winner, p_a=_P_A[winner], raw=raw, consistent=len(signs) == 1,
+                                    score=sum(evidence) / len(evidence)))
+        return verdicts, n_calls, offset if both else None
+
     def judge_many(self, items: Sequence[Any]) -> JudgeBatch:
         """Verdicts for `items`: `JudgeItem`s, `(prompt, response_a, response_b)` tuples or
         dicts with those keys; a prompt is text or chat messages."""
         pairs = [_as_item(item, i) for i, item in enumerate(items)]
         plan = [self._requests(p) for p in pairs]
         flat = [request for orders in plan for _, request in orders]
+        if self.mode == "logprob":
+            verdicts, n_calls, offset = self._judge_scored(pairs, plan)
+            return JudgeBatch(verdicts=tuple(verdicts), n_invalid=0,
+                              n_inconsistent=sum(not v.consistent for v in verdicts),
+                              **_position_bias(verdicts), n_backend_calls=n_calls, position_offset=offset)
         texts, n_calls = self._complete_cached(flat)
 
         verdicts: list[Verdict] = []
@@ -294,15 +382,10 @@ class PairwiseJudge:
             verdicts.append(combine_orders(results))
 
         n_invalid = sum(r.choice == "invalid" for v in verdicts for r in v.raw)
-        both = [v for v in verdicts if len(v.raw) == 2]
-        first = sum(all(r.choice == "A" for r in v.raw) for v in both)
-        second = sum(all(r.choice == "B" for r in v.raw) for v in both)
         batch = JudgeBatch(
             verdicts=tuple(verdicts), n_invalid=n_invalid,
             n_inconsistent=sum(not v.consistent for v in verdicts),
-            position_bias=first / len(both) if both else float("nan"),
-            second_position_bias=second / len(both) if both else float("nan"),
-            n_backend_calls=n_calls)
+            **_position_bias(verdicts), n_backend_calls=n_calls)
         if n_invalid:
             logger.warning("judge %s: %d of %d outputs had no parseable verdict (counted as ties)",
                            self.backend.name, n_invalid, len(flat))
@@ -311,6 +394,22 @@ class PairwiseJudge:
     def judge(self, prompt: str | Sequence[Any], response_a: str, response_b: str) -> Verdict:
         """The verdict on one pair."""
         return self.judge_many([(prompt, response_a, response_b)]).verdicts[0]
+
+
+def resolve_judge_mode(mode: str, backend) -> str:
+    """'auto' → 'logprob' for a local model judge (it exposes log-probs, and a small one's generated
+    verdicts are mostly one letter), 'verdict' for anything else. A mode the backend cannot do is
+    a ConfigError (one line on the command line)."""
+    from rlhfkit.config import ConfigError
+
+    if mode not in ("auto", "verdict", "logprob"):
+        raise ConfigError(f"judge mode must be auto, verdict or logprob, got {mode!r}")
+    if mode == "auto":
+        return "logprob" if isinstance(backend, LocalModelBackend) else "verdict"
+    if mode == "logprob" and not callable(getattr(backend, "choice_logprobs", None)):
+        raise ConfigError(f"judge {backend.name} cannot score answers (no log-probs): use --judge-mode verdict "
+                          "or a local model judge")
+    return mode
 
 
 def label_pairs_with_judge(judge: PairwiseJudge, items: Sequence[Any], *,
