@@ -15,9 +15,9 @@ What each side runs per step (one rollout, then one optimizer step on it)
   `engine.end_step` (metrics logging). train_step: `PolicySampler` (sync, then HF `model.generate`
   with KV cache, prompts sorted by length and left-padded, `gen_batch_size` = all rows, so
   one batch) → the gold reward (`GoldReward`: the demo task's checker) → `with_logprobs`:
-  one no-grad forward of the policy (old log-probs and entropy) and one of the frozen
-  reference (reference log-probs; run even when β = 0) → group-normalized advantages →
-  one forward + backward of `grpo_loss` (clipped surrogate + β·k3 in the loss, "token"
+  one no-grad forward of the frozen reference (reference log-probs; run even when β = 0; on
+  policy, no separate policy forward: log π_old comes detached from the update's own
+  forward) → group-normalized advantages → one forward + backward of `grpo_loss` (clipped surrogate + β·k3 in the loss, "token"
   aggregation) over all rows as one micro-batch → clip 1.0 → AdamW (fused).
 - TRL: `GRPOTrainer.train()`; per step `_generate_and_score_completions`: HF
   `model.generate` of all rows in one batch (prompts repeated, left-padded, unsorted) → the
@@ -56,8 +56,8 @@ Differences that remain (printed again with the results)
   bf16 at every decoding step (the script checks the dtype of a decoder matmul during
   decoding on each side and prints it). The "our generation engine alone" section times the
   sampler, fp32 decoding and autocast decoding on the same batch.
-- extra forwards: ours runs a no-grad policy forward (old log-probs, entropy) every step and
-  a reference forward even at β = 0; TRL runs neither when on-policy / β = 0.
+- extra forwards: ours runs a reference forward even at β = 0 (the KL is logged); TRL skips
+  it at β = 0.
 - TRL computes entropy in the training forward and checkpoints activations; ours does neither.
 - sampled lengths are random: the report gives each side's generated tokens per step and
   seconds per 1k generated tokens; `--fixed-length` forces every response to exactly
@@ -555,8 +555,8 @@ def run(args, threads: int, tmp: Path) -> None:
                   f"{_med([s for _, s in calls]):7.2f} s  {_med(rates):7.1f} tokens/s (median)")
 
     print("\n## What differs per step (beyond the settings made equal)")
-    print("- ours runs a no-grad policy forward (old log-probs, entropy) every step; TRL skips it when on-policy "
-          "and uses its training forward's detached log-probs")
+    print("- old log-probs: both sides take them from the training forward (detached) when on-policy; ours "
+          "computes entropy there without a gradient, TRL with one")
     print(f"- reference forward: ours always; TRL {'too (β ≠ 0)' if trainer.ref_model is not None else 'none (β = 0)'}")
     print(f"- TRL gradient checkpointing {t.gradient_checkpointing} (ours off); TRL computes entropy in the "
           f"training forward")
