@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -292,30 +292,11 @@ class PairwiseJudge:
                 self.template, item.prompt, item.response_b, item.response_a)),)))
         return orders
 
-    def _complete_cached(self, requests: list[Conversation]) -> tuple[list[str], int]:
-        keys = [cache_key(self.backend.name, self.backend.model, self.template, r)
-                for r in requests]
-        known: dict[str, str] = self.cache.get_many(keys) if self.cache is not None else {}
-        todo: dict[str, Conversation] = {}
-        for key, request in zip(keys, requests):
-            if key not in known and key not in todo:
-                todo[key] = request
-        if todo:
-            texts = self.backend.complete(list(todo.values()))
-            if len(texts) != len(todo):
-                raise RuntimeError(f"judge backend {self.backend.name} returned {len(texts)} "
-                                   f"completions for {len(todo)} requests")
-            fresh = dict(zip(todo, texts))
-            if self.cache is not None:
-                self.cache.put_many(fresh, backend=self.backend.name, model=self.backend.model)
-            known.update(fresh)
-        return [known[k] for k in keys], len(todo)
-
-    def _scores_cached(self, requests: list[Conversation]) -> tuple[list[float], int]:
-        """s = log P(" A") − log P(" B") per request (cached as text under a key of its own)."""
-        import json
-
-        tag = f"{self.template}\n#logprob {self.SCORE_PREFIX}{'|'.join(self.SCORE_CHOICES)}"
+    def _cached(self, tag: str, requests: list[Conversation],
+                compute: Callable[[list[Conversation]], list[str]]) -> tuple[list[str], int]:
+        """One text per request: from the cache (key: backend, model, `tag`, request) or from
+        `compute` on the requests not found (each distinct one once), written back. Returns the
+        texts and how many requests `compute` got."""
         keys = [cache_key(self.backend.name, self.backend.model, tag, r) for r in requests]
         known: dict[str, str] = self.cache.get_many(keys) if self.cache is not None else {}
         todo: dict[str, Conversation] = {}
@@ -323,17 +304,34 @@ class PairwiseJudge:
             if key not in known and key not in todo:
                 todo[key] = request
         if todo:
-            scored = self.backend.choice_logprobs(list(todo.values()), self.SCORE_PREFIX,  # type: ignore[attr-defined]
-                                                  self.SCORE_CHOICES)
-            fresh = {k: json.dumps(v) for k, v in zip(todo, scored)}
+            texts = compute(list(todo.values()))
+            if len(texts) != len(todo):
+                raise RuntimeError(f"judge backend {self.backend.name} returned {len(texts)} "
+                                   f"answers for {len(todo)} requests")
+            fresh = dict(zip(todo, texts))
             if self.cache is not None:
                 self.cache.put_many(fresh, backend=self.backend.name, model=self.backend.model)
             known.update(fresh)
+        return [known[k] for k in keys], len(todo)
+
+    def _complete_cached(self, requests: list[Conversation]) -> tuple[list[str], int]:
+        return self._cached(self.template, requests, self.backend.complete)
+
+    def _scores_cached(self, requests: list[Conversation]) -> tuple[list[float], int]:
+        """s = log P(" A") − log P(" B") per request (cached as JSON text under a key of its own)."""
+        import json
+
+        def score(todo: list[Conversation]) -> list[str]:
+            scored = self.backend.choice_logprobs(todo, self.SCORE_PREFIX, self.SCORE_CHOICES)  # type: ignore[attr-defined]
+            return [json.dumps(v) for v in scored]
+
+        tag = f"{self.template}\n#logprob {self.SCORE_PREFIX}{'|'.join(self.SCORE_CHOICES)}"
+        texts, n_calls = self._cached(tag, requests, score)
         out = []
-        for k in keys:
-            lp_a, lp_b = json.loads(known[k])
+        for text in texts:
+            lp_a, lp_b = json.loads(text)
             out.append(lp_a - lp_b)
-        return out, len(todo)
+        return out, n_calls
 
     def _judge_scored(self, pairs: list[JudgeItem], plan) -> tuple[list[Verdict], int, float | None]:
         flat = [request for orders in plan for _, request in orders]
