@@ -27,7 +27,7 @@ What each side runs per step (one rollout, then one optimizer step on it)
   (fused chunked LM head: log-probs and entropy) + backward with gradient checkpointing
   (TRL's default; `--trl-gradient-checkpointing off` turns it off) → clip 1.0 → AdamW
   (`adamw_torch_fused`). A TrainerCallback times each TRL step and runs our steps between
-  two of TRL's (the `Interleaver` pattern of bench/sft_vs_trl.py).
+  two of TRL's (`Interleaver` in bench/trl_side.py, shared with the other benchmarks).
 
 Settings made equal (TRL 1.16 defaults in brackets where we set them)
 - model: the embedded SmolLM2-135M-Instruct, fresh fp32 weights each side; bf16 autocast
@@ -74,7 +74,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
@@ -89,8 +88,8 @@ from common import (  # bench/common.py, beside this script
     machine_info,
     ratio_lines,
     stopwatch,
-    synchronize,
 )
+from trl_side import Interleaver  # bench/trl_side.py
 
 import rlhfkit.recipes.policy_gradient as pg
 from rlhfkit.data.schemas import as_conversation, prompt_text
@@ -286,50 +285,6 @@ class TRLRecorder:
         return next((v for k, v in self.profiled.items() if k.endswith(suffix)), [])
 
 
-# ------------------------------------------------------------------------------ interleaving
-
-class Interleaver:
-    """TrainerCallback that times TRL's steps and runs our step after each of them.
-
-    TRL's step time runs from the moment control returns to the trainer after our step to
-    the end of its next optimizer step, so it covers everything the trainer does per step
-    (sampler and collation, generation, reward, forwards, backward, clip, optimizer, its
-    metrics). `trl_compute` (on_step_begin → on_step_end) is kept too.
-    """
-
-    def __init__(self, ours: OurSide, times: dict[str, StepTimes], *, device):
-        from transformers import TrainerCallback
-
-        self.ours, self.times, self.device = ours, times, device
-        self.trl_compute: list[float] = []
-        self.loads: list[str] = []
-        self._resumed = self._began = 0.0
-        outer = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                outer._resumed = time.perf_counter()
-
-            def on_step_begin(self, args, state, control, **kw):
-                outer._began = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                outer.trl_step_ended()
-
-        self.callback = _Callback()
-
-    def trl_step_ended(self) -> None:
-        synchronize(self.device)
-        now = time.perf_counter()
-        self.times[TRL].add(now - self._resumed)
-        self.trl_compute.append(now - self._began)
-        with stopwatch(self.device) as t:
-            self.ours.step()
-        self.times[OURS].add(t[0])
-        self.loads.append(load_average())
-        self._resumed = time.perf_counter()
-
-
 # ------------------------------------------------------------------------------ checks
 
 class DecodeDtype:
@@ -453,7 +408,7 @@ def run(args, threads: int, tmp: Path) -> None:
         raise SystemExit("our run's prompts are not the benchmark's demo tasks")
 
     times = {name: StepTimes(name, 0, args.warmup) for name in (OURS, TRL)}
-    inter = Interleaver(ours, times, device=device)
+    inter = Interleaver({OURS: ours}, times, trl_name=TRL, device=device, profile_step=None, profile_rows=0)
     trainer = build_trl(tasks, tokenizer, args=args, run_dir=tmp / "trl", callback=inter.callback)
     recorder = TRLRecorder(trainer, device)
     from transformers import PrinterCallback
