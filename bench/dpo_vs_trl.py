@@ -50,7 +50,6 @@ from common import (  # bench/common.py
     stopwatch,
 )
 from trl_side import (  # bench/trl_side.py
-    MODEL,
     PACKED,
     PADDED,
     Interleaver,
@@ -122,7 +121,7 @@ def build_trl(records: list[dict], tokenizer, *, args, run_dir: Path, callback):
 
     trl_args = DPOConfig(beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=args.trl_precompute_ref,
                          **trl_settings(args, batch_size=len(records), run_dir=run_dir))
-    return DPOTrainer(model=load_model(MODEL), args=trl_args, train_dataset=Dataset.from_list(records),
+    return DPOTrainer(model=load_model(args.model), args=trl_args, train_dataset=Dataset.from_list(records),
                       processing_class=tokenizer, callbacks=[callback])
 
 
@@ -174,7 +173,7 @@ def _sequences(pairs: list[EncodedPair]) -> list[Encoded]:
 
 def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.model)
     records, configs = preference_setup(args, tmp, our_config)
     skipped = SkipReport()
     train = load_items(configs[OURS].train_data, get_preference_loss("dpo"), tokenizer, configs[OURS], skipped)

@@ -106,7 +106,6 @@ from rlhfkit.rollout.generate import PolicySampler, generate
 from rlhfkit.rollout.rewards import Sample
 from rlhfkit.rollout.rollout import GoldReward, step_seed
 
-MODEL = "embedded"
 OURS, TRL = "ours (rlhfkit GRPO)", "TRL GRPOTrainer"
 
 
@@ -163,7 +162,7 @@ class OurSide:
 def build_ours(args, tmp: Path) -> OurSide:
     families = ("arithmetic", "units", "strings", "format")
     rows = args.prompts * args.group
-    cfg = GRPOConfig(model=MODEL, tasks="demo", demo_families=families,
+    cfg = GRPOConfig(model=args.model, tasks="demo", demo_families=families,
                      demo_per_family=math.ceil(args.prompts / len(families)), reward="gold",
                      prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=1.0, top_k=0, gen_batch_size=rows, batch_size=rows,
@@ -218,7 +217,7 @@ def build_trl(tasks: list[Task], tokenizer, *, args, run_dir: Path, callback):
            else {"gradient_checkpointing": args.trl_gradient_checkpointing}))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": t.prompt}], "task_id": t.id}
                                  for t in tasks])
-    return GRPOTrainer(model=load_model(MODEL), reward_funcs=trl_gold_reward(tasks), args=trl_args,
+    return GRPOTrainer(model=load_model(args.model), reward_funcs=trl_gold_reward(tasks), args=trl_args,
                        train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
 
 
@@ -340,6 +339,8 @@ def our_generation_alone(side: OurSide, repeats: int) -> dict[str, list[tuple[in
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded", help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a "
+                   "local folder (e.g. random weights from bench/random_checkpoint.py)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (both sides)")
     p.add_argument("--group", type=int, default=4, help="samples per prompt (group size / num_generations)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest response in tokens (both sides)")

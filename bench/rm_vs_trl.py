@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 from common import StepTimes, load_average, model_flops_per_token  # bench/common.py
 from trl_side import (  # bench/trl_side.py
-    MODEL,
     PACKED,
     PADDED,
     Interleaver,
@@ -125,7 +124,7 @@ def build_trl(records: list[dict], tokenizer, head: torch.Tensor, *, args, run_d
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(MODEL), num_labels=1,
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(args.model), num_labels=1,
                                                                dtype=torch.float32)
     with torch.no_grad():
         model.score.weight.copy_(head)
@@ -187,7 +186,7 @@ def main(argv=None) -> int:
 
 def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records, configs = preference_setup(args, tmp, our_config)
     train = read_ours(configs[OURS], tokenizer)

@@ -39,7 +39,6 @@ from common import (  # bench/common.py
     model_flops_per_token,
 )
 from trl_side import (  # bench/trl_side.py
-    MODEL,
     Interleaver,
     OurSide,
     TrainingStepRecorder,
@@ -102,7 +101,7 @@ def build_ours(encoded: list[Encoded], tokenizer, *, packing: bool, args, data_p
     cfg = OurSFTConfig(packing=packing, **our_settings(args, batch_size=len(encoded), data_path=data_path,
                                                        run_dir=run_dir))
     engine = Engine(cfg, run_dir, total_steps=args.total_steps, description="sft")
-    engine.setup(TokenLogprobs(load_model(MODEL), cfg.logprob_chunk), tokenizer)
+    engine.setup(TokenLogprobs(load_model(args.model), cfg.logprob_chunk), tokenizer)
     return OurSide(engine, sft_task(tokenizer, encoded, [], packing=packing), cfg)
 
 
@@ -141,7 +140,7 @@ def build_trl(records: list[dict[str, str]], tokenizer, *, args, run_dir: Path, 
     trl_args = SFTConfig(completion_only_loss=True, packing=False,
                          **trl_settings(args, batch_size=len(records), run_dir=run_dir))
     dataset = Dataset.from_list([as_conversational(r) for r in records])
-    return SFTTrainer(model=load_model(MODEL), args=trl_args, train_dataset=dataset,
+    return SFTTrainer(model=load_model(args.model), args=trl_args, train_dataset=dataset,
                       processing_class=tokenizer, callbacks=[callback])
 
 
@@ -188,7 +187,7 @@ def main(argv=None) -> int:
 
 def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.model)
     records = bench_records(args.examples, args.tasks_per_example)
     data_path = write_jsonl(records, tmp / "train.jsonl")
     skipped = SkipReport()

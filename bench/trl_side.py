@@ -48,7 +48,7 @@ from rlhfkit.demo.tasks import FAMILIES, Task, check, make_tasks
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 
-MODEL = "embedded"
+MODEL = "embedded"  # the default of --model
 PADDED, PACKED = "ours (padded)", "ours (packed)"  # our side with packing off / on
 
 
@@ -57,6 +57,8 @@ PADDED, PACKED = "ours (padded)", "ours (packed)"  # our side with packing off /
 def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     """The options every benchmark has: steps, warmup, precision, lr, length, threads, TRL's
     gradient checkpointing and profiling."""
+    p.add_argument("--model", default=MODEL, help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a "
+                   "local folder (e.g. random weights from bench/random_checkpoint.py)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side (after warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before timing")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
@@ -121,7 +123,7 @@ def start(args: argparse.Namespace, title: str) -> int:
 
 def our_settings(args: argparse.Namespace, *, batch_size: int, data_path: Path, run_dir: Path) -> dict:
     """Keyword arguments of a recipe config (SFTConfig, DPOConfig, RewardConfig) for the bench."""
-    return dict(train_data=str(data_path), output_dir=str(run_dir), model=MODEL, batch_size=batch_size,
+    return dict(train_data=str(data_path), output_dir=str(run_dir), model=args.model, batch_size=batch_size,
                 grad_accum=1, lr=args.lr, warmup_steps=0, schedule="constant", weight_decay=0.0, max_grad_norm=1.0,
                 precision=args.precision, max_length=args.max_length, max_steps=args.total_steps, progress=False,
                 resume=False)

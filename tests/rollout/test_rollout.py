@@ -281,3 +281,15 @@ def _bf16_copy(model):
     import copy
 
     return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def test_reference_copy_is_moved_to_the_training_device_and_the_policy_stays():
+    """Recipes build π_ref before the engine moves the policy (on a GPU machine the policy is
+    still on the CPU then): the copy goes to the device it is given; the policy is untouched
+    and the copy shares no storage with it."""
+    model = tiny_causal_lm(seed=0)
+    ref = ReferencePolicy(model, "meta")
+    assert {p.device.type for p in ref.model.parameters()} == {"meta"}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in ref.model.parameters())

@@ -257,12 +257,6 @@ def _finite(x: Any) -> Any:
 
 # ----------------------------------------------------------------------------- the run
 
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load(path: str, precision: str):
     from rlhfkit.judge.cli import load_local_model
 
@@ -334,9 +328,10 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
     reward_model_report = None
     if cfg.reward_model:
         from rlhfkit.eval.reward import evaluate_reward_model, load_trained_reward_model
+        from rlhfkit.train.engine import inference_device
 
         rm, rm_tok = load_trained_reward_model(cfg.reward_model)
-        rm = rm.to(_device())
+        rm = rm.to(inference_device())
         if cfg.pairs:
             from rlhfkit.data.readers import read_preferences
 

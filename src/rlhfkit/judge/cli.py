@@ -37,10 +37,8 @@ def load_local_model(path: str, precision: str = "auto"):
     """(tokenizer, model) of 'embedded', 'tiny', a folder or an HF id, on the GPU when there is
     one, in `train.engine.inference_dtype(precision)` (bf16 where the hardware has it); a path
     that is none of these is a `ModelNotFound`, not a traceback."""
-    import torch
-
     from rlhfkit.models.loading import ModelNotFound, load_model, load_tokenizer
-    from rlhfkit.train.engine import inference_dtype
+    from rlhfkit.train.engine import inference_device, inference_dtype
 
     try:
         tokenizer = load_tokenizer(path)
@@ -48,7 +46,7 @@ def load_local_model(path: str, precision: str = "auto"):
         raise ModelNotFound(f"cannot load model '{path}': not 'embedded', a model folder or a Hugging Face id "
                             f"({str(e).splitlines()[0]})") from None
     model = load_model(path, dtype=inference_dtype(precision))
-    return tokenizer, model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return tokenizer, model.to(inference_device()).eval()
 
 
 def backend_from_spec(spec: str, *, judge_model: str | None = None, api_key_env: str = "OPENAI_API_KEY",

@@ -38,7 +38,7 @@ from rlhfkit.rollout.rollout import (
     step_seed,
 )
 from rlhfkit.train.checkpoint import atomic_write_text
-from rlhfkit.train.engine import TrainConfig
+from rlhfkit.train.engine import TrainConfig, inference_device
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     <out>.summary.json)."""
     prompts = _prompts(cfg.prompts, cfg.tasks, cfg.demo_split, cfg.demo_per_family, cfg.seed, cfg.demo_families)
     reward = build_reward(cfg.reward)
-    tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, seed=cfg.seed)
+    tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, seed=cfg.seed).to(inference_device())
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               n=cfg.n, batch_size=cfg.batch_size, seed=cfg.seed)
     results = best_of_n(model, tokenizer, prompts, reward, sampling)
@@ -213,7 +213,7 @@ def run_expert_iteration(cfg: ExpertIterationConfig) -> dict:
             current = summary["model"]
             continue
         # 1. best-of-n with the current model
-        tokenizer, model = load_tokenizer(current), load_model(current, seed=cfg.seed)
+        tokenizer, model = load_tokenizer(current), load_model(current, seed=cfg.seed).to(inference_device())
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   n=cfg.n, batch_size=cfg.gen_batch_size, seed=step_seed(cfg.seed, k, "expert-iter"))
         results = best_of_n(model, tokenizer, prompts, reward, sampling)

@@ -214,7 +214,7 @@ def setup_run(cfg: PolicyGradientConfig) -> PolicyGradientRun:
     model = load_model(cfg.model, lora=lora, seed=cfg.seed)
     engine = Engine(cfg, Path(cfg.output_dir), description=cfg.algorithm)
     set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
-    reference = ReferencePolicy(model)  # before engine.setup can load trained weights into `model`
+    reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
     module = engine.setup(PolicyValueModel(model, chunk_size=cfg.logprob_chunk), tokenizer)
     schedule_per_rollout(engine, cfg.updates_per_step)
     policy = engine.unwrapped()

@@ -330,7 +330,10 @@ class RewardModelSource:
     def __init__(self, path: str, *, ensemble_mode: str = "mean", batch_size: int = 16, name: str = "rm") -> None:
         from rlhfkit.eval.reward import load_trained_reward_model
 
+        from rlhfkit.train.engine import inference_device
+
         self.model, self.tokenizer = load_trained_reward_model(path)
+        self.model.to(inference_device())
         self.ensemble_mode, self.batch_size, self.name = ensemble_mode, batch_size, name
 
     def score(self, samples: Sequence[Sample]) -> list[float]:
@@ -597,15 +600,19 @@ def score_generations(reward: WeightedRewards, prompts: Sequence[RLPrompt],
 class ReferencePolicy:
     """π_ref, frozen: a copy of the initial policy, or (LoRA) the policy with its adapter off.
 
-    Build it from the model *before* any update (and before a resume loads trained weights).
+    Build it from the model *before* any update (and before a resume loads trained weights);
+    `device` is where the copy runs (the training device: the model is usually still on the
+    CPU at that point, before the engine moves it).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None):
         self.uses_adapter = hasattr(model, "disable_adapter")
         if self.uses_adapter:
             self.model = model
         else:
             self.model = copy.deepcopy(model).eval()
+            if device is not None:
+                self.model.to(device)
             for p in self.model.parameters():
                 p.requires_grad_(False)
 

@@ -133,6 +133,14 @@ def set_training_attention(module: nn.Module, cfg: TrainConfig, device: torch.de
         inner.set_attn_implementation(attention)
 
 
+def inference_device() -> torch.device:
+    """Where generation, evaluation and frozen scorers (reward models, judges) run: this
+    process's accelerator (its own GPU under `accelerate launch`), else the CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def inference_dtype(precision: str = "auto") -> torch.dtype:
     """The weight dtype for generation and evaluation: bf16 where training would use bf16
     (decoding with bf16 weights is ≈ 2× faster on CPU than fp32, and casting fp32 weights under
