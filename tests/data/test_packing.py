@@ -51,6 +51,40 @@ def test_packed_rows_do_not_attend_across_examples(attention):
     torch.testing.assert_close(lp2[0, len(a2):], lp_packed[0, len(a):], atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("attention", ["sdpa", "fp32-matmul"])
+def test_packing_into_several_rows_keeps_each_examples_logprobs_and_order(attention):
+    """With a row cap, first-fit by decreasing length puts the examples in several rows,
+    padded at the end; every example's log-probs equal its own padded row's, segment ids keep
+    the input order, and padding is masked out."""
+    from rlhfkit.ops.logprobs import sequence_logprobs
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(seed=3)
+    if attention == "fp32-matmul":
+        from rlhfkit.models.attention import register
+
+        attention = register()
+    model.set_attn_implementation(attention)
+    texts = [("one", "a b c d e f"), ("two", "x"), ("three", "long answer here"), ("four", "y z")]
+    exs = [encode_pair(tok, as_conversation(p), r) for p, r in texts]
+    lengths = sorted(len(e) for e in exs)
+    cap = lengths[-1] + lengths[0]  # the longest and the shortest share a row, the middle two don't
+    packed = collate_packed(exs, tok.pad_token_id, row_tokens=cap)
+    rows, width = packed.input_ids.shape
+    assert 1 < rows < len(exs) and width == cap
+    assert packed.num_tokens == sum(len(e) for e in exs)
+    assert sorted(packed.segment_ids[packed.segment_ids >= 0].unique().tolist()) == [0, 1, 2, 3]
+    assert (packed.labels[packed.segment_ids < 0] == IGNORE_INDEX).all()
+    lp = gather_logprobs(model, packed.input_ids, packed.labels, position_ids=packed.position_ids)
+    padded = collate_padded(exs, tok.pad_token_id)
+    lp_pad = gather_logprobs(model, padded.input_ids, padded.labels, attention_mask=padded.attention_mask)
+    seq_packed = sequence_logprobs(lp, packed.loss_mask, packed.segment_ids, len(exs))
+    seq_padded = sequence_logprobs(lp_pad, padded.loss_mask)
+    torch.testing.assert_close(seq_packed, seq_padded, atol=1e-4, rtol=1e-5)
+    # without a cap (the default holds 2048 tokens) the same examples share one row
+    assert collate_packed(exs, tok.pad_token_id).input_ids.shape == (1, sum(len(e) for e in exs))
+
 def test_plan_batches_deterministic_complete_and_grouped():
     lengths = [5, 50, 6, 49, 7, 48, 8, 47]
     p1 = plan_batches(lengths, 2, seed=1, epoch=0)

@@ -15,6 +15,7 @@ from rlhfkit.losses.preference import (
     kto_loss,
     kto_reference_point,
     orpo_loss,
+    preferred_nll,
     robust_dpo_loss,
     simpo_loss,
 )
@@ -335,3 +336,19 @@ def test_unknown_loss_name_suggests_the_closest():
     assert "Valid names" in str(info.value)
     with pytest.raises(ValueError, match="'simpo'"):
         get_preference_loss("simpo_loss")
+
+
+def test_preferred_nll_hand_values():
+    # π_c = −6 over 3 tokens → −2 per token; π_r = −2 over 4 tokens → −0.5 per token.
+    # label 1: nll = 2; label 0: nll = 0.5; tie: ½·2 + ½·0.5 = 1.25; no labels = all chosen.
+    pc, pr = torch.tensor([-6.0, -6.0, -6.0]), torch.tensor([-2.0, -2.0, -2.0])
+    lc, lr = torch.tensor([3.0, 3.0, 3.0]), torch.tensor([4.0, 4.0, 4.0])
+    label = torch.tensor([1.0, 0.0, 0.5])
+    assert float(preferred_nll(pc, pr, lc, lr, label)) == pytest.approx((2.0 + 0.5 + 1.25) / 3)
+    assert float(preferred_nll(pc, pr, lc, lr)) == pytest.approx(2.0)
+    # its gradient on a decided pair lowers the chosen NLL only: ∂/∂π_c = −1/(B·|y_c|), ∂/∂π_r = 0
+    pc1, pr1 = torch.tensor([-6.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    preferred_nll(pc1, pr1, torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])).backward()
+    assert float(pc1.grad) == pytest.approx(-1 / 3) and float(pr1.grad) == 0.0
+    with pytest.raises(ValueError, match="one shape"):
+        preferred_nll(pc, pr[:2], lc, lr)

@@ -223,6 +223,26 @@ def test_step0_loss_by_hand_for_every_batch(tmp_path, packing):
             assert float(sums["rewards/margin"]) == pytest.approx(0.0, abs=1e-5)
 
 
+
+def test_nll_weight_adds_alpha_times_the_preferred_responses_mean_nll(tmp_path):
+    """RPO: at step 0 (policy = reference) DPO is log 2, so the step loss is log 2 + α · mean_i
+    (−π_c,i / |y_c,i|), with π_c computed directly by the policy here."""
+    pairs = encoded_pairs(write_pairs(tmp_path / "p.jsonl", WORDS[:4]))
+    policy = TokenLogprobs(tiny_causal_lm(seed=5))
+    ref = reference_cache.compute_reference_logps(policy, {"train": [p.sequences for p in pairs]}, batch_size=8,
+                                                  pad_id=0, packing=False, device="cpu")["train"]
+    task = preference_task(PREFERENCE_LOSSES["dpo"], {"beta": 0.1}, pairs, [], pad_id=0, packing=False,
+                           ref_train=ref, nll_weight=0.5)
+    idx = list(range(len(pairs)))
+    with torch.no_grad():
+        value, sums = task.loss(policy, task.make_batch(idx), float(len(idx)))
+    per_token = [float(ref[i, 0]) / sum(t != -100 for t in p.chosen.labels) for i, p in enumerate(pairs)]
+    nll = -sum(per_token) / len(per_token)
+    assert float(sums["nll/preferred"]) / len(idx) == pytest.approx(nll, rel=1e-4)
+    assert float(value) == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
+    with pytest.raises(ConfigError, match="unpaired"):
+        DPOConfig(train_data="x.jsonl", loss="kto", nll_weight=0.1)
+
 def test_kto_step0_by_hand(tmp_path):
     # r = 0 and z0 = max(0, 0) = 0 → desirable: λ_D − λ_D·σ(0) = λ_D/2 = 1,
     # undesirable: λ_U/2 = 0.25. Micro-batch of flags [T, F, T, T]: (1 + 0.25 + 1 + 1)/4 = 0.8125.

@@ -300,6 +300,32 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     return loss, metrics
 
 
+# --------------------------------------------------------------------------- RPO's NLL term
+
+def preferred_nll(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+                  rejected_lengths: Tensor, label: Tensor | None = None) -> Tensor:
+    """The NLL term that RPO adds to a pairwise loss (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization"; TRL's ``rpo_alpha``): the mean per-token negative log-likelihood
+    of the preferred response, so the policy keeps (or raises) the likelihood of good answers
+    while the pairwise term separates them from bad ones.
+
+        nll_i = −[ l_i · π_c,i / |y_c,i|  +  (1 − l_i) · π_r,i / |y_r,i| ]
+        term  = mean_i nll_i
+
+    π_c, π_r: summed log-probs (B,); |y_c|, |y_r|: response token counts (B,); l: soft label
+    (B,), None = 1 (a tie weighs both responses ½). Returns a scalar float32; a recipe adds
+    α · term to its loss.
+    """
+    _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, label=label)
+    chosen = policy_chosen_logps.float() / chosen_lengths.float()
+    rejected = policy_rejected_logps.float() / rejected_lengths.float()
+    if label is None:
+        return -chosen.mean()
+    label = label.float()
+    return -(label * chosen + (1 - label) * rejected).mean()
+
+
 # --------------------------------------------------------------------------- unpaired
 
 def kto_reference_point(policy_mismatched_logps: Tensor, ref_mismatched_logps: Tensor

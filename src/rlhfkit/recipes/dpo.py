@@ -47,6 +47,7 @@ from rlhfkit.losses.preference import (
     PreferenceLossSpec,
     get_preference_loss,
     kto_reference_point,
+    preferred_nll,
 )
 from rlhfkit.losses.reward import pairwise_metrics
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
@@ -89,6 +90,8 @@ class DPOConfig(TrainConfig):
     odds_ratio_weight: float | None = param(None, "orpo: weight λ of the odds-ratio term; None = 0.1")
     desirable_weight: float | None = param(None, "kto: weight λ_D of desirable examples; None = 1.0")
     undesirable_weight: float | None = param(None, "kto: weight λ_U of undesirable examples; None = 1.0")
+    nll_weight: float = param(0.0, "α ≥ 0: add α × the preferred response's mean per-token NLL to a paired "
+                                   "loss (RPO; TRL's rpo_alpha); 0 = off")
     train_data: str = param("", "preference pairs or rankings (kto: also unpaired feedback): "
                                 ".jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out pairs for implicit-reward accuracy and margins (optional)")
@@ -123,6 +126,8 @@ class DPOConfig(TrainConfig):
         check(0 <= hp.get("flip_rate", 0) < 0.5, "flip_rate must be in [0, 0.5)")
         check(hp.get("gamma", 0) >= 0, "gamma must be ≥ 0")
         check(self.max_eval_examples >= 1, "max_eval_examples must be ≥ 1")
+        check(self.nll_weight >= 0, "nll_weight must be ≥ 0")
+        check(self.nll_weight == 0 or spec.paired, f"nll_weight needs paired data; loss '{self.loss}' is unpaired")
 
     @property
     def loss_hyperparameters(self) -> dict[str, float]:
@@ -548,8 +553,11 @@ def evaluate_items(module: nn.Module, items: Sequence[Item], *, spec: Preference
 def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float], train: Sequence[Item],
                     eval_set: Sequence[Item], *, pad_id: int, packing: bool,
                     ref_train: Tensor | None = None, ref_eval: Tensor | None = None,
-                    live_reference: Reference | None = None, eval_batch_size: int = 8) -> SupervisedTask:
+                    live_reference: Reference | None = None, eval_batch_size: int = 8,
+                    nll_weight: float = 0.0) -> SupervisedTask:
     """The DPO-family task for `fit`: one unit = one pair (KTO: one example).
+
+    `nll_weight` α adds α × `preferred_nll` (RPO) to a paired loss.
 
     Reference sums come from `ref_train`/`ref_eval` ((N, 2), precomputed) or, when those are
     None, from `live_reference` each micro-batch; reference-free losses need neither.
@@ -575,6 +583,11 @@ def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float],
             ref = live_pair_reference(batch)
         value, metrics = pair_loss(spec, hyperparameters, sums[:b], sums[b:], ref,
                                    batch.response_lengths[:b], batch.response_lengths[b:], batch.label)
+        if nll_weight:
+            nll = preferred_nll(sums[:b], sums[b:], batch.response_lengths[:b], batch.response_lengths[b:],
+                                batch.label)
+            metrics = {**metrics, "nll/preferred": nll.detach()}
+            value = value + nll_weight * nll
         # The registry returns a mean over the micro-batch; × b / normalizer makes the step's
         # gradient the mean over every pair of the step.
         return value * b / normalizer, pair_metric_sums(value, metrics, b)
@@ -682,7 +695,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
              "skipped": skipped.counts, "skipped_examples": skipped.examples}, indent=2))
     task = preference_task(spec, hyperparameters, train, eval_set, pad_id=pad_id, packing=cfg.packing,
                            ref_train=ref_train, ref_eval=ref_eval, live_reference=live_reference,
-                           eval_batch_size=cfg.batch_size)
+                           eval_batch_size=cfg.batch_size, nll_weight=cfg.nll_weight)
     metrics = fit(engine, task)
     final = engine.finish()
     return {"final": str(final), "metrics": metrics, "skipped": skipped.counts, "reference": reference_info}
