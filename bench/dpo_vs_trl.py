@@ -69,6 +69,7 @@ from trl_side import (  # bench/trl_side.py
 
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.errors import SkipReport
+from rlhfkit.data.packing import collate_packed
 from rlhfkit.data.tokenize import Encoded
 from rlhfkit.losses.preference import get_preference_loss
 from rlhfkit.models.loading import load_model, load_tokenizer
@@ -218,9 +219,10 @@ def run(args, threads: int, tmp: Path) -> None:
     trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else -1
     trl_loss_tokens = int(batch["completion_mask"][:, 1:].sum()) if "completion_mask" in batch else -1
     same_rows = (batch_rows(batch) if batch else []) == sorted(tuple(s.input_ids) for s in sequences)
+    packed_shape = " × ".join(map(str, collate_packed(sequences).input_ids.shape))
     print("\n## Same tokens")
     print(f"ours          {real_tokens} real tokens, {loss_tokens} completion tokens (padded: {len(sequences)} × "
-          f"{max(len(s) for s in sequences)}; packed: 1 × {real_tokens})")
+          f"{max(len(s) for s in sequences)}; packed: {packed_shape})")
     print(f"TRL           {trl_real} real tokens, {trl_loss_tokens} completion tokens, batch {trl_shape[0]} × "
           f"{trl_shape[1]} = {trl_shape[0] * trl_shape[1]} positions")
     print(f"identical     rows of input ids: {'yes' if same_rows else 'NO'}; completion masks: "

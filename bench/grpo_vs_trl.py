@@ -339,8 +339,9 @@ def our_generation_alone(side: OurSide, repeats: int) -> dict[str, list[tuple[in
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a "
-                   "local folder (e.g. random weights from bench/random_checkpoint.py)")
+    p.add_argument("--model", default="embedded",
+                   help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a local folder "
+                        "(e.g. random weights from bench/random_checkpoint.py)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step (both sides)")
     p.add_argument("--group", type=int, default=4, help="samples per prompt (group size / num_generations)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest response in tokens (both sides)")

@@ -63,6 +63,7 @@ from trl_side import (  # bench/trl_side.py
 )
 
 from rlhfkit.data.errors import SkipReport
+from rlhfkit.data.packing import collate_packed
 from rlhfkit.models.loading import load_tokenizer, resolve_model_path
 from rlhfkit.models.reward import (
     EncodedPair,
@@ -224,9 +225,10 @@ def run(args, threads: int, tmp: Path) -> None:
     trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else -1
     trl_rows = batch_rows(batch) if batch else []
     same_rows = trl_rows == sorted(tuple(s.input_ids) for s in sequences)
+    packed_shape = " × ".join(map(str, collate_packed(sequences).input_ids.shape))
     print("\n## Same tokens")
     print(f"ours          {real_tokens} real tokens (padded: {len(sequences)} × {max(len(s) for s in sequences)}; "
-          f"packed: 1 × {real_tokens})")
+          f"packed: {packed_shape})")
     print(f"TRL           {trl_real} real tokens, batch {trl_shape[0]} × {trl_shape[1]} = "
           f"{trl_shape[0] * trl_shape[1]} positions")
     print(f"identical     rows of input ids: {'yes' if same_rows else 'NO'}; per pair: "

@@ -55,7 +55,7 @@ from trl_side import (  # bench/trl_side.py
 
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.errors import SkipReport
-from rlhfkit.data.packing import collate_padded
+from rlhfkit.data.packing import collate_packed, collate_padded
 from rlhfkit.data.readers import read_sft
 from rlhfkit.data.tokenize import Encoded
 from rlhfkit.demo.tasks import make_tasks
@@ -231,9 +231,10 @@ def run(args, threads: int, tmp: Path) -> None:
     trl_shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else ()
     trl_loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else -1
     same_rows = (batch_rows(batch) if batch else []) == sorted(tuple(e.input_ids) for e in encoded)
+    packed_shape = " × ".join(map(str, collate_packed(encoded).input_ids.shape))
     print("\n## Same tokens")
     print(f"ours          {real_tokens} real tokens, {loss_tokens} loss tokens "
-          f"(packed: 1 × {real_tokens}; padded: {len(encoded)} × {max(len(e) for e in encoded)})")
+          f"(packed: {packed_shape}; padded: {len(encoded)} × {max(len(e) for e in encoded)})")
     print(f"TRL           {trl_real} real tokens, {trl_loss_tokens} loss tokens, batch {trl_shape[0]} × "
           f"{trl_shape[1]} = {trl_shape[0] * trl_shape[1]} positions, num_items_in_batch {recorder.first_num_items}")
     print(f"identical     rows of input ids: {'yes' if same_rows else 'NO'}; loss masks: "

@@ -57,8 +57,9 @@ PADDED, PACKED = "ours (padded)", "ours (packed)"  # our side with packing off /
 def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     """The options every benchmark has: steps, warmup, precision, lr, length, threads, TRL's
     gradient checkpointing and profiling."""
-    p.add_argument("--model", default=MODEL, help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a "
-                   "local folder (e.g. random weights from bench/random_checkpoint.py)")
+    p.add_argument("--model", default=MODEL,
+                   help="model of both sides: 'embedded' (SmolLM2-135M-Instruct), an HF id or a local folder "
+                        "(e.g. random weights from bench/random_checkpoint.py)")
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side (after warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before timing")
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
