@@ -34,7 +34,8 @@ class DemoSettings:
     sft_lr: float = 1e-4
     max_new_tokens: int = 40
     pref_prompts: int = 40
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 8      # 8 samples give 28 pairs per prompt, 4 only 6: far more decided ones
+    pref_pairs_per_prompt: int = 8   # pairs labeled per prompt (of the C(n, 2)), chosen at random
     pref_temperature: float = 1.0
     label_noise: float = 0.1
     rm_steps: int = 16
@@ -63,10 +64,10 @@ class DemoSettings:
 
     @classmethod
     def full(cls, out: Path, **kw) -> "DemoSettings":
-        """≈ 1 hour on 2 CPU cores: the quick run's data and SFT, 200 checkable test prompts,
-        4× the preference data, DPO/IPO/KTO, GRPO/RLOO/ReMax/PPO for 16 steps each and the
-        over-optimization run."""
-        return cls(out=out, **{**dict(test_per_family=50, pref_prompts=160, rm_steps=40, dpo_steps=40, dpo_batch=8,
+        """≈ 80 minutes on 2 CPU cores: the quick run's data and SFT, 200 checkable test prompts,
+        10× the preference prompts (400 × 8 samples: ≈ 450 decided training pairs), DPO/IPO/KTO
+        for 60 steps, GRPO/RLOO/ReMax/PPO for 16 steps each and the over-optimization run."""
+        return cls(out=out, **{**dict(test_per_family=50, pref_prompts=400, rm_steps=40, dpo_steps=60, dpo_batch=8,
                                       dpo_losses=("dpo", "ipo", "kto"), rl_algorithms=("grpo", "rloo", "remax", "ppo"),
                                       rl_steps=16, rl_prompts_per_step=8, rl_lr=2e-5, overopt_steps=16,
                                       overopt_lr=2e-5), **kw})
@@ -165,7 +166,8 @@ def stage_preferences(ctx: DemoContext) -> dict[str, Any]:
     # Train pairs carry the annotator's mis-clicks; test pairs are gold-labeled (noise 0).
     # Both splits are cut by prompt, so no prompt's pairs appear on both sides.
     for name, noise in (("train", s.label_noise), ("test", 0.0)):
-        pairs, _ = simulate_preferences(tasks, responses, noise=noise, seed=s.seed, model_version="sft")
+        pairs, _ = simulate_preferences(tasks, responses, noise=noise, seed=s.seed, model_version="sft",
+                                        max_pairs_per_prompt=s.pref_pairs_per_prompt)
         train_pairs, test_pairs = split_by_prompt(pairs, 0.2, seed=s.seed)
         kept = train_pairs if name == "train" else test_pairs
         atomic_write_text(ctx.path("data", f"prefs_{name}.jsonl"),

@@ -68,7 +68,7 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
         acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_w = None  # (V, H) in `acc`: the first chunk's product, then += (no zero-fill of V × H)
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b and bias is not None else None
         for s in range(0, hidden.shape[0], chunk_size):
             h = hidden[s:s + chunk_size].to(dtype)
@@ -85,11 +85,12 @@ class _ChunkedTargetLogprob(torch.autograd.Function):
             if need_h:
                 grad_h[s:s + chunk_size] = (d @ w).to(hidden.dtype)
             if need_w:
-                grad_w.add_((d.T @ h).to(acc))
+                part = (d.T @ h).to(acc)
+                grad_w = part if grad_w is None else grad_w.add_(part)
             if grad_b is not None:
                 grad_b.add_(dlogits.sum(0))
         return (grad_h,
-                grad_w.to(weight.dtype) if need_w else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None,
                 grad_b.to(bias.dtype) if grad_b is not None else None,
                 None, None, None, None)
 
