@@ -329,7 +329,6 @@ class RewardModelSource:
 
     def __init__(self, path: str, *, ensemble_mode: str = "mean", batch_size: int = 16, name: str = "rm") -> None:
         from rlhfkit.eval.reward import load_trained_reward_model
-
         from rlhfkit.train.engine import inference_device
 
         self.model, self.tokenizer = load_trained_reward_model(path)
