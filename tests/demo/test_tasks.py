@@ -118,6 +118,11 @@ def test_a_wrong_answer_is_rejected_for_every_checkable_task():
     ("arithmetic", "12", "7 + 5 = 12, and 12 + 1 = 13", False),
     ("units", "1500", "That is 1,500 meters.", True),
     ("arithmetic", "12", "I do not know.", False),
+    # numbers longer than Decimal's default 28-digit precision: scored, not raised (a sampled
+    # response with 40 digits once stopped an RL run)
+    ("arithmetic", "12", "Answer: " + "1" * 40, False),
+    ("arithmetic", "1" * 40, "Answer: " + "1" * 40 + ".0", True),
+    ("arithmetic", "12", "Answer: 12." + "0" * 40, True),
     # strings: letters ignore case, the uppercase transform does not
     ("strings", "g", "Answer: G", True),
     ("strings", "g", "The word starts with 'g'.", True),  # fallback: last run of letters

@@ -19,7 +19,7 @@ import random
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 
 from rlhfkit.data.errors import DataError
@@ -369,9 +369,11 @@ def _normalize_number(text: str) -> str:
         text = text.replace(",", "")  # thousands separators only: "1,2" stays, and stays wrong
     if not re.fullmatch(r"[+-]?\d+(\.\d+)?", text):
         return text  # not a plain number ("twelve", "12 apples", "1e3"): kept, so never equals "12"
-    value = Decimal(text)
-    integral = value == value.to_integral_value()
-    return str(value.quantize(Decimal(1)) if integral else value.normalize())
+    with localcontext() as ctx:
+        ctx.prec = len(text) + 2  # exact for any digit count (the default 28 raised on longer numbers)
+        value = Decimal(text)
+        integral = value == value.to_integral_value()
+        return str(value.quantize(Decimal(1)) if integral else value.normalize())
 
 
 def _normalize(kind: str, text: str) -> str:
