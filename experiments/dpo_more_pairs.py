@@ -22,6 +22,7 @@ from rlhfkit.data.schemas import as_conversation
 from rlhfkit.demo.pipeline import DemoSettings
 from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
 from rlhfkit.demo.tasks import check, make_tasks
+from rlhfkit.eval.accuracy import exact_match
 from rlhfkit.judge.cli import load_local_model
 from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.rollout.generate import SamplingConfig, generate
@@ -78,9 +79,8 @@ def evaluate(args) -> None:
     for spec in args.models:
         name, path = spec.split("=", 1)
         tok, model = load_local_model(path, "auto")
-        gens = generate(model, tok, [as_conversation(t.prompt) for t in tasks],
-                        SamplingConfig(max_new_tokens=40, temperature=0.0, batch_size=32))
-        outcomes[name] = [int(check(t, g.text)) for t, g in zip(tasks, gens)]
+        result = exact_match(model, tok, tasks, max_new_tokens=40, keep_samples=len(tasks))
+        outcomes[name] = [int(sample["correct"]) for sample in result.samples]
     base_name, base = next(iter(outcomes.items()))
     for name, o in outcomes.items():
         wins = sum(a > b for a, b in zip(o, base))

@@ -51,7 +51,6 @@ def test_packed_rows_do_not_attend_across_examples(attention):
     torch.testing.assert_close(lp2[0, len(a2):], lp_packed[0, len(a):], atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("attention", ["sdpa", "fp32-matmul"])
 def test_packing_into_several_rows_keeps_each_examples_logprobs_and_order(attention):
     """With a row cap, first-fit by decreasing length puts the examples in several rows,
@@ -84,6 +83,7 @@ def test_packing_into_several_rows_keeps_each_examples_logprobs_and_order(attent
     torch.testing.assert_close(seq_packed, seq_padded, atol=1e-4, rtol=1e-5)
     # without a cap (the default holds 2048 tokens) the same examples share one row
     assert collate_packed(exs, tok.pad_token_id).input_ids.shape == (1, sum(len(e) for e in exs))
+
 
 def test_plan_batches_deterministic_complete_and_grouped():
     lengths = [5, 50, 6, 49, 7, 48, 8, 47]

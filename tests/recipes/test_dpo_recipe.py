@@ -223,7 +223,6 @@ def test_step0_loss_by_hand_for_every_batch(tmp_path, packing):
             assert float(sums["rewards/margin"]) == pytest.approx(0.0, abs=1e-5)
 
 
-
 def test_nll_weight_adds_alpha_times_the_preferred_responses_mean_nll(tmp_path):
     """RPO: at step 0 (policy = reference) DPO is log 2, so the step loss is log 2 + α · mean_i
     (−π_c,i / |y_c,i|), with π_c computed directly by the policy here."""
@@ -242,6 +241,7 @@ def test_nll_weight_adds_alpha_times_the_preferred_responses_mean_nll(tmp_path):
     assert float(value) == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-4)
     with pytest.raises(ConfigError, match="unpaired"):
         DPOConfig(train_data="x.jsonl", loss="kto", nll_weight=0.1)
+
 
 def test_kto_step0_by_hand(tmp_path):
     # r = 0 and z0 = max(0, 0) = 0 → desirable: λ_D − λ_D·σ(0) = λ_D/2 = 1,
