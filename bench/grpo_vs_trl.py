@@ -14,11 +14,14 @@ What each side runs per step (one rollout, then one optimizer step on it)
   run `setup_run` builds from a `GRPOConfig` (demo tasks, gold reward), then
   `engine.end_step` (metrics logging). train_step: `PolicySampler` (sync, then HF `model.generate`
   with KV cache, prompts sorted by length and left-padded, `gen_batch_size` = all rows, so
-  one batch) → the gold reward (`GoldReward`: the demo task's checker) → `with_logprobs`:
-  one no-grad forward of the frozen reference (reference log-probs; run even when β = 0; on
-  policy, no separate policy forward: log π_old comes detached from the update's own
-  forward) → group-normalized advantages → one forward + backward of `grpo_loss` (clipped surrogate + β·k3 in the loss, "token"
-  aggregation) over all rows as one micro-batch → clip 1.0 → AdamW (fused).
+  one batch; each distinct prompt prefilled once and its KV cache shared by its G rows; tokens
+  drawn by inverse CDF, `InverseCDFSampler`, instead of `torch.multinomial`) → the
+  gold reward (`GoldReward`: the demo task's checker) → `with_logprobs`: no-grad forwards of
+  the frozen reference (reference log-probs; run even when β = 0; on policy, no separate
+  policy forward: log π_old comes detached from the update's own forward) → group-normalized
+  advantages → forward + backward of `grpo_loss` (clipped surrogate + β·k3 in the loss, "token"
+  aggregation) in length-sorted micro-batches of `--micro-batch` rows (`rlhf grpo`'s default 8;
+  gradients accumulated, so the step's gradient is that of all rows) → clip 1.0 → AdamW (fused).
 - TRL: `GRPOTrainer.train()`; per step `_generate_and_score_completions`: HF
   `model.generate` of all rows in one batch (prompts repeated, left-padded, unsorted) → the
   reward function → a no-grad reference forward only when β ≠ 0 (TRL skips the old-log-prob
@@ -165,7 +168,7 @@ def build_ours(args, tmp: Path) -> OurSide:
     cfg = GRPOConfig(model=args.model, tasks="demo", demo_families=families,
                      demo_per_family=math.ceil(args.prompts / len(families)), reward="gold",
                      prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=1.0, top_k=0, gen_batch_size=rows, batch_size=rows,
+                     temperature=args.temperature, top_p=1.0, top_k=0, gen_batch_size=rows, batch_size=args.micro_batch,
                      kl_coef=args.beta, kl_estimator="k3", kl_placement="loss", clip_eps=0.2, inner_epochs=1,
                      minibatches=1, aggregation="token", scale_advantages=True, lr=args.lr, schedule="constant",
                      warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, precision=args.precision,
@@ -354,6 +357,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                    help="bf16 autocast with fp32 master weights, or fp32 throughout")
     p.add_argument("--max-length", type=int, default=512, help="our max sequence length (prompt + response)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="ours: rows per forward, length-sorted (`rlhf grpo`'s batch_size, default 8); the "
+                        "gradient is that of all rows either way")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every usable core)")
     p.add_argument("--fixed-length", action="store_true",
                    help="min_new_tokens = max_new_tokens on both sides: every response has the same length")
@@ -362,9 +368,9 @@ def parse_args(argv=None):
     p.add_argument("--gen-repeats", type=int, default=2,
                    help="after the steps, time our generate alone on the same batch this many times (0 = skip)")
     args = p.parse_args(argv)
-    if min(args.prompts, args.steps, args.max_new_tokens) < 1 or args.group < 2 or args.warmup < 0 \
+    if min(args.prompts, args.steps, args.max_new_tokens, args.micro_batch) < 1 or args.group < 2 or args.warmup < 0 \
             or args.gen_repeats < 0 or args.beta < 0:
-        p.error("--prompts, --steps, --max-new-tokens must be ≥ 1, --group ≥ 2, --warmup, --gen-repeats, --beta ≥ 0")
+        p.error("--prompts, --steps, --max-new-tokens, --micro-batch must be ≥ 1, --group ≥ 2, --warmup, --gen-repeats, --beta ≥ 0")
     args.trl_gradient_checkpointing = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
     args.total_steps = args.warmup + args.steps
     return args

@@ -145,6 +145,19 @@ def test_on_policy_grpo_takes_old_logprobs_from_the_update_with_the_same_result(
         assert a["approx_kl"] == 0.0 and a["clipfrac"] == 0.0
 
 
+def test_micro_batch_size_does_not_change_the_update(tmp_path):
+    # Micro-batches are length-sorted row groups whose gradients add up to the whole batch's:
+    # one forward over all 8 rows or three of ≤ 3 rows give the same step.
+    runs = []
+    for size in (8, 3):
+        cfg = GRPOConfig(**_base(tmp_path, f"mb-{size}", batch_size=size, group_size=4, kl_coef=0.1))
+        run_policy_gradient(cfg)
+        runs.append(read_metrics(cfg.output_dir))
+    for a, b in zip(*runs, strict=True):
+        for key in ("loss", "kl", "entropy", "reward", "grad_norm", "kl_penalty"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
 def _likes_a(prompts_file: Path, tmp_path: Path, **kw) -> GRPOConfig:
     return GRPOConfig(model="tiny", prompts=str(prompts_file), output_dir=str(tmp_path / "likes_a"),
                       max_steps=30, prompts_per_step=2, group_size=8, max_new_tokens=8, batch_size=16,

@@ -24,6 +24,7 @@ from rlhfkit.rollout.rollout import (
     build_reward,
     build_rollout,
     demo_prompts,
+    micro_batches,
     parse_reward_spec,
     prompt_indices,
     read_prompts,
@@ -80,6 +81,24 @@ def test_old_logprobs_equal_a_fresh_forward_and_match_the_reference_before_train
     # scores come from the reward source, per response, in row order
     assert rollout.scores.tolist() == [float(len(t)) for t in rollout.texts]
     assert rollout.source_scores["chars"].tolist() == rollout.scores.tolist()
+
+
+def test_micro_batches_group_rows_of_similar_length_and_cover_each_row_once():
+    # total lengths (prompt + response) of 6 rows: 5, 9, 4, 9, 2, 7
+    prompt_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    response_mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0],
+                                  [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]]).float()
+    n = 6
+    rollout = Rollout(prompt_ids=torch.zeros(n, 3, dtype=torch.long), prompt_mask=prompt_mask,
+                      response_ids=torch.zeros(n, 6, dtype=torch.long), response_mask=response_mask,
+                      scores=torch.zeros(n), source_scores={}, prompt_index=torch.arange(n), group_size=1,
+                      finished=torch.ones(n, dtype=torch.bool), texts=("",) * n)
+    groups = micro_batches(rollout, range(n), 4)
+    assert [g.tolist() for g in groups] == [[4, 2, 0, 5], [1, 3]]  # ties (rows 1, 3) keep their order
+    # a minibatch's rows (any order, any subset) are split the same way: by their own lengths
+    assert [g.tolist() for g in micro_batches(rollout, torch.tensor([3, 5, 0]), 2)] == [[0, 5], [3]]
+    # the padded width of a micro-batch is its longest row, not the rollout's
+    assert rollout.select(groups[0]).response_mask.shape[1] == 4
 
 
 def test_reference_with_lora_disabled_equals_the_base_model():
@@ -275,6 +294,38 @@ def test_policy_sampler_decodes_with_a_synced_low_precision_copy():
     same = PolicySampler(model, None)
     same.sync()
     assert same.model is model and same.syncs == 0 and sampler.syncs == 1
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_decode_what_separate_prefills_decode(monkeypatch):
+    from rlhfkit.rollout import generate as gen_module
+
+    tok, model = tiny_tokenizer(), tiny_causal_lm(seed=0)
+    prompts = [p.prompt for p in _prompts()]
+    # The shared cache equals the one a full forward of each row builds: the next-token logits
+    # after it match an unshared forward of the whole prompt, left padding included.
+    from rlhfkit.data.tokenize import encode_prompt
+
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    width = max(map(len, encoded))
+    rows = [0, 0, 1, 1, 1]
+    ids = torch.tensor([[PAD] * (width - len(encoded[i])) + encoded[i] for i in rows])
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(encoded[i]) for i in rows])[:, None]).long()
+    cache = gen_module.shared_prompt_cache(model, ids, attn, rows)
+    assert cache.get_seq_length() == width - 1
+    positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
+    with torch.no_grad():
+        shared = model(input_ids=ids[:, -1:], attention_mask=attn, position_ids=positions[:, -1:],
+                       **{gen_module.cache_argument(model): cache}).logits[:, -1]
+        full = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -1]
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    assert gen_module.shared_prompt_cache(model, ids[[0, 2]], attn[[0, 2]], [0, 1]) is None  # nothing repeats
+    # Sampling n = 3 with the shared prefill decodes what generate decodes without it.
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, n=3, seed=4)
+    got = gen_module.generate(model, tok, prompts, sampling)
+    monkeypatch.setattr(gen_module, "shared_prompt_cache", lambda *a: None)
+    expected = gen_module.generate(model, tok, prompts, sampling)
+    assert [g.response_ids for g in got] == [g.response_ids for g in expected]
+    assert len({tuple(g.response_ids) for g in got}) > 2  # the samples differ: a real test of sampling
 
 
 def _bf16_copy(model):

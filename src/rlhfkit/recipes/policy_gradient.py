@@ -57,10 +57,12 @@ from rlhfkit.rollout.rollout import (
     logprob_temperature,
     loss_units,
     mean_across,
+    micro_batches,
     minibatch_rows,
     pad_token_id,
     policy_outputs,
     prompts_for_step,
+    put_rows,
     rollout_metrics,
     schedule_per_rollout,
     score_generations,
@@ -296,25 +298,26 @@ def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> tuple[dict[st
     sums: dict[str, float] = {}
     grad_norms = []
     fill = rollout.old_logprobs is None
-    old_parts: list[Tensor] = []
-    entropy_parts: list[Tensor] = []
-    width = rollout.response_mask.shape[1]
+    if fill:
+        old_full = torch.zeros_like(rollout.response_mask)
+        entropy_full = torch.zeros_like(rollout.response_mask)
     run.module.train()
     for epoch in range(cfg.inner_epochs):
         for rows in minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch):
-            parts = [rollout.select(rows[s:s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)]
+            groups = micro_batches(rollout, rows, cfg.batch_size)
+            parts = [rollout.select(g) for g in groups]
             local_units = sum(loss_units(p, cfg.aggregation) for p in parts)
             global_units = engine.sum_across(local_units)
-            for i, part in enumerate(parts):
+            for i, (part, part_rows) in enumerate(zip(parts, groups)):
                 # DDP averages gradients over processes, hence × world_size.
                 share = loss_units(part, cfg.aggregation) * engine.world_size / global_units
                 with engine.accumulate(last=i == len(parts) - 1), engine.autocast():
                     out = policy_outputs(run.module, part, run.pad_id, temperature=temperature, with_entropy=fill,
                                          entropy_grad=False)
                     old = out.logprobs.detach() if fill else part.old_logprobs
-                    if fill:  # rows in rollout order: one update per rollout, so minibatch_rows keeps it
-                        old_parts.append(torch.nn.functional.pad(old, (0, width - old.shape[1])))
-                        entropy_parts.append(torch.nn.functional.pad(out.entropy, (0, width - old.shape[1])))
+                    if fill:
+                        put_rows(old_full, part_rows, old)
+                        put_rows(entropy_full, part_rows, out.entropy)
                     loss, metrics = grpo_loss(out.logprobs, old, part.ref_logprobs, part.advantages,
                                               part.response_mask, clip_eps=cfg.clip_eps, kl_coef=loss_kl_coef,
                                               kl_estimator=cfg.resolved_kl_estimator, aggregation=cfg.aggregation)
@@ -330,7 +333,7 @@ def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> tuple[dict[st
     out = {k: v / cfg.updates_per_step for k, v in sums.items()}
     out["grad_norm"] = sum(grad_norms) / len(grad_norms)
     if fill:
-        rollout = dataclasses.replace(rollout, old_logprobs=torch.cat(old_parts), entropy=torch.cat(entropy_parts))
+        rollout = dataclasses.replace(rollout, old_logprobs=old_full, entropy=entropy_full)
     return out, rollout
 
 

@@ -47,6 +47,7 @@ from rlhfkit.rollout.rollout import (
     logprob_temperature,
     loss_units,
     mean_across,
+    micro_batches,
     minibatch_rows,
     pad_token_id,
     policy_outputs,
@@ -211,7 +212,7 @@ def update(run: PPORun, rollout: Rollout, step: int) -> dict[str, float]:
     run.module.train()
     for epoch in range(cfg.inner_epochs):
         for k, rows in enumerate(minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch)):
-            parts = [rollout.select(rows[s:s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)]
+            parts = [rollout.select(g) for g in micro_batches(rollout, rows, cfg.batch_size)]
             local_units = sum(loss_units(p, cfg.aggregation) for p in parts)
             global_units = engine.sum_across(local_units)
             for i, part in enumerate(parts):
