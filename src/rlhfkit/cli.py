@@ -216,7 +216,7 @@ def _rm_eval(model, data, out, batch_size, ensemble_mode):
     import json
 
     from rlhfkit.eval.reward import evaluate_file
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     report = evaluate_file(model, data, ensemble_mode=ensemble_mode, batch_size=batch_size)
     console.print(f"pairs {report['num_pairs']} (ties {report['num_ties']}): accuracy {report['accuracy']:.4f}, "
@@ -316,7 +316,7 @@ def _generate(model, prompt, prompts_file, out, max_new_tokens, temperature, top
     results = gen(m, tok, convs, cfg, progress=True)
     rows = [{"prompt": prompt_text(convs[g.prompt_index]), "response": g.text} for g in results]
     if out:
-        from rlhfkit.train.checkpoint import atomic_write_text
+        from rlhfkit.io import atomic_write_text
 
         atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
         console.print(f"wrote {len(rows)} responses to {out}")

@@ -25,6 +25,20 @@ class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, value out of range."""
 
 
+def closest_names(name: object, choices: typing.Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The valid names nearest to a mistyped `name`, best first (difflib ratio ≥ `cutoff`).
+
+    The one "did you mean" rule of the package: config keys, loss and estimator names,
+    reward sources and record fields all suggest through it."""
+    return difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)
+
+
+def did_you_mean(name: object, choices: typing.Iterable[str], *, cutoff: float = 0.6) -> str:
+    """`"; did you mean 'x'?"` for the nearest valid name, or `""` when none is near."""
+    close = closest_names(name, choices, cutoff=cutoff)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its one-line help (shown by `--help`) and optional choices."""
     meta = {"help": help, "choices": choices}
@@ -112,8 +126,7 @@ class Config:
         names = cls.field_names()
         for key in data:
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+                hint = did_you_mean(key, names, cutoff=0.5) or f"; valid keys: {', '.join(names)}"
                 raise ConfigError(f"{source}: unknown key '{key}' for {cls.__name__}{hint}")
         try:
             return cls(**data)
@@ -154,7 +167,7 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        from rlhfkit.train.checkpoint import atomic_write_text
+        from rlhfkit.io import atomic_write_text
 
         body = yaml.safe_dump({"recipe": self.kind, **self.to_dict()}, sort_keys=False)
         atomic_write_text(Path(path), body)

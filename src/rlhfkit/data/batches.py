@@ -12,7 +12,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from rlhfkit.ops.logprobs import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "LMBatch", "pad_right"]
 
 
 def _to(obj, device):

@@ -20,6 +20,15 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 Source = Literal["human", "ai", "rule", "synthetic", "unknown"]
 SOURCES: tuple[str, ...] = ("human", "ai", "rule", "synthetic", "unknown")
 
+# A preference label this close to 0.5 is a tie: it says nothing about which response is better,
+# so it is left out of accuracy (it still trains a model, through the soft-label loss).
+TIE_TOLERANCE = 1e-6
+
+
+def is_tie(label: float) -> bool:
+    """Whether a preference label P(first ≻ second) says "neither is better"."""
+    return abs(label - 0.5) <= TIE_TOLERANCE
+
 
 @dataclass(frozen=True)
 class Message:
@@ -92,7 +101,7 @@ class PreferencePair:
 
     @property
     def is_tie(self) -> bool:
-        return abs(self.label - 0.5) < 1e-9
+        return is_tie(self.label)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,16 @@ class Encoded:
         return len(self.input_ids)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its end-of-sequence token, else 0.
+
+    Padded positions are masked out everywhere, so the value only has to be a valid id."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
 def render_prompt(tokenizer, prompt: Conversation) -> str:
     """The prompt as text, ending where the assistant's reply begins."""
     if getattr(tokenizer, "chat_template", None):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.train.checkpoint import atomic_write_text
+from rlhfkit.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

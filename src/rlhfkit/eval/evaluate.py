@@ -286,7 +286,7 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
     from rlhfkit.eval.accuracy import exact_match
     from rlhfkit.eval.kl import kl_of_generations
     from rlhfkit.judge.pairwise import PairwiseJudge, resolve_judge_mode
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     t_start = time.perf_counter()
     check_model_paths(list(cfg.model) + ([cfg.reference] if cfg.reference else []))

@@ -676,7 +676,7 @@ def render_report(data: ReportData, *, title: str | None = None) -> str:
 
 def write_report(run_dirs: Sequence[str | Path], out_path: str | Path, *, title: str | None = None) -> Path:
     """Collect `run_dirs` and write the report to `out_path`; returns the path."""
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     page = render_report(collect(run_dirs), title=title)
     out = Path(out_path)

@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 
 from rlhfkit.data.packing import collate_packed
-from rlhfkit.data.schemas import Conversation, PreferencePair
+from rlhfkit.data.schemas import TIE_TOLERANCE, Conversation, PreferencePair
 from rlhfkit.data.tokenize import encode_pair
 from rlhfkit.losses.reward import (
-    TIE_TOLERANCE,
     bradley_terry_loss,
     ensemble_reduce,
     ensemble_summary,
@@ -290,7 +289,7 @@ def score_file(model: str, data: str, out: str, *, ensemble_mode: str = "mean", 
     import json
 
     from rlhfkit.data.readers import iter_records, read_sft
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     examples = read_sft(data)  # validates every record, errors name file:line:field
     records = [rec for rec, _ in iter_records(data)]

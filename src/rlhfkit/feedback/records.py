@@ -16,13 +16,13 @@ honeypots: every annotator gets them and their answers give gold accuracy.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.config import closest_names
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import ROLES
 
@@ -58,7 +58,7 @@ def parse_candidate_set(record: Any, *, path: str | None = None, line: int | Non
         raise error(None, f"expected a JSON object, got {type(record).__name__}")
     for key in record:
         if key not in FIELDS:
-            close = difflib.get_close_matches(str(key), FIELDS, n=1)
+            close = closest_names(key, FIELDS)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known fields: {', '.join(FIELDS)})"
             raise error(str(key), f"unknown field{hint}")
 

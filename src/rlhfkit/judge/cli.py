@@ -136,7 +136,7 @@ def read_judge_items(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -246,7 +246,7 @@ def judge_vs_human(judge, pairs) -> tuple[dict[str, Any], Any]:
 def _judge_agreement(human, judge, judge_model, template, cache, out, max_new_tokens, concurrency, rate_limit):
     from rlhfkit.data.readers import read_preferences
     from rlhfkit.judge.pairwise import PairwiseJudge
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     pairs = read_preferences(human)
     backend = backend_from_spec(judge, judge_model=judge_model, max_new_tokens=max_new_tokens,
@@ -340,7 +340,7 @@ def _judge_constitutional(prompts, out, principles, rounds, judge, judge_model, 
         load_principles,
         preference_record,
     )
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     constitution = load_principles(principles)
     # Fail on a bad template before any model is loaded or any call is made.

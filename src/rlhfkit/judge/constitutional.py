@@ -295,7 +295,7 @@ def constitutional_sft_dataset(backend: JudgeBackend, items: Sequence[tuple[Any,
                                ) -> list[ConstitutionalRevision]:
     """Critique → revise every (prompt, response) and write one SFT record per item to
     `out_path` (JSONL: prompt, completion = revision, original, critique, rounds)."""
-    from rlhfkit.train.checkpoint import atomic_write_text
+    from rlhfkit.io import atomic_write_text
 
     results = critique_and_revise_many(backend, items, principles, rounds=rounds, seed=seed, cache=cache,
                                        critique_template=critique_template,

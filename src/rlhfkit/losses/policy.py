@@ -13,12 +13,12 @@ How per-token losses ℓ_{i,t} become one number is the `aggregation`, one table
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from rlhfkit.config import did_you_mean
 from rlhfkit.ops.advantages import broadcast_sequence_advantages
 from rlhfkit.ops.kl import approx_kl, get_kl_estimator
 from rlhfkit.ops.stats import masked_mean, masked_sum, masked_var
@@ -50,8 +50,7 @@ def aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> Tensor:
     try:
         reduce = AGGREGATIONS[aggregation]
     except KeyError:
-        close = difflib.get_close_matches(str(aggregation), AGGREGATIONS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(aggregation, AGGREGATIONS)
         raise ValueError(f"unknown aggregation '{aggregation}' "
                          f"(choose from {sorted(AGGREGATIONS)}){hint}") from None
     return reduce(per_token, mask)

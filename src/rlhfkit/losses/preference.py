@@ -27,7 +27,6 @@ not, because that would force a device sync every step: the data layer validates
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rlhfkit.config import closest_names
 from rlhfkit.losses.reward import pairwise_metrics
 from rlhfkit.ops.stats import masked_mean
 
@@ -456,6 +456,6 @@ def get_preference_loss(name: str) -> PreferenceLossSpec:
     if spec is not None:
         return spec
     valid = sorted(PREFERENCE_LOSSES)
-    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    close = closest_names(name, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"unknown preference loss {name!r}.{hint} Valid names: {', '.join(valid)}")

@@ -9,16 +9,14 @@ distinguish a confident model from a certain one.
 
 from __future__ import annotations
 
-import difflib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# A label this close to 0.5 is a tie: it says nothing about which response is better, so it
-# is left out of accuracy (it still trains the model, through the soft-label loss).
-TIE_TOLERANCE = 1e-6
+from rlhfkit.config import did_you_mean
+from rlhfkit.data.schemas import TIE_TOLERANCE
 
 ENSEMBLE_MODES: tuple[str, ...] = ("mean", "min", "mean_minus_std")
 
@@ -161,8 +159,7 @@ def ensemble_reduce(rewards: Tensor, mode: str = "mean", k: float = 1.0) -> Tens
             raise ValueError("mode 'mean_minus_std' needs an ensemble of at least 2 members, "
                              f"got {rewards.shape[0]}")
         return rewards.mean(0) - k * rewards.std(0)
-    close = difflib.get_close_matches(mode, ENSEMBLE_MODES, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(mode, ENSEMBLE_MODES)
     raise ValueError(f"unknown ensemble mode '{mode}' (valid: {', '.join(ENSEMBLE_MODES)}){hint}")
 
 

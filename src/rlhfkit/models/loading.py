@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.train.checkpoint import atomic_dir
+from rlhfkit.io import atomic_dir
 
 log = logging.getLogger(__name__)
 

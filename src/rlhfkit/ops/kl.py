@@ -14,11 +14,11 @@ because eˣ ≥ 1 + x. All estimators take and return tensors of the same shape 
 
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 from torch import Tensor
 
+from rlhfkit.config import did_you_mean
 from rlhfkit.ops.stats import masked_mean
 
 KLEstimator = Callable[[Tensor, Tensor], Tensor]
@@ -53,8 +53,7 @@ def get_kl_estimator(name: str) -> KLEstimator:
     try:
         return KL_ESTIMATORS[name]
     except KeyError:
-        close = difflib.get_close_matches(str(name), KL_ESTIMATORS, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, KL_ESTIMATORS)
         raise ValueError(
             f"unknown KL estimator '{name}' (choose from {sorted(KL_ESTIMATORS)}){hint}"
         ) from None

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rlhfkit.data.batches import IGNORE_INDEX
-
+# Label value that no loss counts (the one ignore index of the package; data/ builds labels with it).
+IGNORE_INDEX = -100
+# Positions per chunk of the vocabulary projection: at most DEFAULT_CHUNK × V logits exist at once.
 DEFAULT_CHUNK = 512
 
 

@@ -37,7 +37,7 @@ from rlhfkit.rollout.rollout import (
     score_generations,
     step_seed,
 )
-from rlhfkit.train.checkpoint import atomic_write_text
+from rlhfkit.io import atomic_write_text
 from rlhfkit.train.engine import TrainConfig, inference_device
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from rlhfkit.losses.preference import (
 from rlhfkit.losses.reward import pairwise_metrics
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
-from rlhfkit.train.checkpoint import atomic_write_text
+from rlhfkit.io import atomic_write_text
 from rlhfkit.train.engine import Engine, TrainConfig, set_training_attention
 from rlhfkit.train.loop import SupervisedTask, fit
 

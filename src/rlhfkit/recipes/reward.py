@@ -29,7 +29,7 @@ from rlhfkit.config import check, param
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.preference import dedupe, split_by_prompt
 from rlhfkit.data.readers import read_preferences
-from rlhfkit.data.schemas import PreferencePair, prompt_text
+from rlhfkit.data.schemas import PreferencePair, is_tie, prompt_text
 from rlhfkit.eval.reward import evaluate_reward_model, scalar_metrics
 from rlhfkit.losses.reward import (
     ENSEMBLE_MODES,
@@ -49,7 +49,7 @@ from rlhfkit.models.reward import (
     load_reward_model,
     split_pair_rewards,
 )
-from rlhfkit.train.checkpoint import atomic_write_text
+from rlhfkit.io import atomic_write_text
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 
@@ -190,8 +190,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     engine = Engine(cfg, run_dir, description="rm")
     module = engine.setup(model, tokenizer)
     data_report = {**counts, "train_pairs": len(train), "eval_pairs": len(held_out),
-                   "train_ties": sum(abs(p.label - 0.5) < 1e-6 for p in train),
-                   "eval_ties": sum(abs(p.label - 0.5) < 1e-6 for p in held_out),
+                   "train_ties": sum(is_tie(p.label) for p in train),
+                   "eval_ties": sum(is_tie(p.label) for p in held_out),
                    "skipped": skipped.counts, "skipped_examples": skipped.examples}
     if engine.is_main:
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2))

@@ -26,7 +26,7 @@ from rlhfkit.data.tokenize import Encoded, encode_pair
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
-from rlhfkit.train.checkpoint import atomic_write_text
+from rlhfkit.io import atomic_write_text
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlhfkit.config import ConfigError, check, param
+from rlhfkit.config import ConfigError, check, did_you_mean, param
 from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.readers import iter_records
@@ -48,7 +48,12 @@ from rlhfkit.losses.policy import AGGREGATIONS
 from rlhfkit.ops.kl import KL_ESTIMATORS
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.rollout.generate import Generation, PolicySampler, SamplingConfig, generate
-from rlhfkit.rollout.rewards import FunctionReward, RewardSource, Sample, WeightedRewards
+from rlhfkit.rollout.rewards import (
+    FunctionReward,
+    RewardSource,
+    Sample,
+    WeightedRewards,
+)
 from rlhfkit.train.engine import Engine, TrainConfig, lr_lambda
 
 log = logging.getLogger(__name__)
@@ -424,10 +429,7 @@ def parse_reward_spec(spec: str) -> list[RewardTerm]:
         name, _, rest = raw.partition(":")
         name = name.strip()
         if name not in REWARD_SOURCES:
-            import difflib
-
-            close = difflib.get_close_matches(name, REWARD_SOURCES, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, REWARD_SOURCES)
             raise ConfigError(f"reward: unknown source '{name}' in '{raw}' (choose from "
                               f"{', '.join(REWARD_SOURCES)}){hint}")
         kind = REWARD_KINDS[name]

@@ -1,4 +1,4 @@
-"""Atomic writes and checkpoints that resume exactly.
+"""Checkpoints that resume exactly.
 
 A checkpoint is a folder `checkpoints/step-000120/` holding the model (loadable with plain
 `transformers.AutoModelForCausalLM.from_pretrained`, or a PEFT adapter), the optimizer,
@@ -10,70 +10,17 @@ resume would pick up; `latest` names the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from rlhfkit.io import atomic_dir, atomic_write_text
+
 STATE_FILE = "trainer_state.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old file or the new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_dir(final: Path):
-    """Context manager yielding a temporary folder that becomes `final` on success."""
-    return _AtomicDir(Path(final))
-
-
-class _AtomicDir:
-    def __init__(self, final: Path):
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.final.parent, prefix=f".{self.final.name}.", suffix=".tmp"))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        _fsync_tree(self.tmp)
-        if self.final.exists():
-            trash = self.final.with_name(f".{self.final.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(self.final, trash)
-            os.replace(self.tmp, self.final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def rng_state() -> dict[str, Any]:
