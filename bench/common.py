@@ -214,7 +214,7 @@ def _version(package: str) -> str:
 
 def machine_info() -> dict[str, str]:
     """What a reader needs to judge the numbers: CPU, cores, bf16 support, GPU, versions."""
-    from rlhfkit.train.engine import cpu_supports_bf16
+    from rlhfkit.models.device import cpu_supports_bf16
 
     flags = _cpu_flags()
     native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]

@@ -9,7 +9,7 @@ in one process, steps interleaved; prints tokens/s of each side and the ratio.
 What each side runs per optimizer step
 - ours (padded): exactly what `rlhf dpo` runs, with its defaults (loss "dpo", β 0.1,
   packing off, reference precomputed). The pieces are the real ones: pairs read and
-  tokenized by `recipes.dpo.load_items` (`encode_preferences`) from a JSONL file; the
+  tokenized by `recipes.dpo.load_items` (`encode_preference_pairs`) from a JSONL file; the
   reference from `build_reference` (the starting policy itself) scored ONCE before training
   by `precompute_reference` (timed separately, not part of any step); the task from
   `preference_task` (chosen and rejected of all pairs in one forward of 2B right-padded rows,
@@ -70,18 +70,13 @@ from trl_side import (  # bench/trl_side.py
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.errors import SkipReport
 from rlhfkit.data.packing import collate_packed
+from rlhfkit.data.preference_batches import EncodedPair
 from rlhfkit.data.tokenize import Encoded
-from rlhfkit.losses.preference import get_preference_loss
+from rlhfkit.losses.preference_registry import get_preference_loss
 from rlhfkit.models.loading import load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.recipes.dpo import DPOConfig as OurDPOConfig
-from rlhfkit.recipes.dpo import (
-    EncodedPair,
-    build_reference,
-    load_items,
-    precompute_reference,
-    preference_task,
-)
+from rlhfkit.recipes.dpo import build_reference, load_items, precompute_reference, preference_task
 from rlhfkit.train.engine import Engine, set_training_attention
 
 OURS, OURS_PACKED, TRL = PADDED, PACKED, "TRL DPOTrainer"  # ours: what `rlhf dpo` runs (padded)
@@ -104,7 +99,7 @@ def build_ours(cfg: OurDPOConfig, train: list[EncodedPair], tokenizer) -> tuple[
     model.to(engine.device)
     set_training_attention(model, cfg, engine.device)
     policy = TokenLogprobs(model, cfg.logprob_chunk)
-    reference = build_reference(cfg, model, policy, engine.device)
+    reference = build_reference(cfg, model, engine.device)
     with stopwatch(engine.device) as t:
         scores, _ = precompute_reference(engine, reference, {"train": train}, batch_size=2 * cfg.batch_size,
                                          pad_id=pad_id, packing=cfg.packing)

@@ -94,11 +94,10 @@ from common import (  # bench/common.py, beside this script
 )
 from trl_side import Interleaver  # bench/trl_side.py
 
-import rlhfkit.recipes.policy_gradient as pg
 from rlhfkit.data.schemas import as_conversation, prompt_text
 from rlhfkit.data.tokenize import encode_prompt
-from rlhfkit.demo.tasks import Task, make_tasks
 from rlhfkit.models.loading import load_model
+from rlhfkit.recipes.online import prompts_for_step, step_seed
 from rlhfkit.recipes.policy_gradient import (
     GRPOConfig,
     PolicyGradientRun,
@@ -106,8 +105,9 @@ from rlhfkit.recipes.policy_gradient import (
     train_step,
 )
 from rlhfkit.rollout.generate import PolicySampler, generate
+from rlhfkit.rollout.reward_spec import GoldReward
 from rlhfkit.rollout.rewards import Sample
-from rlhfkit.rollout.rollout import GoldReward, step_seed
+from rlhfkit.tasks.generate import Task, make_tasks
 
 OURS, TRL = "ours (rlhfkit GRPO)", "TRL GRPOTrainer"
 
@@ -317,8 +317,8 @@ def our_generation_alone(side: OurSide, repeats: int) -> dict[str, list[tuple[in
       every weight re-cast to bf16 at every decoding step.
     """
     run = side.run
-    prompts = [p.prompt for p in pg.prompts_for_step(run.prompts, run.cfg.prompts_per_step, seed=run.cfg.seed,
-                                                     step=0)]
+    prompts = [p.prompt for p in prompts_for_step(run.prompts, run.cfg.prompts_per_step, seed=run.cfg.seed,
+                                                  step=0)]
     variants = ["sampler: sync + generate (as train_step)"]
     if run.engine.precision == "bf16":
         variants += ["fp32 training weights, no autocast", "training weights under engine.autocast()"]
@@ -370,7 +370,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.prompts, args.steps, args.max_new_tokens, args.micro_batch) < 1 or args.group < 2 or args.warmup < 0 \
             or args.gen_repeats < 0 or args.beta < 0:
-        p.error("--prompts, --steps, --max-new-tokens, --micro-batch must be ≥ 1, --group ≥ 2, --warmup, --gen-repeats, --beta ≥ 0")
+        p.error("--prompts, --steps, --max-new-tokens, --micro-batch must be ≥ 1, --group ≥ 2, "
+                "--warmup, --gen-repeats, --beta ≥ 0")
     args.trl_gradient_checkpointing = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
     args.total_steps = args.warmup + args.steps
     return args
@@ -462,7 +463,8 @@ def run(args, threads: int, tmp: Path) -> None:
     print("\n## Generated tokens per step (timed steps)")
     for name, tok in ((OURS, ours_tok), (TRL, trl_tok)):
         print(f"{name:20} mean {statistics.mean(tok):7.1f}  [{min(tok)} – {max(tok)}]  of at most "
-              f"{rows * args.max_new_tokens}; every step: {' '.join(map(str, ours.gen_tokens if name == OURS else recorder.gen_tokens))}")
+              f"{rows * args.max_new_tokens}; every step: "
+              f"{' '.join(map(str, ours.gen_tokens if name == OURS else recorder.gen_tokens))}")
     print(f"{'mean gold reward':20} ours {statistics.mean(m['reward/mean'] for m in ours.metrics):.3f}, TRL "
           f"{statistics.mean(recorder.rewards):.3f} (all steps)")
 
@@ -479,7 +481,8 @@ def run(args, threads: int, tmp: Path) -> None:
           f"TRL {_med(per_k[TRL]):.3f}, TRL / ours {_med(per_k[TRL]) / _med(per_k[OURS]):.2f}×")
     print(f"s per step (medians): TRL / ours {times[TRL].median_s / times[OURS].median_s:.2f}×")
     print(f"TRL step, on_step_begin → on_step_end only: median {_med(inter.trl_compute[warm:]):.2f} s; its own "
-          f"step_time metric (training_step: generation to backward, no optimizer): {_med(recorder.step_time[warm:]):.2f} s")
+          "step_time metric (training_step: generation to backward, no optimizer): "
+          f"{_med(recorder.step_time[warm:]):.2f} s")
     print(f"ours, train_step's own timers: time/rollout_s (generate, reward, old and reference log-probs) "
           f"{_med([m['time/rollout_s'] for m in ours.metrics[warm:]]):.2f} s, time/update_s (forward, backward, "
           f"optimizer) {_med([m['time/update_s'] for m in ours.metrics[warm:]]):.2f} s")

@@ -10,7 +10,7 @@ What each side runs per optimizer step
 - ours (padded): exactly what `rlhf rm train` runs, with its defaults (packing off, one
   head, no margin, no label noise, no reward centering) except test_fraction 0 (every pair
   trains; no eval). The pieces are the real ones: pairs read by `recipes.reward.read_splits`
-  from a JSONL file and tokenized by `models.reward.encode_preference_pairs`; the model from
+  from a JSONL file and tokenized by `data.preference_batches.encode_preference_pairs`; the model from
   `load_reward_model` (the backbone with a fresh `score` head); the task from
   `recipes.reward.reward_task` (chosen and rejected of all pairs in one forward of 2B
   right-padded rows, the head applied to each sequence's last real token only,
@@ -64,13 +64,9 @@ from trl_side import (  # bench/trl_side.py
 
 from rlhfkit.data.errors import SkipReport
 from rlhfkit.data.packing import collate_packed
+from rlhfkit.data.preference_batches import EncodedPair, collate_pairs, encode_preference_pairs
 from rlhfkit.models.loading import load_tokenizer, resolve_model_path
-from rlhfkit.models.reward import (
-    EncodedPair,
-    collate_pairs,
-    encode_preference_pairs,
-    load_reward_model,
-)
+from rlhfkit.models.reward import load_reward_model
 from rlhfkit.recipes.reward import RewardConfig as OurRewardConfig
 from rlhfkit.recipes.reward import read_splits, reward_task
 from rlhfkit.train.engine import Engine, inner_hf_model

@@ -58,12 +58,12 @@ from rlhfkit.data.errors import SkipReport
 from rlhfkit.data.packing import collate_packed, collate_padded
 from rlhfkit.data.readers import read_sft
 from rlhfkit.data.tokenize import Encoded
-from rlhfkit.demo.tasks import make_tasks
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.loading import load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.recipes.sft import SFTConfig as OurSFTConfig
 from rlhfkit.recipes.sft import encode_examples, sft_task
+from rlhfkit.tasks.generate import make_tasks
 from rlhfkit.train.engine import Engine, inner_hf_model
 
 OURS, OURS_PADDED, TRL = "ours (packed)", "ours (padded, default)", "TRL SFTTrainer"

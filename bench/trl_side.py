@@ -44,7 +44,8 @@ from common import (  # bench/common.py, beside this script
     synchronize,
 )
 
-from rlhfkit.demo.tasks import FAMILIES, Task, check, make_tasks
+from rlhfkit.tasks.check import check
+from rlhfkit.tasks.generate import FAMILIES, Task, make_tasks
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 

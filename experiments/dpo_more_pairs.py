@@ -21,11 +21,12 @@ from pathlib import Path
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.demo.pipeline import DemoSettings
 from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
-from rlhfkit.demo.tasks import check, make_tasks
 from rlhfkit.eval.accuracy import exact_match
-from rlhfkit.judge.cli import load_local_model
+from rlhfkit.judge.loading import load_local_model
 from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.tasks.check import check
+from rlhfkit.tasks.generate import make_tasks
 
 
 def _train_tasks(settings: DemoSettings):

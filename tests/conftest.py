@@ -7,9 +7,26 @@ oversubscribed OpenMP threads make steps tens of times slower. One thread each.
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def train_reward_model_on_export(tmp_path):
+    """train(path, steps=3, output_dir=None) → `run_reward`'s dict: the tiny random reward model
+    trained a few steps on an exported pairs file, every pair in training (no held-out split)."""
+    from rlhfkit.recipes.reward import RewardConfig, run_reward
+
+    def train(path, *, steps: int = 3, output_dir=None) -> dict:
+        cfg = RewardConfig(model="tiny", train_data=str(path), output_dir=str(output_dir or tmp_path / "rm"),
+                           max_steps=steps, batch_size=8, test_fraction=0.0, resume=False, progress=False,
+                           lr=1e-3, precision="fp32")
+        return run_reward(cfg)
+
+    return train

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from rlhfkit.io import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, value out of range."""
@@ -122,7 +124,7 @@ class Config:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "Config":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
         names = cls.field_names()
         for key in data:
             if key not in names:
@@ -134,7 +136,7 @@ class Config:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> "Config":
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
         """Fields from the YAML file at `path` (if any), then `overrides` on top (CLI flags)."""
         data: dict[str, Any] = {}
         source = "command line"
@@ -156,7 +158,7 @@ class Config:
                 data[k] = v
         return cls.from_dict(data, source=source)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,8 +169,6 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        from rlhfkit.io import atomic_write_text
-
         body = yaml.safe_dump({"recipe": self.kind, **self.to_dict()}, sort_keys=False)
         atomic_write_text(Path(path), body)
 

@@ -24,7 +24,8 @@ def test_demo_runs_all_stages_and_writes_a_report(tmp_path):
     assert "<script" not in report  # self-contained, static
     # Finished stages keep their final model, not their resume checkpoints.
     for stage in ("sft", "rm", "dpo", "grpo"):
-        assert (tmp_path / "demo" / stage / "final").is_dir() and not (tmp_path / "demo" / stage / "checkpoints").exists()
+        folder = tmp_path / "demo" / stage
+        assert (folder / "final").is_dir() and not (folder / "checkpoints").exists()
 
 
 def test_demo_rerun_skips_finished_stages(tmp_path):

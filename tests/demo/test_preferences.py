@@ -3,7 +3,7 @@
 import pytest
 
 from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
-from rlhfkit.demo.tasks import make_tasks
+from rlhfkit.tasks.generate import make_tasks
 
 
 def _tasks_and_responses(n=40):

@@ -17,17 +17,11 @@ from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import as_conversation, prompt_text
 from rlhfkit.data.tokenize import encode_prompt
 from rlhfkit.eval import evaluate as evaluate_module
-from rlhfkit.eval.evaluate import (
-    EvalConfig,
-    confidence_calibration,
-    diversity_numbers,
-    evaluate,
-    load_eval_prompts,
-    model_label,
-    stated_confidence,
-    unique_labels,
-)
+from rlhfkit.eval.calibration import confidence_calibration, stated_confidence
+from rlhfkit.eval.diversity import diversity_numbers
+from rlhfkit.eval.evaluate import EvalConfig, evaluate, model_label, unique_labels
 from rlhfkit.eval.kl import kl_from_logprobs, policy_reference_kl, response_batch
+from rlhfkit.eval.prompts import load_eval_prompts
 from rlhfkit.judge.backends import ScriptedBackend
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.ops.logprobs import token_logprobs_from_logits
@@ -271,10 +265,9 @@ def restore_root_logger():
 
 def test_cli_eval_prints_the_table_and_writes_eval_json(tmp_path, reference_dir, monkeypatch, restore_root_logger):
     from rlhfkit.cli import app
-    from rlhfkit.judge import cli as judge_cli
 
     built = []
-    monkeypatch.setattr(judge_cli, "backend_from_spec",
+    monkeypatch.setattr(evaluate_module, "backend_from_spec",
                         lambda spec, **kw: built.append(spec) or ScriptedBackend(longer_wins, name=f"s:{spec}"))
     out = tmp_path / "ev"
     result = runner.invoke(app, ["eval", "--model", f"tiny,{reference_dir}", "--reference", reference_dir,

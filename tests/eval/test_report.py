@@ -15,12 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.eval.report import (
-    collect,
-    over_optimization_keys,
-    render_report,
-    write_report,
-)
+from rlhfkit.eval.plots import over_optimization_keys
+from rlhfkit.eval.report import render_report, write_report
+from rlhfkit.eval.runs import collect
 
 EVIL = "<script>alert('pwned')</script> & <b>bold</b>"
 
@@ -35,8 +32,8 @@ def _stage(root: Path, name: str, content: dict) -> None:
     (root / "stages" / f"{name}.json").write_text(json.dumps(content, indent=2))
 
 
-def _accuracy(acc: float, n: int, samples: list[dict], wall: float) -> dict:
-    return {"accuracy": acc, "ci_low": max(0.0, acc - 0.08), "ci_high": min(1.0, acc + 0.08), "n": n,
+def _accuracy(label: str, acc: float, n: int, samples: list[dict], wall: float) -> dict:
+    return {"label": label, "accuracy": acc, "ci_low": max(0.0, acc - 0.08), "ci_high": min(1.0, acc + 0.08), "n": n,
             "per_family": {"arithmetic": acc + 0.05, "format": acc - 0.05, "strings": acc, "units": acc},
             "mean_response_words": 9.5, "samples": samples, "wall_s": wall}
 
@@ -68,14 +65,14 @@ def make_synthetic_run(root: Path, *, with_over_optimization: bool = True) -> Pa
                {"task_id": "strings-test-0000", "prompt": "Spell 'desk' backwards.", "response": EVIL,
                 "correct": False}]
     _stage(root, "data", {"train_examples": 480, "test_prompts": 125, "test_checkable": 100, "wall_s": 0.4})
-    _stage(root, "eval_base", _accuracy(0.18, 100, samples, 35.0))
+    _stage(root, "eval_base", _accuracy("embedded model (before)", 0.18, 100, samples, 35.0))
     _stage(root, "sft", {"final": "sft/final", "train_loss": 0.45, "wall_s": 120.0})
-    _stage(root, "eval_sft", _accuracy(0.46, 100, samples, 31.2))
+    _stage(root, "eval_sft", _accuracy("after SFT", 0.46, 100, samples, 31.2))
     _stage(root, "preferences", {"train": {"pairs": 300, "ties": 40, "flipped": 25, "noise": 0.1},
                                  "test": {"pairs": 80, "ties": 9, "flipped": 0, "noise": 0.0},
                                  "sampled_accuracy": 0.41, "wall_s": 60.0})
-    _stage(root, "rm", {"final": "rm/final", "eval_accuracy": 0.71, "eval_ece": 0.06, "eval_pairs": 80,
-                        "train_pairs": 300, "wall_s": 55.0,
+    _stage(root, "rm", {"label": "reward model (demo)", "final": "rm/final", "eval_accuracy": 0.71,
+                        "eval_ece": 0.06, "eval_pairs": 80, "train_pairs": 300, "wall_s": 55.0,
                         "histogram": {"edges": [i / 4 - 2 for i in range(17)],
                                       "chosen": [0, 1, 1, 2, 3, 5, 7, 9, 10, 9, 8, 6, 4, 3, 2, 1],
                                       "rejected": [1, 2, 4, 6, 8, 10, 9, 8, 6, 5, 3, 2, 1, 1, 0, 0]}})

@@ -120,13 +120,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m rlhfkit.feedback.cli serve` on a free loopback port."""
+    """`python -m rlhfkit.cli label serve` on a free loopback port."""
 
     def __init__(self, db_path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rlhfkit.feedback.cli", "serve", "--host", "127.0.0.1",
+            [sys.executable, "-m", "rlhfkit.cli", "label", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), "--db", str(db_path), "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -279,10 +279,9 @@ def test_screenshots_were_taken(labeled_round):
         assert path.stat().st_size > 10_000, name
 
 
-def test_the_export_trains_a_reward_model(labeled_round):
-    reward = pytest.importorskip("rlhfkit.recipes.reward", reason="the reward-model recipe is not built yet")
+def test_the_export_trains_a_reward_model(labeled_round, train_reward_model_on_export):
     pairs = labeled_round["exports"]["pairs"]
-    result = reward.train_reward_model_from_jsonl(str(pairs), tiny=True, steps=3)
+    result = train_reward_model_on_export(str(pairs), steps=3)
     # every exported pair, ties included, reached the trainer
     assert result["data"]["train_pairs"] == len(read_jsonl(pairs)) == 16
 

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from rlhfkit.feedback.cli import label_app
+from rlhfkit.cli.label import label_app
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import Project, Round, User
 

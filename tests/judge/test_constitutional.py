@@ -26,9 +26,9 @@ from rlhfkit.judge.constitutional import (
     load_named_template,
     load_principles,
     parse_principles,
-    preference_record,
     sample_principle,
 )
+from rlhfkit.judge.records import preference_record
 
 PRINCIPLES = ("Be polite.", "Be brief.")
 
@@ -104,7 +104,8 @@ def test_critique_then_revise_chains_rounds_and_cleans_the_label():
     # The second critique reads the first revision, and every step names its drawn principle.
     assert "Rayleigh scattering. (revised)" in prompt_text(backend.requests[2])
     for step in result.steps:
-        assert step.principle in PRINCIPLES and step.critique == f"Against '{step.principle}': it calls the question stupid."
+        assert step.principle in PRINCIPLES
+        assert step.critique == f"Against '{step.principle}': it calls the question stupid."
         assert step.revised
     assert result.critique == result.steps[-1].critique
 
@@ -214,7 +215,7 @@ runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
 @pytest.fixture
 def scripted_cli(monkeypatch):
     """`--judge anything` builds this scripted backend instead of loading a model."""
-    from rlhfkit.judge import cli as judge_cli
+    from rlhfkit.cli import judge as judge_cli
 
     backends: list[ScriptedBackend] = []
 

@@ -9,12 +9,12 @@ import pytest
 
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import Conversation, prompt_text
+from rlhfkit.judge.agreement import judge_agreement
 from rlhfkit.judge.backends import ScriptedBackend
 from rlhfkit.judge.cache import JudgeCache
 from rlhfkit.judge.pairwise import (
     PairwiseJudge,
     fill_template,
-    judge_agreement,
     label_pairs_with_judge,
     load_template,
     parse_verdict,

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from rlhfkit.losses.policy import (
+    AGGREGATIONS,
     aggregate,
     entropy_bonus,
     explained_variance,
     grpo_loss,
+    loss_units,
     ppo_policy_loss,
     reinforce_loss,
     value_loss,
@@ -32,6 +34,17 @@ def test_aggregations_by_hand():
         aggregate(per_token, mask, "tokens")
 
 
+def test_micro_batches_normalized_by_the_minibatch_units_add_up_to_its_loss():
+    per_token = t([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0], [5.0, 6.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    assert float(loss_units(mask, "token")) == 6 and float(loss_units(mask, "sequence")) == 3
+    for aggregation in AGGREGATIONS:
+        units = loss_units(mask, aggregation)
+        parts = (aggregate(per_token[:1], mask[:1], aggregation, normalizer=units)
+                 + aggregate(per_token[1:], mask[1:], aggregation, normalizer=units))
+        assert float(parts) == pytest.approx(float(aggregate(per_token, mask, aggregation))), aggregation
+
+
 # ---------------------------------------------------------------- PPO clipped surrogate
 
 def _ppo_case():
@@ -52,7 +65,8 @@ def _ppo_case():
 
 def test_ppo_clipping_by_hand():
     logp, old, adv, mask = _ppo_case()
-    loss, metrics = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    per_token, metrics = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss = aggregate(per_token, mask, "token")
     # token mean over five real tokens: (−1.2 + 1.5 + 0 + 0.8 − 0.5)/5 = 0.12; clipfrac 2/5
     assert loss.item() == pytest.approx(0.6 / 5)
     loss.backward()
@@ -67,7 +81,8 @@ def test_ppo_clipping_by_hand():
 
 def test_ppo_sequence_aggregation_weighs_rows_equally():
     logp, old, adv, mask = _ppo_case()
-    loss, _ = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, aggregation="sequence")
+    per_token, _ = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss = aggregate(per_token, mask, "sequence")
     # row 0: (−1.2 + 1.5 + 0)/3 = 0.1 ; row 1: (0.8 − 0.5)/2 = 0.15 → 0.125
     assert loss.item() == pytest.approx(0.125)
 
@@ -76,17 +91,19 @@ def test_ppo_asymmetric_clip_higher():
     # ρ = 1.25, A = +1: clipped at 1.2 with ε = 0.2, not with ε_high = 0.28
     logp, old = t([[math.log(1.25)]], grad=True), t([[0.0]])
     adv, mask = t([[1.0]]), torch.ones(1, 1)
-    loss, m = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    per_token, m = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss = aggregate(per_token, mask, "token")
     assert loss.item() == pytest.approx(-1.2) and float(m["clipfrac"]) == 1.0
-    loss, m = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    per_token, m = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2, clip_eps_high=0.28)
+    loss = aggregate(per_token, mask, "token")
     assert loss.item() == pytest.approx(-1.25) and float(m["clipfrac"]) == 0.0
 
 
 def test_ppo_old_logp_is_a_constant():
     # first epoch: old_logp is the same tensor as logp; ρ = 1 and ∂ℓ/∂logp = −A still
     logp = t([[-1.0, -2.0]], grad=True)
-    loss, _ = ppo_policy_loss(logp, logp, t([[2.0, -1.0]]), torch.ones(1, 2), clip_eps=0.2)
-    loss.backward()
+    per_token, _ = ppo_policy_loss(logp, logp, t([[2.0, -1.0]]), torch.ones(1, 2), clip_eps=0.2)
+    aggregate(per_token, torch.ones(1, 2), "token").backward()
     torch.testing.assert_close(logp.grad, t([[-1.0, 0.5]]))
 
 
@@ -100,7 +117,8 @@ def test_value_clipping_by_hand():
     values = t([[0.5, 0.5, 3.0]], grad=True)
     old, returns = t([[0.0, 0.0, 0.0]]), t([[1.0, 0.0, -9.0]])
     mask = torch.tensor([[1, 1, 0]])
-    loss, metrics = value_loss(values, old, returns, mask, clip_eps=0.2)
+    per_token, metrics = value_loss(values, old, returns, mask, clip_eps=0.2)
+    loss = aggregate(per_token, mask, "token")
     assert loss.item() == pytest.approx(0.2225)
     loss.backward()
     torch.testing.assert_close(values.grad, t([[0.0, 0.25, 0.0]]))
@@ -119,7 +137,9 @@ def test_explained_variance_by_hand():
 
 def test_entropy_bonus():
     entropy = t([[1.0, 3.0], [2.0, 50.0]], grad=True)
-    loss, metrics = entropy_bonus(entropy, torch.tensor([[1, 1], [1, 0]]), coef=0.01)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    per_token, metrics = entropy_bonus(entropy, mask, coef=0.01)
+    loss = aggregate(per_token, mask, "token")
     assert loss.item() == pytest.approx(-0.02)  # −0.01 · mean(1, 3, 2)
     assert float(metrics["entropy"]) == pytest.approx(2.0)
 
@@ -131,13 +151,15 @@ def test_grpo_on_policy_without_kl_is_minus_advantage():
     logp = t([[-1.0, -1.0, -1.0], [-1.0, 0.0, 0.0]], grad=True)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     adv = t([1.0, -1.0])
-    loss, m = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2,
-                        kl_coef=0.0)
+    surrogate, penalty, m = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2,
+                                      kl_coef=0.0, kl_estimator="k3")
+    loss = aggregate(surrogate + penalty, mask, "token")
     assert loss.item() == pytest.approx((-3 + 1) / 4)           # token mean
     loss.backward()
     torch.testing.assert_close(logp.grad, t([[-0.25, -0.25, -0.25], [0.25, 0.0, 0.0]]))
-    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2,
-                        kl_coef=0.0, aggregation="sequence")
+    surrogate, penalty, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2,
+                                      kl_coef=0.0, kl_estimator="k3")
+    loss = aggregate(surrogate + penalty, mask, "sequence")
     assert loss.item() == pytest.approx((-1 + 1) / 2)           # each response weighs ½
 
 
@@ -145,8 +167,9 @@ def test_grpo_kl_term_by_hand():
     # A = 0, π = ½, π_ref = ¼: k3 = ½ + log 2 − 1, ∂k3/∂logp = 1 − π_ref/π = ½; β = 0.1
     logp = t([[math.log(0.5)]], grad=True)
     ref = t([[math.log(0.25)]])
-    loss, m = grpo_loss(logp, logp.detach(), ref, t([0.0]), torch.ones(1, 1), clip_eps=0.2,
-                        kl_coef=0.1)
+    surrogate, penalty, m = grpo_loss(logp, logp.detach(), ref, t([0.0]), torch.ones(1, 1), clip_eps=0.2,
+                                      kl_coef=0.1, kl_estimator="k3")
+    loss = aggregate(surrogate + penalty, torch.ones(1, 1), "token")
     assert loss.item() == pytest.approx(0.1 * (math.log(2) - 0.5))
     assert float(m["kl"]) == pytest.approx(math.log(2) - 0.5)
     loss.backward()
@@ -156,9 +179,12 @@ def test_grpo_kl_term_by_hand():
 def test_grpo_clipping_matches_ppo_with_broadcast_advantages():
     logp, old, _, mask = _ppo_case()
     adv = t([1.0, -1.0])
-    g_loss, g_m = grpo_loss(logp, old, old, adv, mask, clip_eps=0.2, kl_coef=0.0)
-    p_loss, p_m = ppo_policy_loss(logp, old, t([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]), mask,
-                                  clip_eps=0.2)
+    g_surrogate, g_penalty, g_m = grpo_loss(logp, old, old, adv, mask, clip_eps=0.2, kl_coef=0.0,
+                                            kl_estimator="k3")
+    g_loss = aggregate(g_surrogate + g_penalty, mask, "token")
+    p_per_token, p_m = ppo_policy_loss(logp, old, t([[1.0, 1.0, 1.0], [-1.0, -1.0, 0.0]]), mask,
+                                       clip_eps=0.2)
+    p_loss = aggregate(p_per_token, mask, "token")
     assert g_loss.item() == pytest.approx(p_loss.item())
     assert float(g_m["clipfrac"]) == pytest.approx(float(p_m["clipfrac"]))
 
@@ -171,7 +197,8 @@ def test_reinforce_by_hand_with_remax_baseline():
     logp = t([[-1.0, -2.0], [-0.5, -9.0]], grad=True)
     mask = torch.tensor([[1, 1], [1, 0]])
     # Σ logp per response = [−3, −0.5]; loss = mean(−0.5·−3, 0.5·−0.5) = (1.5 − 0.25)/2
-    loss, m = reinforce_loss(logp, adv, mask)
+    per_token, m = reinforce_loss(logp, adv, mask)
+    loss = aggregate(per_token, mask, "seq-mean-token-sum")
     assert loss.item() == pytest.approx(0.625)
     loss.backward()
     # ∂/∂logp_{i,t} = −A_i / B on real tokens

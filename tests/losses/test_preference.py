@@ -1,15 +1,14 @@
-"""DPO-family losses against hand-derived values on 2-element batches, and their limits."""
+"""DPO-family losses against hand-derived values on 2-element batches, and their limits.
 
-import inspect
+The losses return one value per example (B,); a test of a batch mean averages explicitly."""
+
 import math
 
 import pytest
 import torch
 
 from rlhfkit.losses.preference import (
-    PREFERENCE_LOSSES,
     dpo_loss,
-    get_preference_loss,
     hinge_loss,
     ipo_loss,
     kto_loss,
@@ -19,6 +18,14 @@ from rlhfkit.losses.preference import (
     robust_dpo_loss,
     simpo_loss,
 )
+from rlhfkit.losses.preference_registry import (
+    LOSS_DEFAULTS,
+    PREFERENCE_LOSSES,
+    FeedbackLogps,
+    PairLogps,
+    get_preference_loss,
+)
+from rlhfkit.losses.reward import non_tie_accuracy
 
 
 def softplus(x: float) -> float:
@@ -56,14 +63,17 @@ def gap_tensor(h: float):
 def test_dpo_hand_values_and_metrics():
     # βh = [0.3, −0.2]: −log σ(0.3) = 0.554355, −log σ(−0.2) = 0.798139, mean 0.676247
     loss, metrics = dpo_loss(**paired(), beta=BETA)
-    assert loss.item() == pytest.approx(0.6762471, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.5543552, 0.7981389], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(0.6762471, abs=1e-6)
     # implicit rewards β(π − ref): chosen [0.2, −0.1], rejected [−0.1, 0.1]
-    assert metrics["rewards/chosen"].item() == pytest.approx(0.05)
-    assert metrics["rewards/rejected"].item() == pytest.approx(0.0)
-    assert metrics["rewards/margin"].item() == pytest.approx(0.05)   # mean(0.3, −0.2)
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
-    assert metrics["logps/chosen"].item() == pytest.approx(-11.5)
-    assert metrics["logps/rejected"].item() == pytest.approx(-13.5)
+    assert metrics["rewards/chosen"].tolist() == pytest.approx([0.2, -0.1])
+    assert metrics["rewards/chosen"].mean().item() == pytest.approx(0.05)
+    assert metrics["rewards/rejected"].mean().item() == pytest.approx(0.0)
+    assert metrics["rewards/margin"].mean().item() == pytest.approx(0.05)   # mean(0.3, −0.2)
+    assert metrics["rewards/accuracy"].tolist() == [1.0, 0.0]
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
+    assert metrics["logps/chosen"].mean().item() == pytest.approx(-11.5)
+    assert metrics["logps/rejected"].mean().item() == pytest.approx(-13.5)
 
 
 def test_dpo_label_smoothing_hand_values():
@@ -71,7 +81,8 @@ def test_dpo_label_smoothing_hand_values():
     #   x = 0.3: 0.9·0.554355 + 0.1·0.854355 = 0.584355
     #   x = −0.2: 0.9·0.798139 + 0.1·0.598139 = 0.778139;  mean 0.681247
     loss, _ = dpo_loss(**paired(), beta=BETA, label_smoothing=0.1)
-    assert loss.item() == pytest.approx((0.5843552 + 0.7781389) / 2, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.5843552, 0.7781389], abs=1e-6)
+    assert loss.mean().item() == pytest.approx((0.5843552 + 0.7781389) / 2, abs=1e-6)
 
 
 def test_dpo_label_smoothing_half_erases_the_label():
@@ -79,18 +90,19 @@ def test_dpo_label_smoothing_half_erases_the_label():
     # annotators said no longer matters, and swapping chosen/rejected changes nothing.
     # It is NOT constant in h: log 2 at h = 0 (its minimum), 0.704355 at βh = 0.3.
     base, _ = dpo_loss(**paired(), beta=BETA, label_smoothing=0.5)
+    base = base.mean()
     expected = (0.5 * (softplus(-0.3) + softplus(0.3)) + 0.5 * (softplus(0.2) + softplus(-0.2))) / 2
     assert base.item() == pytest.approx(expected, abs=1e-6)
     for label in ([0.0, 0.0], [0.5, 0.5], [1.0, 0.3]):
         other, _ = dpo_loss(**paired(), beta=BETA, label_smoothing=0.5,
                             label=torch.tensor(label))
-        assert other.item() == pytest.approx(base.item(), abs=1e-7)
+        assert other.mean().item() == pytest.approx(base.item(), abs=1e-7)
     swapped, _ = dpo_loss(POLICY_REJECTED, POLICY_CHOSEN, REF_REJECTED, REF_CHOSEN,
                           beta=BETA, label_smoothing=0.5)
-    assert swapped.item() == pytest.approx(base.item(), abs=1e-7)
+    assert swapped.mean().item() == pytest.approx(base.item(), abs=1e-7)
     zeros = torch.zeros(2)
     at_zero, _ = dpo_loss(zeros, zeros, zeros, zeros, beta=BETA, label_smoothing=0.5)
-    assert at_zero.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert at_zero.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-7)
     assert base.item() > math.log(2)
 
 
@@ -138,17 +150,20 @@ def test_dpo_soft_label_is_bce_with_soft_target():
 def test_ipo_hand_values():
     # target 1/(2β) = 5; (3 − 5)² = 4, (−2 − 5)² = 49; mean 26.5
     loss, metrics = ipo_loss(**paired(), beta=BETA)
-    assert loss.item() == pytest.approx(26.5, abs=1e-5)
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
+    assert loss.tolist() == pytest.approx([4.0, 49.0], abs=1e-5)
+    assert loss.mean().item() == pytest.approx(26.5, abs=1e-5)
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
     # a tie targets h = 0: (3 − 0)² = 9, (−2 − 0)² = 4; mean 6.5
     tie_loss, _ = ipo_loss(**paired(), beta=BETA, label=torch.tensor([0.5, 0.5]))
-    assert tie_loss.item() == pytest.approx(6.5, abs=1e-5)
+    assert tie_loss.tolist() == pytest.approx([9.0, 4.0], abs=1e-5)
+    assert tie_loss.mean().item() == pytest.approx(6.5, abs=1e-5)
 
 
 def test_hinge_hand_values():
     # max(0, 1 − 0.3) = 0.7, max(0, 1 + 0.2) = 1.2; mean 0.95
     loss, _ = hinge_loss(**paired(), beta=BETA)
-    assert loss.item() == pytest.approx(0.95, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.7, 1.2], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(0.95, abs=1e-6)
     # separated by more than 1/β: zero loss and zero gradient
     policy_chosen, inputs = gap_tensor(11.0)
     loss, _ = hinge_loss(**inputs, beta=BETA)
@@ -161,13 +176,14 @@ def test_robust_dpo_hand_values():
     #   R(0.3)  = (0.8·0.554355 − 0.2·0.854355)/0.6 = 0.454355
     #   R(−0.2) = (0.8·0.798139 − 0.2·0.598139)/0.6 = 0.864806;  mean 0.659580
     loss, _ = robust_dpo_loss(**paired(), beta=BETA, flip_rate=0.2)
-    assert loss.item() == pytest.approx(0.6595804, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.4543552, 0.8648056], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(0.6595804, abs=1e-6)
 
 
 def test_robust_dpo_with_zero_flip_rate_is_dpo():
     robust, robust_metrics = robust_dpo_loss(**paired(), beta=BETA, flip_rate=0.0)
     dpo, dpo_metrics = dpo_loss(**paired(), beta=BETA)
-    assert robust.item() == pytest.approx(dpo.item(), abs=1e-7)
+    assert robust.tolist() == pytest.approx(dpo.tolist(), abs=1e-7)
     assert robust_metrics.keys() == dpo_metrics.keys()
 
 
@@ -179,7 +195,7 @@ def test_robust_dpo_is_unbiased_under_known_flips():
     kept, _ = robust_dpo_loss(**paired(), beta=BETA, flip_rate=eps)
     flipped, _ = robust_dpo_loss(POLICY_REJECTED, POLICY_CHOSEN, REF_REJECTED, REF_CHOSEN,
                                  beta=BETA, flip_rate=eps)
-    assert ((1 - eps) * kept + eps * flipped).item() == pytest.approx(clean.item(), abs=1e-6)
+    assert ((1 - eps) * kept + eps * flipped).tolist() == pytest.approx(clean.tolist(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- SimPO, ORPO
@@ -192,10 +208,12 @@ def test_simpo_hand_values():
     #       loss = softplus(5.5) = 5.504078;  mean 2.766914
     loss, metrics = simpo_loss(torch.tensor([-4.0, -6.0]), torch.tensor([-9.0, -2.0]),
                                torch.tensor([4, 2]), torch.tensor([3, 4]), beta=2.0, gamma=0.5)
-    assert loss.item() == pytest.approx(2.7669144, abs=1e-5)
-    assert metrics["rewards/chosen"].item() == pytest.approx(-4.0)    # mean(−2, −6)
-    assert metrics["rewards/rejected"].item() == pytest.approx(-3.5)  # mean(−6, −1)
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
+    assert loss.tolist() == pytest.approx([0.0297502, 5.5040785], abs=1e-5)
+    assert loss.mean().item() == pytest.approx(2.7669144, abs=1e-5)
+    assert metrics["rewards/chosen"].tolist() == pytest.approx([-2.0, -6.0])
+    assert metrics["rewards/chosen"].mean().item() == pytest.approx(-4.0)    # mean(−2, −6)
+    assert metrics["rewards/rejected"].mean().item() == pytest.approx(-3.5)  # mean(−6, −1)
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
 
 
 def test_simpo_tie_is_symmetric():
@@ -219,7 +237,7 @@ def test_simpo_without_margin_and_equal_lengths_is_reference_free_dpo():
     simpo, _ = simpo_loss(POLICY_CHOSEN, POLICY_REJECTED, lengths, lengths, beta=2.0, gamma=0.0)
     zeros = torch.zeros(2)
     dpo, _ = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, zeros, zeros, beta=2.0 / 5)
-    assert simpo.item() == pytest.approx(dpo.item(), abs=1e-6)
+    assert simpo.tolist() == pytest.approx(dpo.tolist(), abs=1e-6)
 
 
 def test_orpo_hand_values():
@@ -233,22 +251,24 @@ def test_orpo_hand_values():
     rejected = torch.tensor([2 * math.log(0.2), 3 * math.log(0.5)])
     loss, metrics = orpo_loss(chosen, rejected, torch.tensor([3, 2]), torch.tensor([2, 3]),
                               torch.tensor([0.7, 1.3]), odds_ratio_weight=0.1)
-    assert loss.item() == pytest.approx(1.0916291, abs=1e-6)
-    assert metrics["orpo/odds_ratio_loss"].item() == pytest.approx(math.log(2.5), abs=1e-6)
-    assert metrics["orpo/nll"].item() == pytest.approx(1.0)
-    assert metrics["rewards/chosen"].item() == pytest.approx(-math.log(4) / 2, abs=1e-6)
-    # a scalar nll is taken as is
+    # per pair: 0.7 + 0.1·log 1.25 = 0.722314, 1.3 + 0.1·log 5 = 1.460944
+    assert loss.tolist() == pytest.approx([0.7 + 0.1 * math.log(1.25), 1.3 + 0.1 * math.log(5)], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(1.0916291, abs=1e-6)
+    assert metrics["orpo/odds_ratio_loss"].mean().item() == pytest.approx(math.log(2.5), abs=1e-6)
+    assert metrics["orpo/nll"].mean().item() == pytest.approx(1.0)
+    assert metrics["rewards/chosen"].mean().item() == pytest.approx(-math.log(4) / 2, abs=1e-6)
+    # a scalar nll is taken as is (added to every pair)
     scalar, _ = orpo_loss(chosen, rejected, torch.tensor([3, 2]), torch.tensor([2, 3]),
                           torch.tensor(1.0), odds_ratio_weight=0.1)
-    assert scalar.item() == pytest.approx(1.0916291, abs=1e-6)
+    assert scalar.mean().item() == pytest.approx(1.0916291, abs=1e-6)
 
 
 def test_orpo_is_finite_when_the_model_is_certain():
     policy_chosen = torch.tensor([0.0, -1e-9], requires_grad=True)
     loss, _ = orpo_loss(policy_chosen, torch.tensor([-3.0, -3.0]), torch.tensor([2, 2]),
                         torch.tensor([2, 2]), torch.tensor(0.0), odds_ratio_weight=1.0)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(policy_chosen.grad).all()
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(policy_chosen.grad).all()
 
 
 # --------------------------------------------------------------------------- KTO
@@ -261,8 +281,11 @@ def test_kto_both_branches_hand_values():
     loss, metrics = kto_loss(torch.tensor([-7.5, -11.5]), torch.tensor([-10.0, -10.0]),
                              torch.tensor([True, False]), 0.5, beta=0.1, desirable_weight=1.0,
                              undesirable_weight=1.5)
-    assert loss.item() == pytest.approx((0.4501660 + 0.6752490) / 2, abs=1e-6)
-    assert loss.item() == pytest.approx((1 - sigmoid(0.2)) * (1 + 1.5) / 2, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.4501660, 0.6752490], abs=1e-6)
+    assert loss.mean().item() == pytest.approx((0.4501660 + 0.6752490) / 2, abs=1e-6)
+    assert loss.mean().item() == pytest.approx((1 - sigmoid(0.2)) * (1 + 1.5) / 2, abs=1e-6)
+    # r − z0 = 2.0 > 0 (desirable: right side), −2.0 < 0 (undesirable: right side)
+    assert metrics["rewards/accuracy"].tolist() == [1.0, 1.0]
     assert metrics["rewards/desirable"].item() == pytest.approx(0.25)
     assert metrics["rewards/undesirable"].item() == pytest.approx(-0.15)
     assert metrics["kto/num_desirable"].item() == 1
@@ -274,7 +297,7 @@ def test_kto_gradients_push_each_branch_its_own_way_and_not_through_z0():
     z0 = torch.tensor(0.3, requires_grad=True)
     loss, metrics = kto_loss(policy, torch.tensor([-10.0, -10.0]), torch.tensor([True, False]),
                              z0, beta=0.1)
-    loss.backward()
+    loss.mean().backward()
     # dL/dπ = −λ_D·β·σ'(·)/B < 0 for desirable (raise it), > 0 for undesirable (lower it)
     # at r = 0: σ'(∓0.03) = σ(0.03)σ(−0.03) = 0.249944; |grad| = 0.1·0.249944/2 = 0.0124972
     assert policy.grad[0].item() == pytest.approx(-0.0124972, abs=1e-6)
@@ -313,21 +336,31 @@ def test_registry_specs_match_their_functions():
     assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"}
     for name, spec in PREFERENCE_LOSSES.items():
         assert spec.name == name
-        params = inspect.signature(spec.loss_fn).parameters
-        declared = set(spec.inputs) | set(spec.optional_inputs) | set(spec.hyperparameters)
-        assert declared == set(params), name
-        for required in spec.inputs:
-            assert params[required].default is inspect.Parameter.empty, (name, required)
-        assert spec.needs_reference == any(i.startswith("ref_") for i in spec.inputs), name
+        assert spec.hyperparameters == tuple(LOSS_DEFAULTS[name]), name
     assert not PREFERENCE_LOSSES["kto"].paired
-    assert PREFERENCE_LOSSES["dpo"].defaults == {"label_smoothing": 0.0}
-    assert get_preference_loss("simpo").loss_fn is simpo_loss
+    assert [n for n, spec in PREFERENCE_LOSSES.items() if not spec.needs_reference] == ["simpo", "orpo"]
+    assert PREFERENCE_LOSSES["dpo"].with_defaults({"beta": 0.3, "flip_rate": None}) == {"beta": 0.3,
+                                                                                        "label_smoothing": 0.0}
 
 
 def test_registry_call_by_name_matches_direct_call():
     spec = get_preference_loss("robust")
-    loss, _ = spec.loss_fn(**paired(), beta=BETA, flip_rate=0.2)
-    assert loss.item() == pytest.approx(0.6595804, abs=1e-6)
+    inputs = PairLogps(POLICY_CHOSEN, POLICY_REJECTED, torch.ones(2), torch.ones(2),
+                       ref_chosen=REF_CHOSEN, ref_rejected=REF_REJECTED)
+    loss, _ = spec.compute(inputs, {"beta": BETA, "flip_rate": 0.2})
+    assert loss.mean().item() == pytest.approx(0.6595804, abs=1e-6)
+    # every entry passes each hyper-parameter on: a changed value changes the loss
+    lengths = torch.tensor([4.0, 2.0])
+    inputs = PairLogps(POLICY_CHOSEN, POLICY_REJECTED, lengths, lengths + 1, label=torch.tensor([1.0, 0.8]),
+                       ref_chosen=REF_CHOSEN, ref_rejected=REF_REJECTED)
+    kto_inputs = FeedbackLogps(POLICY_CHOSEN, REF_CHOSEN, torch.tensor([True, False]), torch.tensor(0.1))
+    for name, spec in PREFERENCE_LOSSES.items():
+        x = inputs if spec.paired else kto_inputs
+        base = spec.with_defaults({})
+        for hp in spec.hyperparameters:
+            changed = {**base, hp: base[hp] * 1.5 + 0.05}
+            assert spec.compute(x, changed)[0].sum().item() != pytest.approx(spec.compute(x, base)[0].sum().item(),
+                                                                              abs=1e-9), (name, hp)
 
 
 def test_unknown_loss_name_suggests_the_closest():
@@ -344,9 +377,10 @@ def test_preferred_nll_hand_values():
     pc, pr = torch.tensor([-6.0, -6.0, -6.0]), torch.tensor([-2.0, -2.0, -2.0])
     lc, lr = torch.tensor([3.0, 3.0, 3.0]), torch.tensor([4.0, 4.0, 4.0])
     label = torch.tensor([1.0, 0.0, 0.5])
-    assert float(preferred_nll(pc, pr, lc, lr, label)) == pytest.approx((2.0 + 0.5 + 1.25) / 3)
-    assert float(preferred_nll(pc, pr, lc, lr)) == pytest.approx(2.0)
-    # its gradient on a decided pair lowers the chosen NLL only: ∂/∂π_c = −1/(B·|y_c|), ∂/∂π_r = 0
+    assert preferred_nll(pc, pr, lc, lr, label).tolist() == pytest.approx([2.0, 0.5, 1.25])
+    assert float(preferred_nll(pc, pr, lc, lr, label).mean()) == pytest.approx((2.0 + 0.5 + 1.25) / 3)
+    assert preferred_nll(pc, pr, lc, lr).tolist() == pytest.approx([2.0, 2.0, 2.0])
+    # its gradient on a decided pair lowers the chosen NLL only: ∂/∂π_c = −1/|y_c|, ∂/∂π_r = 0 (B = 1)
     pc1, pr1 = torch.tensor([-6.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
     preferred_nll(pc1, pr1, torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([1.0])).backward()
     assert float(pc1.grad) == pytest.approx(-1 / 3) and float(pr1.grad) == 0.0

@@ -1,4 +1,6 @@
-"""Reward-model losses against hand-derived values on 2-element batches."""
+"""Reward-model losses against hand-derived values on 2-element batches.
+
+The losses and metrics are per pair (B,); a test of a batch mean averages explicitly."""
 
 import math
 
@@ -9,6 +11,7 @@ from rlhfkit.losses.reward import (
     bradley_terry_loss,
     ensemble_reduce,
     ensemble_summary,
+    non_tie_accuracy,
     pairwise_metrics,
     reward_centering_penalty,
 )
@@ -24,12 +27,15 @@ def test_bradley_terry_hard_labels():
     r_chosen = torch.tensor([2.0, 0.0])
     r_rejected = torch.tensor([1.0, 0.5])
     loss, metrics = bradley_terry_loss(r_chosen, r_rejected)
-    assert loss.item() == pytest.approx(0.6436693, abs=1e-6)
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)   # only pair 0 right
-    assert metrics["rewards/num_non_tie"].item() == 2
-    assert metrics["rewards/margin"].item() == pytest.approx(0.25)    # mean(1, −0.5)
-    assert metrics["rewards/chosen"].item() == pytest.approx(1.0)
-    assert metrics["rewards/rejected"].item() == pytest.approx(0.75)
+    assert loss.tolist() == pytest.approx([0.3132617, 0.9740770], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(0.6436693, abs=1e-6)
+    assert metrics["rewards/accuracy"].tolist() == [1.0, 0.0]         # only pair 0 right
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
+    assert metrics["rewards/num_non_tie"].sum().item() == 2
+    assert metrics["rewards/margin"].tolist() == pytest.approx([1.0, -0.5])
+    assert metrics["rewards/margin"].mean().item() == pytest.approx(0.25)    # mean(1, −0.5)
+    assert metrics["rewards/chosen"].mean().item() == pytest.approx(1.0)
+    assert metrics["rewards/rejected"].mean().item() == pytest.approx(0.75)
 
 
 def test_bradley_terry_margin_is_subtracted_inside_sigmoid():
@@ -37,9 +43,10 @@ def test_bradley_terry_margin_is_subtracted_inside_sigmoid():
     #   = mean(0.474077, 0.974077) = 0.724077
     loss, metrics = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.5]),
                                        margin=torch.tensor([0.5, 0.0]))
-    assert loss.item() == pytest.approx(0.7240770, abs=1e-6)
+    assert loss.tolist() == pytest.approx([0.4740770, 0.9740770], abs=1e-6)
+    assert loss.mean().item() == pytest.approx(0.7240770, abs=1e-6)
     # accuracy reads the raw rewards, not the margin-shifted difference
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
 
 
 def test_bradley_terry_soft_label():
@@ -56,14 +63,14 @@ def test_bradley_terry_tie_has_zero_gradient_at_equal_rewards_and_pulls_together
     r_chosen = torch.tensor([0.3, 2.0], requires_grad=True)
     r_rejected = torch.tensor([0.3, 0.0], requires_grad=True)
     loss, metrics = bradley_terry_loss(r_chosen, r_rejected, label=torch.tensor([0.5, 0.5]))
-    loss.backward()
+    loss.mean().backward()
     assert r_chosen.grad[0].item() == pytest.approx(0.0, abs=1e-7)
     expected = (1 / (1 + math.exp(-2)) - 0.5) / 2
     assert r_chosen.grad[1].item() == pytest.approx(expected, abs=1e-6)
     assert r_rejected.grad[1].item() == pytest.approx(-expected, abs=1e-6)
     # ties are left out of accuracy
-    assert metrics["rewards/num_non_tie"].item() == 0
-    assert metrics["rewards/accuracy"].item() == 0.0
+    assert metrics["rewards/num_non_tie"].sum().item() == 0
+    assert non_tie_accuracy(metrics).item() == 0.0
 
 
 def test_bradley_terry_mis_click_noise():
@@ -83,7 +90,8 @@ def test_bradley_terry_soft_label_accuracy_follows_label_direction():
     # pair 1: label 0.9, Δ = −1 → wrong
     metrics = pairwise_metrics(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]),
                                torch.tensor([0.2, 0.9]))
-    assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
+    assert metrics["rewards/accuracy"].tolist() == [1.0, 0.0]
+    assert non_tie_accuracy(metrics).item() == pytest.approx(0.5)
 
 
 def test_bradley_terry_rejects_bad_shapes_and_noise():
@@ -99,8 +107,10 @@ def test_reward_centering_penalty():
     # coef 0.01 · mean((1 + 2)², (−1 + 0)²) = 0.01 · mean(9, 1) = 0.05
     penalty, metrics = reward_centering_penalty(torch.tensor([1.0, -1.0]),
                                                 torch.tensor([2.0, 0.0]), coef=0.01)
-    assert penalty.item() == pytest.approx(0.05)
-    assert metrics["rewards/centering_sq"].item() == pytest.approx(5.0)
+    assert penalty.tolist() == pytest.approx([0.09, 0.01])
+    assert penalty.mean().item() == pytest.approx(0.05)
+    assert metrics["rewards/centering_sq"].tolist() == pytest.approx([9.0, 1.0])
+    assert metrics["rewards/centering_sq"].mean().item() == pytest.approx(5.0)
 
 
 def test_ensemble_reduce():

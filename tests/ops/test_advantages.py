@@ -30,7 +30,7 @@ def test_score_on_last_real_token_and_kl_on_every_token():
     # k1 = logp − ref = [[0.5, −1, 0], [−0.5, (pad), (pad)]], β = 0.1
     # row 0: [−0.05, +0.1, 0 + 2]      (score 2 on index 2 = 3 − 1)
     # row 1: [+0.05 + 3, 0, 0]         (score 3 on index 0 = 1 − 1; padding stays 0)
-    rewards, kl = kl_penalized_rewards(SCORES, LOGP, REF, MASK, kl_coef=0.1)
+    rewards, kl = kl_penalized_rewards(SCORES, LOGP, REF, MASK, kl_coef=0.1, kl_clamp=None, estimator="k1")
     torch.testing.assert_close(kl, t([[0.5, -1.0, 0.0], [-0.5, 0.0, 0.0]]))
     torch.testing.assert_close(rewards, t([[-0.05, 0.1, 2.0], [3.05, 0.0, 0.0]]))
 
@@ -39,13 +39,13 @@ def test_kl_clamp_bounds_each_token_keeping_sign():
     logp = t([[1.0, -3.0, 0.1], [-1.0, 0.0, 0.0]])
     ref = t([[-1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
     # k1 = [[2, −3, 0.1], [0, pad, pad]] → clamp(±0.6) = [[0.6, −0.6, 0.1], [0, 0, 0]]
-    rewards, kl = kl_penalized_rewards(SCORES, logp, ref, MASK, kl_coef=1.0, kl_clamp=0.6)
+    rewards, kl = kl_penalized_rewards(SCORES, logp, ref, MASK, kl_coef=1.0, kl_clamp=0.6, estimator="k1")
     torch.testing.assert_close(kl, t([[0.6, -0.6, 0.1], [0.0, 0.0, 0.0]]))
     torch.testing.assert_close(rewards, t([[-0.6, 0.6, -0.1 + 2.0], [3.0, 0.0, 0.0]]))
 
 
 def test_other_estimator_by_name():
-    _, kl = kl_penalized_rewards(SCORES, LOGP, REF, MASK, kl_coef=0.1, estimator="k2")
+    _, kl = kl_penalized_rewards(SCORES, LOGP, REF, MASK, kl_coef=0.1, kl_clamp=None, estimator="k2")
     torch.testing.assert_close(kl, t([[0.125, 0.5, 0.0], [0.125, 0.0, 0.0]]))
 
 
@@ -55,14 +55,14 @@ def test_other_estimator_by_name():
 ])
 def test_bad_masks_are_rejected(mask, match):
     with pytest.raises(ValueError, match=match):
-        kl_penalized_rewards(SCORES, LOGP, REF, mask, kl_coef=0.1)
+        kl_penalized_rewards(SCORES, LOGP, REF, mask, kl_coef=0.1, kl_clamp=None, estimator="k1")
 
 
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="scores must be"):
-        kl_penalized_rewards(t([1.0]), LOGP, REF, MASK, kl_coef=0.1)
+        kl_penalized_rewards(t([1.0]), LOGP, REF, MASK, kl_coef=0.1, kl_clamp=None, estimator="k1")
     with pytest.raises(ValueError, match="same"):
-        kl_penalized_rewards(SCORES, LOGP[:, :2], REF, MASK, kl_coef=0.1)
+        kl_penalized_rewards(SCORES, LOGP[:, :2], REF, MASK, kl_coef=0.1, kl_clamp=None, estimator="k1")
 
 
 # ---------------------------------------------------------------- GRPO / Dr. GRPO
@@ -70,7 +70,7 @@ def test_bad_shapes_are_rejected():
 def test_group_normalized_by_hand():
     # group [1,0,0,1]: mean ½, sample std = √(4·¼ / 3) = 1/√3 → ±½·√3
     # group [3,3,3,3]: all equal → 0 (no signal)
-    adv = group_normalized_advantages(t([1, 0, 0, 1, 3, 3, 3, 3]), 4, eps=0.0)
+    adv = group_normalized_advantages(t([1, 0, 0, 1, 3, 3, 3, 3]), 4, scale=True, eps=0.0)
     h = 0.5 * math.sqrt(3.0)
     torch.testing.assert_close(adv, t([h, -h, -h, h, 0, 0, 0, 0]))
 
@@ -82,9 +82,9 @@ def test_group_normalized_without_scale_is_mean_only():
 
 def test_group_errors():
     with pytest.raises(ValueError, match="whole number of groups"):
-        group_normalized_advantages(t([1, 2, 3]), 2)
+        group_normalized_advantages(t([1, 2, 3]), 2, scale=True)
     with pytest.raises(ValueError, match="group_size"):
-        group_normalized_advantages(t([1, 2]), 1)
+        group_normalized_advantages(t([1, 2]), 1, scale=True)
 
 
 # ---------------------------------------------------------------- RLOO
@@ -133,7 +133,7 @@ def test_broadcast_sequence_advantages():
 
 
 def test_group_normalized_default_eps_is_close_and_equal_group_exactly_zero():
-    adv = group_normalized_advantages(t([1, 0, 0, 1, 2, 2, 2, 2]), 4)
+    adv = group_normalized_advantages(t([1, 0, 0, 1, 2, 2, 2, 2]), 4, scale=True)
     torch.testing.assert_close(adv[:4], t([1, -1, -1, 1]) * 0.5 * math.sqrt(3.0),
                                rtol=1e-5, atol=0)
     assert torch.equal(adv[4:], torch.zeros(4, dtype=torch.float64))

@@ -1,11 +1,34 @@
 import pytest
 import torch
 
-from rlhfkit.ops.gae import gae, gae_reference_loop
+from rlhfkit.ops.gae import gae
 
 
 def t(x):
     return torch.tensor(x, dtype=torch.float64)
+
+
+def gae_reference_loop(rewards, values, mask, *, gamma: float, lam: float):
+    """The same equations as `gae`, one row and one token at a time in plain Python floats.
+
+    Slow on purpose: it is the readable definition the vectorized version is tested against.
+    A padding position ends the episode: the token before it sees V = 0 and A = 0 after it.
+    """
+    advantages = torch.zeros_like(values, dtype=torch.float64)
+    returns = torch.zeros_like(values, dtype=torch.float64)
+    for b in range(rewards.shape[0]):
+        advantage_after, value_after = 0.0, 0.0
+        for t in reversed(range(rewards.shape[1])):
+            if float(mask[b, t]) == 0.0:
+                advantage_after, value_after = 0.0, 0.0
+                continue
+            r, v = float(rewards[b, t]), float(values[b, t])
+            delta = r + gamma * value_after - v
+            advantage = delta + gamma * lam * advantage_after
+            advantages[b, t] = advantage
+            returns[b, t] = advantage + v
+            advantage_after, value_after = advantage, v
+    return advantages.to(values.dtype), returns.to(values.dtype)
 
 
 def test_gamma_lambda_one_gives_reward_to_go():

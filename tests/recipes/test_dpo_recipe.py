@@ -15,27 +15,24 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data import reference_cache
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.packing import plan_batches
+from rlhfkit.data.preference_batches import (
+    collate_pairs,
+    encode_feedback,
+    encode_preference_pairs,
+    mismatched_partners,
+)
 from rlhfkit.data.readers import read_preferences
+from rlhfkit.data.reference_cache import sequence_sums
 from rlhfkit.data.schemas import UnpairedFeedback, as_conversation
 from rlhfkit.data.tokenize import encode_pair
-from rlhfkit.losses.preference import PREFERENCE_LOSSES
+from rlhfkit.losses.preference_registry import LOSS_DEFAULTS, PREFERENCE_LOSSES
 from rlhfkit.models.loading import LoraSettings, load_model
 from rlhfkit.models.policy import TokenLogprobs
+from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.recipes import dpo
-from rlhfkit.recipes.dpo import (
-    LOSS_DEFAULTS,
-    DPOConfig,
-    Reference,
-    collate_pairs,
-    encode_feedback,
-    encode_preferences,
-    mismatched_partners,
-    preference_task,
-    run_dpo,
-    sequence_sums,
-)
+from rlhfkit.recipes.dpo import DPOConfig, preference_task, run_dpo
 from rlhfkit.train.metrics import read_metrics
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "maple", "comet",
@@ -80,7 +77,7 @@ def direct_sum_logprob(model, enc) -> float:
 
 def encoded_pairs(path: Path):
     tok = tiny_tokenizer()
-    return encode_preferences(tok, read_preferences(path), 512, SkipReport(), str(path))
+    return encode_preference_pairs(tok, read_preferences(path), 512, SkipReport(), str(path), drop_identical=True)
 
 
 def losses_by_step(run_dir) -> dict[int, dict]:
@@ -158,7 +155,8 @@ def test_over_length_and_identical_pairs_are_skipped_and_counted(tmp_path):
     skipped = SkipReport()
     # Prompt "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n": 1+4+1+2+1+1+1+9+1 = 21
     # tokens (bytes, specials one each); "a<|im_end|>\n" 3 more → 24 ≤ 32 < 21 + 40 + 2 = 63.
-    kept = encode_preferences(tiny_tokenizer(), read_preferences(path), 32, skipped, str(path))
+    kept = encode_preference_pairs(tiny_tokenizer(), read_preferences(path), 32, skipped, str(path),
+                                   drop_identical=True)
     assert len(kept) == 1 and len(kept[0].chosen) == 24
     assert skipped.counts == {"identical responses": 1, "longer than max_length": 1}
     with pytest.raises(DataError, match="every training record was skipped"):
@@ -269,17 +267,18 @@ def test_packed_chosen_rejected_forward_equals_padded_and_is_one_backbone_call(t
     policy = TokenLogprobs(model)
     backbone_calls = []
     model.model.register_forward_hook(lambda *a: backbone_calls.append(1))
-    packed = collate_pairs(pairs, pad_id=0, packing=True)
+    packed = collate_pairs(pairs, pad_id=0, packed=True)
     assert packed.sequences.input_ids.shape == (1, sum(len(p) for p in pairs))  # no padding at all
     with torch.no_grad():
         sums_packed = sequence_sums(policy, packed.sequences, 2 * len(pairs))
     assert len(backbone_calls) == 1
-    padded = collate_pairs(pairs, pad_id=0, packing=False)
+    padded = collate_pairs(pairs, pad_id=0, packed=False)
     with torch.no_grad():
         sums_padded = sequence_sums(policy, padded.sequences, 2 * len(pairs))
     torch.testing.assert_close(sums_packed, sums_padded, atol=1e-5, rtol=0)
     # chosen first, then rejected, each equal to an independent full-logits forward
-    direct = [direct_sum_logprob(model, p.chosen) for p in pairs] + [direct_sum_logprob(model, p.rejected) for p in pairs]
+    direct = ([direct_sum_logprob(model, p.chosen) for p in pairs]
+              + [direct_sum_logprob(model, p.rejected) for p in pairs])
     torch.testing.assert_close(sums_packed, torch.tensor(direct), atol=1e-5, rtol=0)
 
 
@@ -475,11 +474,11 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path, count_ca
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     policy = TokenLogprobs(peft_model)
-    reference = Reference(policy, peft_model, "tiny")
-    batch = collate_pairs(pairs[:2], pad_id=0, packing=True).sequences
+    reference = ReferencePolicy(peft_model, identity="tiny")
+    batch = collate_pairs(pairs[:2], pad_id=0, packed=True).sequences
     with torch.no_grad():
         adapted = sequence_sums(policy, batch, 4)
-    scored = reference(batch, 4)
+    scored = reference.sequence_sums(batch, 4)
     torch.testing.assert_close(scored, direct[:2].T.reshape(-1), atol=1e-5, rtol=0)
     assert (adapted - scored).abs().max() > 1e-2
     assert policy.training  # scoring restored the mode

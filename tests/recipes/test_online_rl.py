@@ -14,7 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rlhfkit.losses.policy import grpo_loss, reinforce_loss
+from rlhfkit.losses.policy import aggregate, grpo_loss, reinforce_loss
+from rlhfkit.models.device import cpu_supports_bf16
 from rlhfkit.recipes.best_of_n import (
     BestOfNConfig,
     ExpertIterationConfig,
@@ -22,6 +23,7 @@ from rlhfkit.recipes.best_of_n import (
     run_best_of_n,
     run_expert_iteration,
 )
+from rlhfkit.recipes.online import prompt_indices, prompts_for_step
 from rlhfkit.recipes.policy_gradient import (
     GRPOConfig,
     PolicyGradientConfig,
@@ -35,9 +37,9 @@ from rlhfkit.recipes.policy_gradient import (
 )
 from rlhfkit.recipes.ppo import PPOConfig, run_ppo
 from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.rollout.prompts import RLPrompt
 from rlhfkit.rollout.rewards import FunctionReward, WeightedRewards
-from rlhfkit.rollout.rollout import RLPrompt, prompts_for_step, schedule_per_rollout
-from rlhfkit.train.engine import Engine, cpu_supports_bf16, lr_lambda
+from rlhfkit.train.engine import Engine, lr_lambda
 from rlhfkit.train.metrics import read_metrics
 
 # Names every online recipe logs each step (the brief's stable diagnostics).
@@ -237,10 +239,11 @@ def test_clipped_loss_at_ratio_one_has_the_reinforce_gradient():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     adv = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     for aggregation in ("token", "sequence", "seq-mean-token-sum"):
-        clipped, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2, kl_coef=0.0,
-                               aggregation=aggregation)
+        surrogate, penalty, _ = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, clip_eps=0.2, kl_coef=0.0,
+                                          kl_estimator="k3")
+        clipped = aggregate(surrogate + penalty, mask, aggregation)
         (g_clip,) = torch.autograd.grad(clipped, logp)
-        plain, _ = reinforce_loss(logp, adv, mask, aggregation=aggregation)
+        plain = aggregate(reinforce_loss(logp, adv, mask)[0], mask, aggregation)
         (g_plain,) = torch.autograd.grad(plain, logp)
         torch.testing.assert_close(g_clip, g_plain)
 
@@ -269,9 +272,8 @@ def test_kl_in_the_reward_is_subtracted_per_response():
 def test_lr_schedule_counts_rollout_steps(tmp_path):
     cfg = PolicyGradientConfig(**_base(tmp_path, "sched", max_steps=4, warmup_steps=2, schedule="linear",
                                        min_lr_ratio=0.5, minibatches=2, group_size=2))
-    engine = Engine(cfg, tmp_path / "sched")
+    engine = Engine(cfg, tmp_path / "sched", updates_per_step=2)
     engine.setup(torch.nn.Linear(2, 2))
-    schedule_per_rollout(engine, updates_per_step=2)
     used = []
     for _ in range(8):
         used.append(engine.optimizer.param_groups[0]["lr"])
@@ -281,6 +283,14 @@ def test_lr_schedule_counts_rollout_steps(tmp_path):
     assert used == pytest.approx([1e-3 * m for m in mult for _ in range(2)])
     engine.metrics.close()
     engine.progress.close()
+
+
+def test_prompt_order_is_a_pure_function_of_seed_and_step_and_covers_each_epoch():
+    first_epoch = prompt_indices(10, 5, seed=3, step=0) + prompt_indices(10, 5, seed=3, step=1)
+    assert sorted(first_epoch) == list(range(10))
+    assert prompt_indices(10, 5, seed=3, step=7) == prompt_indices(10, 5, seed=3, step=7)
+    assert prompt_indices(10, 5, seed=3, step=0) != prompt_indices(10, 5, seed=4, step=0)
+    assert sorted(prompt_indices(3, 6, seed=0, step=0)) == [0, 0, 1, 1, 2, 2]  # fewer prompts than a step
 
 
 # ---------------------------------------------------------------------------- best-of-n, expert iteration

@@ -20,11 +20,7 @@ from rlhfkit.eval.reward import (
 )
 from rlhfkit.models.reward import RewardModel, tiny_reward_model
 from rlhfkit.models.tiny import tiny_tokenizer
-from rlhfkit.recipes.reward import (
-    RewardConfig,
-    run_reward,
-    train_reward_model_from_jsonl,
-)
+from rlhfkit.recipes.reward import RewardConfig, run_reward
 from rlhfkit.train.metrics import read_metrics
 
 WORDS = ["sun", "cat", "map", "red", "box", "owl", "ink", "jam"]
@@ -147,14 +143,14 @@ def test_resume_with_heads_margin_noise_and_centering_gives_identical_losses(tmp
     assert AutoConfig.from_pretrained(result["final"]).num_labels == 2
 
 
-def test_train_reward_model_from_jsonl_on_a_small_export(tmp_path):
+def test_train_reward_model_on_a_small_export(tmp_path, train_reward_model_on_export):
     path = tmp_path / "export.jsonl"
     rows = [{"prompt": [{"role": "user", "content": f"Q{i}"}], "chosen": "yes good", "rejected": "no",
              "label": 1.0, "margin": None, "both_bad": False, "annotator": "ann1", "source": "human"}
             for i in range(5)]
     rows.append({"prompt": "rank these", "responses": ["a", "b", "c"], "ranks": [0, 1, 1]})  # b = c tie
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = train_reward_model_from_jsonl(str(path), tiny=True, steps=2, output_dir=tmp_path / "rm")
+    result = train_reward_model_on_export(str(path), steps=2, output_dir=tmp_path / "rm")
     assert result["data"]["train_pairs"] == 8 and result["data"]["train_ties"] == 1
     assert (Path(result["final"]) / "config.json").exists()
 

@@ -12,23 +12,14 @@ from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.models.loading import LoraSettings, load_model
+from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.models.value import PolicyValueModel
 from rlhfkit.rollout.generate import SamplingConfig
+from rlhfkit.rollout.prompts import RLPrompt, demo_prompts, read_prompts
+from rlhfkit.rollout.reward_spec import GoldReward, RewardModelSource, build_reward, parse_reward_spec
 from rlhfkit.rollout.rewards import FunctionReward, Sample, WeightedRewards
-from rlhfkit.rollout.rollout import (
-    GoldReward,
-    ReferencePolicy,
-    RLPrompt,
-    Rollout,
-    build_reward,
-    build_rollout,
-    demo_prompts,
-    micro_batches,
-    parse_reward_spec,
-    prompt_indices,
-    read_prompts,
-)
+from rlhfkit.rollout.rollout import Rollout, build_rollout, micro_batches
 
 EOS = 2  # <|im_end|> in the tiny tokenizer
 PAD = 0
@@ -178,14 +169,6 @@ def test_rows_are_prompt_then_response_with_labels_on_the_response():
     assert part.texts == ("b",) and part.scores.tolist() == [0.0]
 
 
-def test_prompt_order_is_a_pure_function_of_seed_and_step_and_covers_each_epoch():
-    first_epoch = prompt_indices(10, 5, seed=3, step=0) + prompt_indices(10, 5, seed=3, step=1)
-    assert sorted(first_epoch) == list(range(10))
-    assert prompt_indices(10, 5, seed=3, step=7) == prompt_indices(10, 5, seed=3, step=7)
-    assert prompt_indices(10, 5, seed=3, step=0) != prompt_indices(10, 5, seed=4, step=0)
-    assert sorted(prompt_indices(3, 6, seed=0, step=0)) == [0, 0, 1, 1, 2, 2]  # fewer prompts than a step
-
-
 # ---------------------------------------------------------------------------- prompts and rewards
 
 def test_read_prompts_fields_and_errors(tmp_path):
@@ -248,8 +231,6 @@ def test_gold_reward_uses_the_demo_checker_or_the_answer():
 def test_reward_model_source_scores_with_the_trained_model(tmp_path):
     reward_models = pytest.importorskip("rlhfkit.models.reward")
     from rlhfkit.data.tokenize import encode_pair
-    from rlhfkit.rollout.rollout import RewardModelSource
-
     rm = reward_models.tiny_reward_model(seed=1)
     tok = tiny_tokenizer()
     rm.model.save_pretrained(tmp_path / "rm")

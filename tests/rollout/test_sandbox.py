@@ -290,7 +290,8 @@ r = sandbox.run_python("while True: pass", timeout_s=1.0, python={python!r})
 out["loop"] = [r.timed_out, r.isolation]
 r = sandbox.run_python("open({str(target)!r}, 'w').write('x')", python={python!r})
 out["write"] = [r.ok, "not allowed" in r.stderr]
-r = sandbox.run_python(f"import socket\\nsocket.create_connection(('127.0.0.1', {{port}}), timeout=1)", python={python!r})
+connect = f"import socket\\nsocket.create_connection(('127.0.0.1', {{port}}), timeout=1)"
+r = sandbox.run_python(connect, python={python!r})
 try:
     server.accept(); arrived = True
 except socket.timeout:

@@ -16,8 +16,8 @@ from rlhfkit.rollout.verifiers import (
     LengthReward,
     answers_match,
     extract_code,
-    extract_final_answer,
 )
+from rlhfkit.tasks.check import extract_final_answer
 
 
 def s(response: str, **meta) -> Sample:

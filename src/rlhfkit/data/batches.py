@@ -52,7 +52,7 @@ class LMBatch:
             return int(self.input_ids.shape[0])
         return int(self.segment_ids.max().item()) + 1
 
-    def to(self, device) -> "LMBatch":
+    def to(self, device) -> LMBatch:
         return _to(self, device)
 
     @property

@@ -76,6 +76,11 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
     return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg))
 
 
+def collate(examples: list[Encoded], pad_id: int, *, packed: bool) -> LMBatch:
+    """`collate_packed` (one padding-free row set) or `collate_padded` (right-padded rows)."""
+    return collate_packed(examples, pad_id) if packed else collate_padded(examples, pad_id)
+
+
 def plan_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
                  group_by_length: bool = True, drop_last: bool = False) -> list[list[int]]:
     """Indices of each micro-batch for one epoch, shuffled reproducibly by (seed, epoch).

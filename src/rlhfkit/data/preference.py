@@ -166,7 +166,7 @@ def pool_soft_labels(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
 
 def _prompt_fraction(prompt: Conversation, seed: int) -> float:
     """A uniform number in [0, 1) fixed by (seed, prompt text)."""
-    digest = hashlib.sha256(f"{seed}\0{prompt_text(prompt)}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\0{prompt_text(prompt)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.data.batches import LMBatch
-from rlhfkit.data.packing import collate_packed, collate_padded
+from rlhfkit.data.packing import collate
 from rlhfkit.data.tokenize import Encoded
 from rlhfkit.ops.logprobs import sequence_logprobs
 
@@ -84,6 +84,12 @@ def sum_by_sequence(token_logps: Tensor, batch: LMBatch, count: int) -> Tensor:
     return sequence_logprobs(token_logps, batch.loss_mask)
 
 
+def sequence_sums(policy: nn.Module, batch: LMBatch, count: int) -> Tensor:
+    """(count,) summed response log-probs of the batch's sequences under `policy` (a
+    `TokenLogprobs`): one forward pass, whatever the number of sequences."""
+    return sum_by_sequence(policy(batch), batch, count)
+
+
 @torch.no_grad()
 def score_sequences(policy: nn.Module, sequences: Sequence[Encoded], *, batch_size: int, pad_id: int,
                     packing: bool, device: torch.device | str) -> Tensor:
@@ -99,8 +105,8 @@ def score_sequences(policy: nn.Module, sequences: Sequence[Encoded], *, batch_si
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         group = [sequences[i] for i in idx]
-        batch = (collate_packed(group, pad_id) if packing else collate_padded(group, pad_id)).to(device)
-        out[torch.tensor(idx)] = sum_by_sequence(policy(batch), batch, len(group)).float().cpu()
+        batch = collate(group, pad_id, packed=packing).to(device)
+        out[torch.tensor(idx)] = sequence_sums(policy, batch, len(group)).float().cpu()
     return out
 
 

@@ -13,12 +13,9 @@ user message. Responses are assistant text.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-Source = Literal["human", "ai", "rule", "synthetic", "unknown"]
-SOURCES: tuple[str, ...] = ("human", "ai", "rule", "synthetic", "unknown")
 
 # A preference label this close to 0.5 is a tie: it says nothing about which response is better,
 # so it is left out of accuracy (it still trains a model, through the soft-label loss).

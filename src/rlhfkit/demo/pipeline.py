@@ -1,6 +1,7 @@
 """The demo pipeline: the whole loop on the embedded model, on a laptop CPU.
 
-Stages run in order; each writes `stages/<name>.json` with its results and wall time, so
+Stages run in order; each writes `stages/<name>.json` with its results and wall time (and
+the `label` the report shows for the model it measured: the format `eval.runs` reads), so
 a rerun of the same command skips finished stages (and a killed training stage resumes
 from its checkpoint). Every number a stage reports is measured on held-out test prompts
 that no training stage saw.
@@ -10,13 +11,31 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.data.preference import split_by_prompt
+from rlhfkit.data.schemas import as_conversation
+from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
+from rlhfkit.eval.accuracy import exact_match
+from rlhfkit.eval.evaluate import EvalConfig, evaluate
+from rlhfkit.eval.report import write_report
 from rlhfkit.io import atomic_write_text
+from rlhfkit.judge.loading import load_local_model
+from rlhfkit.recipes.dpo import DPOConfig, run_dpo
+from rlhfkit.recipes.policy_gradient import PolicyGradientConfig, run_policy_gradient
+from rlhfkit.recipes.ppo import PPOConfig, run_ppo
+from rlhfkit.recipes.reward import RewardConfig, run_reward
+from rlhfkit.recipes.sft import SFTConfig, run_sft
+from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.tasks.check import check
+from rlhfkit.tasks.generate import make_tasks
+from rlhfkit.tasks.records import read_jsonl, to_sft_record, write_jsonl
+from rlhfkit.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +78,11 @@ class DemoSettings:
     precision: str = "auto"
 
     @classmethod
-    def quick(cls, out: Path, **kw) -> "DemoSettings":
+    def quick(cls, out: Path, **kw) -> DemoSettings:
         return cls(out=out, **kw)
 
     @classmethod
-    def full(cls, out: Path, **kw) -> "DemoSettings":
+    def full(cls, out: Path, **kw) -> DemoSettings:
         """≈ 80 minutes on 2 CPU cores: the quick run's data and SFT, 200 checkable test prompts,
         10× the preference prompts (400 × 8 samples: ≈ 450 decided training pairs), DPO/IPO/KTO
         for 60 steps, GRPO/RLOO/ReMax/PPO for 16 steps each and the over-optimization run."""
@@ -90,8 +109,6 @@ Stage = tuple[str, str, Callable[[DemoContext], dict[str, Any]]]
 
 
 def stage_data(ctx: DemoContext) -> dict[str, Any]:
-    from rlhfkit.demo.tasks import make_tasks, to_sft_record, write_jsonl
-
     s = ctx.settings
     train = make_tasks("train", s.train_per_family, seed=s.seed)
     test = make_tasks("test", s.test_per_family, seed=s.seed)
@@ -103,34 +120,27 @@ def stage_data(ctx: DemoContext) -> dict[str, Any]:
 
 
 def _test_tasks(ctx: DemoContext):
-    from rlhfkit.demo.tasks import read_jsonl
-
     return read_jsonl(ctx.path("data", "test_tasks.jsonl"))
 
 
 def load_for_inference(ctx: DemoContext, model_path: str):
     """(tokenizer, model) for generation: bf16 weights when the run trains in bf16 (rather than
     autocast, which would re-cast every weight at every decoding step)."""
-    from rlhfkit.judge.cli import load_local_model
-
     return load_local_model(model_path, ctx.settings.precision)
 
 
-def evaluate_checkpoint(ctx: DemoContext, model_path: str) -> dict[str, Any]:
-    from rlhfkit.eval.accuracy import exact_match
-
+def evaluate_checkpoint(ctx: DemoContext, model_path: str, label: str) -> dict[str, Any]:
+    """Exact-match accuracy on the test tasks; `label` names the model in the report."""
     tok, model = load_for_inference(ctx, model_path)
     res = exact_match(model, tok, _test_tasks(ctx), max_new_tokens=ctx.settings.max_new_tokens, progress=True)
-    return {**res.to_dict(), "samples": res.samples}
+    return {"label": label, **res.to_dict(), "samples": res.samples}
 
 
 def stage_eval_base(ctx: DemoContext) -> dict[str, Any]:
-    return evaluate_checkpoint(ctx, ctx.settings.model)
+    return evaluate_checkpoint(ctx, ctx.settings.model, "embedded model (before)")
 
 
 def stage_sft(ctx: DemoContext) -> dict[str, Any]:
-    from rlhfkit.recipes.sft import SFTConfig, run_sft
-
     s = ctx.settings
     cfg = SFTConfig(model=s.model, train_data=str(ctx.path("data", "sft_train.jsonl")),
                     output_dir=str(ctx.path("sft")), max_steps=s.sft_steps, batch_size=s.sft_batch,
@@ -141,17 +151,11 @@ def stage_sft(ctx: DemoContext) -> dict[str, Any]:
 
 
 def stage_eval_sft(ctx: DemoContext) -> dict[str, Any]:
-    return evaluate_checkpoint(ctx, str(ctx.path("sft", "final")))
+    return evaluate_checkpoint(ctx, str(ctx.path("sft", "final")), "after SFT")
 
 
 def stage_preferences(ctx: DemoContext) -> dict[str, Any]:
     """Sample responses from the SFT model on train prompts; label them with the simulated annotator."""
-    from rlhfkit.data.preference import split_by_prompt
-    from rlhfkit.data.schemas import as_conversation
-    from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
-    from rlhfkit.demo.tasks import make_tasks
-    from rlhfkit.rollout.generate import SamplingConfig, generate
-
     s = ctx.settings
     checkable = [t for t in make_tasks("train", s.train_per_family * 2, seed=s.seed + 1) if t.checkable]
     tasks = checkable[: s.pref_prompts]
@@ -179,16 +183,12 @@ def stage_preferences(ctx: DemoContext) -> dict[str, Any]:
 
 
 def _gold_rate(tasks, responses):
-    from rlhfkit.demo.tasks import check
-
     for t, rs in zip(tasks, responses):
         for r in rs:
             yield int(check(t, r))
 
 
 def stage_reward_model(ctx: DemoContext) -> dict[str, Any]:
-    from rlhfkit.recipes.reward import RewardConfig, run_reward
-
     s = ctx.settings
     cfg = RewardConfig(model=str(ctx.path("sft", "final")), train_data=str(ctx.path("data", "prefs_train.jsonl")),
                        eval_data=str(ctx.path("data", "prefs_test.jsonl")), output_dir=str(ctx.path("rm")),
@@ -197,15 +197,14 @@ def stage_reward_model(ctx: DemoContext) -> dict[str, Any]:
                        label_noise=s.label_noise)
     out = run_reward(cfg)
     ev = out.get("eval", {})
-    return {"final": out["final"], "eval_accuracy": ev.get("accuracy"), "eval_ece": ev.get("ece"),
-            "eval_pairs": out["data"].get("eval_pairs"), "eval_ties": out["data"].get("eval_ties"),
-            "train_pairs": out["data"].get("train_pairs"), "histogram": ev.get("histogram")}
+    data = out["data"]
+    return {"label": "reward model (demo)", "final": out["final"], "eval_accuracy": ev.get("accuracy"),
+            "eval_ece": ev.get("ece"), "eval_pairs": data.get("eval_pairs"), "eval_ties": data.get("eval_ties"),
+            "train_pairs": data.get("train_pairs"), "histogram": ev.get("histogram")}
 
 
 def make_stage_dpo(loss: str) -> Callable[[DemoContext], dict[str, Any]]:
     def stage(ctx: DemoContext) -> dict[str, Any]:
-        from rlhfkit.recipes.dpo import DPOConfig, run_dpo
-
         s = ctx.settings
         train = (ctx.results.get("preferences") or {}).get("train") or {}
         # Ties carry no preference; DPO trains on the decided pairs, unless there are none.
@@ -221,7 +220,7 @@ def make_stage_dpo(loss: str) -> Callable[[DemoContext], dict[str, Any]]:
         out = run_dpo(cfg)
         result = {"final": out["final"], "ties": ties,
                   **{k: v for k, v in out["metrics"].items() if k.startswith("eval/")}}
-        result.update(evaluate_checkpoint(ctx, out["final"]))
+        result.update(evaluate_checkpoint(ctx, out["final"], f"after {loss.upper()}"))
         return result
     return stage
 
@@ -239,9 +238,6 @@ STAGES: list[Stage] = [
 def _online_config(ctx: DemoContext, algorithm: str, *, reward: str, steps: int, lr: float, kl_coef: float,
                    out: str):
     """The config of an online run from the SFT model on the demo's train tasks."""
-    from rlhfkit.recipes.policy_gradient import PolicyGradientConfig
-    from rlhfkit.recipes.ppo import PPOConfig
-
     s = ctx.settings
     common = dict(model=str(ctx.path("sft", "final")), tasks="demo", demo_per_family=s.train_per_family,
                   reward=reward, output_dir=str(ctx.path(out)), max_steps=steps,
@@ -254,9 +250,6 @@ def _online_config(ctx: DemoContext, algorithm: str, *, reward: str, steps: int,
 
 
 def _run_online(cfg) -> dict[str, Any]:
-    from rlhfkit.recipes.policy_gradient import PolicyGradientConfig, run_policy_gradient
-    from rlhfkit.recipes.ppo import run_ppo
-
     return run_policy_gradient(cfg) if isinstance(cfg, PolicyGradientConfig) else run_ppo(cfg)
 
 
@@ -270,7 +263,7 @@ def make_stage_online(algorithm: str) -> Callable[[DemoContext], dict[str, Any]]
         m = out["metrics"]
         result = {"final": out["final"], "steps": s.rl_steps, "final_kl": m.get("kl"),
                   "train_reward": m.get("reward/mean")}
-        result.update(evaluate_checkpoint(ctx, out["final"]))
+        result.update(evaluate_checkpoint(ctx, out["final"], f"after {algorithm.upper()}"))
         return result
     return stage
 
@@ -278,8 +271,6 @@ def make_stage_online(algorithm: str) -> Callable[[DemoContext], dict[str, Any]]
 def stage_overoptimization(ctx: DemoContext) -> dict[str, Any]:
     """GRPO against the learned reward model while the exact checker keeps score (Gao et al.):
     proxy reward keeps rising with KL; gold accuracy rises, then stalls or falls."""
-    from rlhfkit.train.metrics import read_metrics
-
     s = ctx.settings
     cfg = _online_config(ctx, "grpo", reward=f"rm:{ctx.path('rm', 'final')}", steps=s.overopt_steps,
                          lr=s.overopt_lr, kl_coef=0.0, out="overopt")
@@ -292,8 +283,6 @@ def stage_overoptimization(ctx: DemoContext) -> dict[str, Any]:
 def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
     """Every trained model against the SFT model: win rates judged by the embedded model in both
     orders (tie = ½, bootstrap CIs, length-controlled), KL to SFT, length and diversity."""
-    from rlhfkit.eval.evaluate import EvalConfig, evaluate
-
     s = ctx.settings
     trained = [name for name in (*s.dpo_losses, *s.rl_algorithms) if ctx.path(name, "final").exists()]
     if not trained:
@@ -327,8 +316,6 @@ def stages_for(settings: DemoSettings) -> list[Stage]:
 def _drop_checkpoints(stage_dir: Path) -> None:
     """A finished stage's resume checkpoints (weights + optimizer state, ≈ 1.6 GB each for the
     embedded model) are no longer needed once its marker is written: its final model stays."""
-    import shutil
-
     folder = stage_dir / "checkpoints"
     if folder.is_dir():
         shutil.rmtree(folder)
@@ -354,8 +341,6 @@ def run_demo(settings: DemoSettings, *, fresh: bool = False,
             _drop_checkpoints(ctx.path(name))
         if on_stage is not None:
             on_stage(name, desc, ctx.results[name])
-    from rlhfkit.eval.report import write_report
-
     ctx.results["report"] = {"path": str(write_report([ctx.out], ctx.path("report.html"),
                                                       title="rlhfkit demo report"))}
     return ctx

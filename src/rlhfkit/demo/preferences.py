@@ -14,7 +14,8 @@ import random
 from dataclasses import dataclass
 
 from rlhfkit.data.schemas import PreferencePair, Provenance, as_conversation
-from rlhfkit.demo.tasks import Task, check
+from rlhfkit.tasks.check import check
+from rlhfkit.tasks.generate import Task
 
 ANNOTATOR = "simulated-checker"
 

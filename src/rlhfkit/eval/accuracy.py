@@ -1,13 +1,14 @@
-"""Gold exact-match accuracy on the checkable demo tasks (greedy decoding)."""
+"""Gold exact-match accuracy on the checkable tasks (greedy decoding)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from rlhfkit.data.schemas import as_conversation
-from rlhfkit.demo.tasks import Task, check
 from rlhfkit.eval.winrate import win_rate
 from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.tasks.check import check
+from rlhfkit.tasks.generate import Task
 
 
 @dataclass(frozen=True)

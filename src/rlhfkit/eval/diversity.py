@@ -135,3 +135,21 @@ def diversity_report(responses: Sequence[str], *, tokenizer: Any = None,
         median_words=float(statistics.median(word_lengths)),
         mean_tokens=statistics.fmean(token_lengths) if token_lengths else None,
         median_tokens=float(statistics.median(token_lengths)) if token_lengths else None)
+
+
+def diversity_numbers(samples_per_prompt: Sequence[Sequence[str]], greedy: Sequence[str], tokenizer=None,
+                      *, seed: int = 0) -> dict[str, Any]:
+    """distinct-n over all samples, mean within-prompt self-similarity of the samples, and the
+    self-similarity of the greedy answers across prompts."""
+    pooled = [s for group in samples_per_prompt for s in group]
+    out: dict[str, Any] = {"n_prompts": len(samples_per_prompt), "n_samples": len(pooled)}
+    if pooled:
+        report = diversity_report(pooled, tokenizer=tokenizer, seed=seed).to_dict()
+        out.update({k: v for k, v in report.items() if k.startswith("distinct_")})
+        out["sample_mean_tokens"] = report["mean_tokens"]
+        groups = [g for g in samples_per_prompt if len(g) >= 2]
+        out["within_prompt_self_similarity"] = (statistics.fmean(self_similarity(g, seed=seed) for g in groups)
+                                                if groups else None)
+    if len(greedy) >= 2:
+        out["across_prompt_self_similarity"] = self_similarity(list(greedy), seed=seed)
+    return out

@@ -1,4 +1,4 @@
-"""`rlhf eval`: measure every model the pipeline produced, the way the literature does.
+"""Measure every model the pipeline produced, the way the literature does (`rlhf eval`).
 
 For each model, on held-out prompts (the demo test split, or a file):
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -34,7 +33,24 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import Config, check, param
-from rlhfkit.data.schemas import Conversation, as_conversation, prompt_text
+from rlhfkit.data.readers import read_preferences
+from rlhfkit.data.schemas import prompt_text
+from rlhfkit.data.tokenize import pad_token_id
+from rlhfkit.eval.accuracy import AccuracyResult, exact_match
+from rlhfkit.eval.calibration import confidence_calibration
+from rlhfkit.eval.diversity import diversity_numbers
+from rlhfkit.eval.kl import kl_of_generations
+from rlhfkit.eval.prompts import EvalPrompt, load_eval_prompts
+from rlhfkit.eval.reward import evaluate_reward_model
+from rlhfkit.eval.winrate import length_controlled_win_rate, win_rate
+from rlhfkit.io import atomic_write_text
+from rlhfkit.judge.cache import open_cache
+from rlhfkit.judge.loading import backend_from_spec, load_local_model
+from rlhfkit.judge.pairwise import PairwiseJudge, resolve_judge_mode
+from rlhfkit.losses.reward import ensemble_reduce
+from rlhfkit.models.device import inference_device
+from rlhfkit.models.loading import ModelNotFound
+from rlhfkit.models.reward import load_trained_reward_model, score_responses
 from rlhfkit.rollout.generate import SamplingConfig, generate
 
 log = logging.getLogger(__name__)
@@ -89,53 +105,6 @@ class EvalConfig(Config):
         check(self.pairs is None or self.reward_model is not None, "--pairs needs --reward-model")
 
 
-# ----------------------------------------------------------------------------- prompts
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    """One held-out prompt: a checkable demo task (gold answer) or an open prompt."""
-
-    id: str
-    family: str
-    prompt: Conversation
-    task: Any = None  # rlhfkit.demo.tasks.Task when checkable
-
-    @property
-    def checkable(self) -> bool:
-        return self.task is not None and self.task.checkable
-
-
-def load_eval_prompts(tasks: str, *, n_per_family: int = 25, seed: int = 0) -> list[EvalPrompt]:
-    """'demo' → the demo test split; a file of demo task records (`task_id`, `family`, ...) → those
-    tasks; any other JSONL → one open prompt per record's `prompt` (text or messages)."""
-    from rlhfkit.data.errors import DataError
-    from rlhfkit.data.readers import iter_records
-    from rlhfkit.demo.tasks import make_tasks, read_jsonl
-
-    if tasks == "demo":
-        found = make_tasks("test", n_per_family, seed=seed)
-    else:
-        first = next(iter_records(tasks), None)
-        if first is None:
-            raise DataError("no records", path=str(tasks))
-        if "family" in first[0] and "task_id" in first[0]:
-            found = read_jsonl(tasks)
-        else:
-            prompts = []
-            for rec, where in iter_records(tasks):
-                if "prompt" not in rec:
-                    raise where.error("prompt", "missing (an eval prompt needs 'prompt')")
-                try:
-                    conv = as_conversation(rec["prompt"])
-                except (KeyError, TypeError):
-                    raise where.error("prompt", "expected text or a list of {role, content} messages") from None
-                if not prompt_text(conv).strip():
-                    raise where.error("prompt", "empty text")
-                prompts.append(EvalPrompt(str(rec.get("id", f"prompt-{where.line:04d}")), "open", conv))
-            return prompts
-    return [EvalPrompt(t.id, t.family, as_conversation(t.prompt), t) for t in found]
-
-
 # ----------------------------------------------------------------------------- pieces
 
 def model_label(path: str) -> str:
@@ -156,55 +125,6 @@ def unique_labels(paths: Sequence[str], names: Sequence[str] = ()) -> list[str]:
     return out
 
 
-_CONFIDENCE = re.compile(r"confidence\s*(?:level)?\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)\s*%", re.IGNORECASE)
-
-
-def stated_confidence(text: str) -> float | None:
-    """The last 'Confidence: NN%' in a response, as a probability; None when none is stated."""
-    found = _CONFIDENCE.findall(text)
-    if not found:
-        return None
-    value = float(found[-1]) / 100.0
-    return value if 0.0 <= value <= 1.0 else None
-
-
-def confidence_calibration(responses: Sequence[str], correct: Sequence[bool]) -> dict[str, Any] | None:
-    """ECE of stated confidence against exact-match correctness, over the responses that state
-    one (None when none does)."""
-    import torch
-
-    from rlhfkit.eval.reward import expected_calibration_error
-
-    stated = [(c, float(ok)) for c, ok in ((stated_confidence(r), ok) for r, ok in zip(responses, correct))
-              if c is not None]
-    if not stated:
-        return None
-    probs = torch.tensor([s[0] for s in stated], dtype=torch.float64)
-    labels = torch.tensor([s[1] for s in stated], dtype=torch.float64)
-    return {"n_stated": len(stated), "ece": expected_calibration_error(probs, labels),
-            "mean_confidence": float(probs.mean()), "accuracy_when_stated": float(labels.mean())}
-
-
-def diversity_numbers(samples_per_prompt: Sequence[Sequence[str]], greedy: Sequence[str], tokenizer=None,
-                      *, seed: int = 0) -> dict[str, Any]:
-    """distinct-n over all samples, mean within-prompt self-similarity of the samples, and the
-    self-similarity of the greedy answers across prompts."""
-    from rlhfkit.eval.diversity import diversity_report, self_similarity
-
-    pooled = [s for group in samples_per_prompt for s in group]
-    out: dict[str, Any] = {"n_prompts": len(samples_per_prompt), "n_samples": len(pooled)}
-    if pooled:
-        report = diversity_report(pooled, tokenizer=tokenizer, seed=seed).to_dict()
-        out.update({k: v for k, v in report.items() if k.startswith("distinct_")})
-        out["sample_mean_tokens"] = report["mean_tokens"]
-        groups = [g for g in samples_per_prompt if len(g) >= 2]
-        out["within_prompt_self_similarity"] = (statistics.fmean(self_similarity(g, seed=seed) for g in groups)
-                                                if groups else None)
-    if len(greedy) >= 2:
-        out["across_prompt_self_similarity"] = self_similarity(list(greedy), seed=seed)
-    return out
-
-
 def _win_rate_block(raw) -> dict[str, Any]:
     return {"mean": raw.mean, "ci_low": raw.ci_low, "ci_high": raw.ci_high, "n": raw.n, "wins": raw.wins,
             "ties": raw.ties, "losses": raw.losses, "confidence": raw.confidence, "method": raw.method}
@@ -219,8 +139,6 @@ def gold_win_rate(model_correct: Sequence[bool], reference_correct: Sequence[boo
     ½ + ½·(accuracy difference), but the interval is paired: prompts both get right or both
     get wrong carry no noise.
     """
-    from rlhfkit.eval.winrate import win_rate
-
     if len(model_correct) != len(reference_correct):
         raise ValueError(f"{len(model_correct)} model answers but {len(reference_correct)} reference answers")
     outcomes = [0.5 + 0.5 * (int(m) - int(r)) for m, r in zip(model_correct, reference_correct)]
@@ -229,8 +147,6 @@ def gold_win_rate(model_correct: Sequence[bool], reference_correct: Sequence[boo
 
 def _win_rate_dicts(batch, model_texts: Sequence[str], reference_texts: Sequence[str], *,
                     n_boot: int, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    from rlhfkit.eval.winrate import length_controlled_win_rate, win_rate
-
     outcomes = batch.outcomes
     summary = batch.summary()
     wr = {**_win_rate_block(win_rate(outcomes, n_boot=n_boot, seed=seed)),
@@ -257,25 +173,211 @@ def _finite(x: Any) -> Any:
 
 # ----------------------------------------------------------------------------- the run
 
-def _load(path: str, precision: str):
-    from rlhfkit.judge.cli import load_local_model
-
-    return load_local_model(path, precision)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def check_model_paths(paths: Sequence[str]) -> None:
     """Fail before any model runs when a name is neither 'embedded'/'tiny', an existing folder,
     nor shaped like a Hugging Face id ('owner/name')."""
-    from rlhfkit.models.loading import ModelNotFound
-
     for path in paths:
         hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
         if path not in ("embedded", "tiny") and not Path(path).exists() and not hub_id:
             raise ModelNotFound(f"no such model folder: {path}")
+
+
+@dataclass(frozen=True)
+class ReferenceAnswers:
+    """The reference model and what every model is compared with: its greedy answers to the
+    open prompts (judged against) and its correctness on the checkable ones (the gold win rate
+    pairs every model with it, prompt by prompt)."""
+
+    path: str
+    tokenizer: Any
+    model: Any
+    accuracy: AccuracyResult | None
+    open_texts: list[str]
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """What the measurement of every model shares."""
+
+    cfg: EvalConfig
+    checkable: list[EvalPrompt]
+    open_prompts: list[EvalPrompt]
+    sampled: list[EvalPrompt]
+    reference: ReferenceAnswers | None
+    judge: PairwiseJudge | None
+    reward_model: tuple[Any, Any] | None  # (model, tokenizer)
+    side_by_side: dict[str, dict[str, Any]]  # prompt id → the answers the report shows side by side
+
+
+def _greedy(cfg: EvalConfig) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
+
+
+def _sampling(cfg: EvalConfig) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.n_samples,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def _exact_match(cfg: EvalConfig, model, tokenizer, checkable: Sequence[EvalPrompt]) -> AccuracyResult:
+    """Every answer is kept: calibration and the gold win rate read them all."""
+    return exact_match(model, tokenizer, [p.task for p in checkable], max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.batch_size, keep_samples=len(checkable))
+
+
+def load_reference(cfg: EvalConfig, checkable: Sequence[EvalPrompt],
+                   open_prompts: Sequence[EvalPrompt]) -> ReferenceAnswers | None:
+    """The reference model's greedy answers to every prompt (None without `cfg.reference`)."""
+    if not cfg.reference:
+        return None
+    tokenizer, model = load_local_model(cfg.reference, cfg.precision)
+    accuracy = _exact_match(cfg, model, tokenizer, checkable) if checkable else None
+    open_texts: list[str] = []
+    if open_prompts:
+        log.info("eval: reference %s answers %d open prompts", cfg.reference, len(open_prompts))
+        open_texts = [g.text for g in generate(model, tokenizer, [p.prompt for p in open_prompts], _greedy(cfg))]
+    return ReferenceAnswers(cfg.reference, tokenizer, model, accuracy, open_texts)
+
+
+def load_reward_model(cfg: EvalConfig) -> tuple[tuple[Any, Any] | None, dict[str, Any] | None]:
+    """((model, tokenizer), its accuracy on the held-out pairs) of `cfg.reward_model`, each None when not asked."""
+    if not cfg.reward_model:
+        return None, None
+    model, tokenizer = load_trained_reward_model(cfg.reward_model)
+    model = model.to(inference_device())
+    if not cfg.pairs:
+        return (model, tokenizer), None
+    full = evaluate_reward_model(model, tokenizer, read_preferences(cfg.pairs), batch_size=cfg.batch_size)
+    report = {"path": cfg.reward_model, "pairs": cfg.pairs,
+              **{k: full[k] for k in ("num_pairs", "num_non_tie", "num_ties", "accuracy", "ece", "loss",
+                                      "mean_margin", "tie_mean_abs_delta")}}
+    return (model, tokenizer), report
+
+
+def side_by_side_rows(cfg: EvalConfig, checkable: Sequence[EvalPrompt], open_prompts: Sequence[EvalPrompt],
+                      reference: ReferenceAnswers | None) -> dict[str, dict[str, Any]]:
+    """The first `keep_samples` prompts of each kind, to be answered by every model in the report."""
+    rows: dict[str, dict[str, Any]] = {}
+    for p in open_prompts[:cfg.keep_samples]:
+        rows[p.id] = {"id": p.id, "family": p.family, "prompt": prompt_text(p.prompt), "answer": None,
+                      "responses": {}}
+    for p in checkable[:cfg.keep_samples]:
+        rows[p.id] = {"id": p.id, "family": p.family, "prompt": prompt_text(p.prompt),
+                      "answer": p.task.answer, "responses": {}}
+    for p, text in zip(open_prompts, reference.open_texts if reference is not None else []):
+        if p.id in rows:
+            rows[p.id]["reference"] = text
+    return rows
+
+
+def _checkable_answers(run: EvalRun, model, tokenizer, label: str,
+                       is_reference: bool) -> tuple[dict[str, Any], list[str]]:
+    """Gold exact match on the checkable tasks, the gold win rate against the reference and
+    the calibration of stated confidence; and the greedy answers."""
+    ref_accuracy = run.reference.accuracy if run.reference is not None else None
+    accuracy = (ref_accuracy if is_reference and ref_accuracy is not None
+                else _exact_match(run.cfg, model, tokenizer, run.checkable))
+    out: dict[str, Any] = {"exact_match": accuracy.to_dict()}
+    texts = [s["response"] for s in accuracy.samples]
+    correct = [s["correct"] for s in accuracy.samples]
+    if ref_accuracy is not None and not is_reference:
+        out["gold_win_rate"] = gold_win_rate(correct, [s["correct"] for s in ref_accuracy.samples],
+                                             n_boot=run.cfg.n_boot, seed=run.cfg.seed)
+    out["calibration"] = confidence_calibration(texts, correct)
+    for p, text, ok in zip(run.checkable, texts, correct):
+        if p.id in run.side_by_side:
+            run.side_by_side[p.id]["responses"][label] = {"text": text, "correct": ok}
+    return out, texts
+
+
+def _open_answers(run: EvalRun, model, tokenizer, label: str,
+                  is_reference: bool) -> tuple[dict[str, Any], list[str], int]:
+    """Greedy answers to the open prompts and their win rates against the reference's; and the
+    answers and how many of them hit the length limit."""
+    gens = generate(model, tokenizer, [p.prompt for p in run.open_prompts], _greedy(run.cfg))
+    texts = [g.text for g in gens]
+    for p, text in zip(run.open_prompts, texts):
+        if p.id in run.side_by_side:
+            run.side_by_side[p.id]["responses"][label] = {"text": text, "correct": None}
+    out: dict[str, Any] = {}
+    if run.judge is not None and not is_reference:
+        reference_texts = run.reference.open_texts
+        batch = run.judge.judge_many([(p.prompt, a, b) for p, a, b in zip(run.open_prompts, texts, reference_texts)])
+        out["win_rate"], out["lc_win_rate"] = _win_rate_dicts(batch, texts, reference_texts, n_boot=run.cfg.n_boot,
+                                                              seed=run.cfg.seed)
+    return out, texts, sum(not g.finished for g in gens)
+
+
+def _reward_scores(run: EvalRun, answers: Sequence[str]) -> dict[str, Any]:
+    """The reward model's mean score of the greedy answers (checkable prompts first, as answered)."""
+    model, tokenizer = run.reward_model
+    prompts = [p.prompt for p in run.checkable + run.open_prompts]
+    scores = ensemble_reduce(score_responses(model, tokenizer, prompts, list(answers), batch_size=run.cfg.batch_size),
+                             "mean")
+    return {"mean": float(scores.mean()), "std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "n": scores.numel()}
+
+
+def _kl(run: EvalRun, model, tokenizer, samples) -> dict[str, Any] | None:
+    """KL to the reference on the model's own samples; None when they were not sampled at temperature 1."""
+    if run.cfg.temperature != 1.0:
+        log.warning("eval: KL skipped: samples at temperature %s are not from the policy itself",
+                    run.cfg.temperature)
+        return None
+    return kl_of_generations(model, run.reference.model, samples, pad_id=pad_token_id(tokenizer),
+                             batch_size=run.cfg.batch_size, seed=run.cfg.seed).to_dict()
+
+
+def length_numbers(tokenizer, answers: Sequence[str], *, truncated: int, n_open: int) -> dict[str, Any]:
+    """Mean words and tokens of the greedy answers, and the share of open answers cut by the length limit."""
+    tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in answers]
+    return {"mean_words": statistics.fmean(len(t.split()) for t in answers) if answers else 0.0,
+            "mean_tokens": statistics.fmean(tokens) if tokens else 0.0,
+            "median_tokens": float(statistics.median(tokens)) if tokens else 0.0,
+            "open_truncated": truncated / n_open if n_open else None}
+
+
+def measure_model(run: EvalRun, path: str, label: str) -> dict[str, Any]:
+    """One model's row of eval.json."""
+    t0 = time.perf_counter()
+    log.info("eval: %s (%s)", label, path)
+    reference = run.reference
+    is_reference = reference is not None and path == reference.path
+    tokenizer, model = ((reference.tokenizer, reference.model) if is_reference
+                        else load_local_model(path, run.cfg.precision))
+    row: dict[str, Any] = {"name": label, "path": path, "is_reference": is_reference}
+    greedy_texts: list[str] = []
+    truncated = 0
+    if run.checkable:
+        block, texts = _checkable_answers(run, model, tokenizer, label, is_reference)
+        row.update(block)
+        greedy_texts += texts
+    if run.open_prompts:
+        block, texts, truncated = _open_answers(run, model, tokenizer, label, is_reference)
+        row.update(block)
+        greedy_texts += texts
+    if run.reward_model is not None:
+        row["reward"] = _reward_scores(run, greedy_texts)
+    n = run.cfg.n_samples
+    samples = generate(model, tokenizer, [p.prompt for p in run.sampled], _sampling(run.cfg)) if run.sampled else []
+    groups = [[g.text for g in samples[i * n:(i + 1) * n]] for i in range(len(run.sampled))]
+    row["diversity"] = {**diversity_numbers(groups, greedy_texts, tokenizer, seed=run.cfg.seed),
+                        "temperature": run.cfg.temperature}
+    if reference is not None and samples:
+        row["kl"] = _kl(run, model, tokenizer, samples)
+    row["length"] = length_numbers(tokenizer, greedy_texts, truncated=truncated, n_open=len(run.open_prompts))
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _open_judge(cfg: EvalConfig, judge_backend):
+    """(backend, PairwiseJudge) from `judge_backend` or `cfg.judge`; (None, None) for 'none'."""
+    if judge_backend is None and cfg.judge.lower() == "none":
+        return None, None
+    backend = judge_backend or backend_from_spec(cfg.judge, judge_model=cfg.judge_model,
+                                                 max_new_tokens=cfg.judge_max_new_tokens)
+    judge = PairwiseJudge(backend, cfg.judge_template, both_orders=True, cache=open_cache(cfg.judge_cache),
+                          mode=resolve_judge_mode(cfg.judge_mode, backend))
+    return backend, judge
 
 
 def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
@@ -283,238 +385,39 @@ def evaluate(cfg: EvalConfig, *, judge_backend=None) -> dict[str, Any]:
 
     `judge_backend` overrides `cfg.judge` (any `JudgeBackend`, e.g. a `ScriptedBackend` in tests).
     """
-    from rlhfkit.eval.accuracy import exact_match
-    from rlhfkit.eval.kl import kl_of_generations
-    from rlhfkit.judge.pairwise import PairwiseJudge, resolve_judge_mode
-    from rlhfkit.io import atomic_write_text
-
     t_start = time.perf_counter()
     check_model_paths(list(cfg.model) + ([cfg.reference] if cfg.reference else []))
     prompts = load_eval_prompts(cfg.tasks, n_per_family=cfg.n_per_family, seed=cfg.seed)
     checkable = [p for p in prompts if p.checkable]
     open_prompts = [p for p in prompts if not p.checkable]
-    sampled = prompts[:cfg.sample_prompts]
-    labels = unique_labels(cfg.model, cfg.names)
-    greedy_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=cfg.batch_size)
-    sample_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.n_samples,
-                                batch_size=cfg.batch_size, seed=cfg.seed)
-
-    # ---- 1. the reference: its greedy answers to the open prompts are what every model is judged against
-    reference = ref_tok = reference_acc = None
-    reference_texts: list[str] = []
-    if cfg.reference:
-        ref_tok, reference = _load(cfg.reference, cfg.precision)
-        if checkable:  # its correctness, prompt by prompt: the gold win rate pairs every model with it
-            reference_acc = exact_match(reference, ref_tok, [p.task for p in checkable],
-                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                        keep_samples=len(checkable))
-        if open_prompts:
-            log.info("eval: reference %s answers %d open prompts", cfg.reference, len(open_prompts))
-            reference_texts = [g.text for g in generate(reference, ref_tok, [p.prompt for p in open_prompts],
-                                                        greedy_cfg)]
-
-    # ---- 2. the judge (only needed when there is something to judge)
-    judge = backend = None
-    if cfg.reference and open_prompts and (judge_backend is not None or cfg.judge.lower() != "none"):
-        from rlhfkit.judge.cli import backend_from_spec, open_cache
-
-        backend = judge_backend or backend_from_spec(cfg.judge, judge_model=cfg.judge_model,
-                                                     max_new_tokens=cfg.judge_max_new_tokens)
-        judge = PairwiseJudge(backend, cfg.judge_template, both_orders=True, cache=open_cache(cfg.judge_cache),
-                              mode=resolve_judge_mode(cfg.judge_mode, backend))
-
-    # ---- 3. the reward model
-    rm = rm_tok = None
-    reward_model_report = None
-    if cfg.reward_model:
-        from rlhfkit.eval.reward import evaluate_reward_model, load_trained_reward_model
-        from rlhfkit.train.engine import inference_device
-
-        rm, rm_tok = load_trained_reward_model(cfg.reward_model)
-        rm = rm.to(inference_device())
-        if cfg.pairs:
-            from rlhfkit.data.readers import read_preferences
-
-            full = evaluate_reward_model(rm, rm_tok, read_preferences(cfg.pairs), batch_size=cfg.batch_size)
-            reward_model_report = {"path": cfg.reward_model, "pairs": cfg.pairs,
-                                   **{k: full[k] for k in ("num_pairs", "num_non_tie", "num_ties", "accuracy",
-                                                           "ece", "loss", "mean_margin", "tie_mean_abs_delta")}}
-
-    # ---- 4. every model
-    models_out: list[dict[str, Any]] = []
-    side_by_side: dict[str, dict[str, Any]] = {}
-    for p in open_prompts[:cfg.keep_samples]:
-        side_by_side[p.id] = {"id": p.id, "family": p.family, "prompt": prompt_text(p.prompt), "answer": None,
-                              "responses": {}}
-    for p in checkable[:cfg.keep_samples]:
-        side_by_side[p.id] = {"id": p.id, "family": p.family, "prompt": prompt_text(p.prompt),
-                              "answer": p.task.answer, "responses": {}}
-    if cfg.reference and reference_texts:
-        for p, text in zip(open_prompts, reference_texts):
-            if p.id in side_by_side:
-                side_by_side[p.id]["reference"] = text
-
+    reference = load_reference(cfg, checkable, open_prompts)
+    # The judge is only needed when there is something to judge.
+    backend, judge = _open_judge(cfg, judge_backend) if reference and open_prompts else (None, None)
+    reward_model, reward_model_report = load_reward_model(cfg)
+    run = EvalRun(cfg, checkable, open_prompts, prompts[:cfg.sample_prompts], reference, judge, reward_model,
+                  side_by_side_rows(cfg, checkable, open_prompts, reference))
     try:
-        for path, label in zip(cfg.model, labels):
-            t0 = time.perf_counter()
-            log.info("eval: %s (%s)", label, path)
-            is_reference = cfg.reference is not None and path == cfg.reference
-            tok, model = (ref_tok, reference) if is_reference else _load(path, cfg.precision)
-            row: dict[str, Any] = {"name": label, "path": path, "is_reference": is_reference}
-
-            # gold exact match on the checkable tasks (every answer kept: calibration reads them)
-            greedy_texts: list[str] = []
-            truncated = 0
-            if checkable:
-                acc = reference_acc if is_reference and reference_acc is not None else exact_match(
-                    model, tok, [p.task for p in checkable], max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.batch_size, keep_samples=len(checkable))
-                row["exact_match"] = acc.to_dict()
-                texts = [s["response"] for s in acc.samples]
-                correct = [s["correct"] for s in acc.samples]
-                if reference_acc is not None and not is_reference:
-                    row["gold_win_rate"] = gold_win_rate(correct, [s["correct"] for s in reference_acc.samples],
-                                                         n_boot=cfg.n_boot, seed=cfg.seed)
-                row["calibration"] = confidence_calibration(texts, correct)
-                greedy_texts += texts
-                for p, text, ok in zip(checkable, texts, correct):
-                    if p.id in side_by_side:
-                        side_by_side[p.id]["responses"][label] = {"text": text, "correct": ok}
-            # greedy answers to the open prompts: judged against the reference's
-            if open_prompts:
-                gens = generate(model, tok, [p.prompt for p in open_prompts], greedy_cfg)
-                open_texts = [g.text for g in gens]
-                greedy_texts += open_texts
-                truncated += sum(not g.finished for g in gens)
-                for p, text in zip(open_prompts, open_texts):
-                    if p.id in side_by_side:
-                        side_by_side[p.id]["responses"][label] = {"text": text, "correct": None}
-                if judge is not None and not is_reference:
-                    batch = judge.judge_many([(p.prompt, a, b) for p, a, b in
-                                              zip(open_prompts, open_texts, reference_texts)])
-                    row["win_rate"], row["lc_win_rate"] = _win_rate_dicts(
-                        batch, open_texts, reference_texts, n_boot=cfg.n_boot, seed=cfg.seed)
-            # reward-model score of the greedy answers
-            if rm is not None:
-                from rlhfkit.eval.reward import score_responses
-                from rlhfkit.losses.reward import ensemble_reduce
-
-                order = checkable + open_prompts
-                scores = ensemble_reduce(score_responses(rm, rm_tok, [p.prompt for p in order], greedy_texts,
-                                                         batch_size=cfg.batch_size), "mean")
-                row["reward"] = {"mean": float(scores.mean()),
-                                 "std": float(scores.std()) if scores.numel() > 1 else 0.0, "n": scores.numel()}
-            # samples: diversity, and KL to the reference on the model's own samples
-            samples = generate(model, tok, [p.prompt for p in sampled], sample_cfg) if sampled else []
-            groups = [[g.text for g in samples[i * cfg.n_samples:(i + 1) * cfg.n_samples]]
-                      for i in range(len(sampled))]
-            row["diversity"] = {**diversity_numbers(groups, greedy_texts, tok, seed=cfg.seed),
-                                "temperature": cfg.temperature}
-            if reference is not None and samples:
-                if cfg.temperature == 1.0:
-                    row["kl"] = kl_of_generations(model, reference, samples, pad_id=_pad_id(tok),
-                                                  batch_size=cfg.batch_size, seed=cfg.seed).to_dict()
-                else:
-                    row["kl"] = None
-                    log.warning("eval: KL skipped: samples at temperature %s are not from the policy itself",
-                                cfg.temperature)
-            enc = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in greedy_texts]
-            row["length"] = {"mean_words": statistics.fmean(len(t.split()) for t in greedy_texts) if greedy_texts
-                             else 0.0,
-                             "mean_tokens": statistics.fmean(enc) if enc else 0.0,
-                             "median_tokens": float(statistics.median(enc)) if enc else 0.0,
-                             "open_truncated": truncated / len(open_prompts) if open_prompts else None}
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            models_out.append(row)
-            if not is_reference:
-                del model
+        models = [measure_model(run, path, label)
+                  for path, label in zip(cfg.model, unique_labels(cfg.model, cfg.names))]
     finally:
         if backend is not None and judge_backend is None and hasattr(backend, "close"):
             backend.close()
 
-    result = {
+    result = _finite({
         "version": EVAL_FORMAT_VERSION,
         "tasks": cfg.tasks,
-        "prompts": {"checkable": len(checkable), "open": len(open_prompts), "sampled": len(sampled)},
+        "prompts": {"checkable": len(checkable), "open": len(open_prompts), "sampled": len(run.sampled)},
         "reference": ({"name": model_label(cfg.reference), "path": cfg.reference} if cfg.reference else None),
         "judge": ({"name": backend.name, "model": backend.model, "template": cfg.judge_template,
                    "mode": judge.mode if judge is not None else None}
                   if backend is not None else None),
         "reward_model": reward_model_report,
-        "models": models_out,
-        "samples": list(side_by_side.values()),
+        "models": models,
+        "samples": list(run.side_by_side.values()),
         "config": cfg.to_dict(),
         "wall_s": round(time.perf_counter() - t_start, 1),
-    }
-    result = _finite(result)
+    })
     out = Path(cfg.output_dir) / EVAL_FILE
     atomic_write_text(out, json.dumps(result, indent=2, ensure_ascii=False))
     result["path"] = str(out)
     return result
-
-
-# ----------------------------------------------------------------------------- the command
-
-def _pct(block: dict | None, key: str = "mean") -> str:
-    if not block or block.get(key) is None:
-        return "–"
-    return f"{block[key]:.1%} [{block['ci_low']:.1%}, {block['ci_high']:.1%}]"
-
-
-def results_table(result: dict[str, Any]):
-    """The eval.json numbers as a rich table, one row per model."""
-    from rich.table import Table
-
-    ref = result.get("reference")
-    table = Table(title=f"held-out evaluation ({result['prompts']['checkable']} checkable, "
-                        f"{result['prompts']['open']} open prompts)")
-    vs = f" vs {ref['name']}" if ref else ""
-    for col in ("model", "exact match [95% CI]", f"gold win rate{vs}", f"judged win rate{vs}", "LC win rate",
-                "KL (nats)",
-                "mean tokens", "distinct-2", "self-sim (per prompt)"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for m in result["models"]:
-        em = m.get("exact_match")
-        em_text = f"{em['accuracy']:.1%} [{em['ci_low']:.1%}, {em['ci_high']:.1%}]" if em else "–"
-        kl = m.get("kl")
-        div = m.get("diversity") or {}
-        table.add_row(m["name"] + (" (reference)" if m.get("is_reference") else ""), em_text,
-                      _pct(m.get("gold_win_rate")), _pct(m.get("win_rate")), _pct(m.get("lc_win_rate")),
-                      f"{kl['mean']:.3f}" if kl else "–", f"{m['length']['mean_tokens']:.1f}",
-                      f"{div['distinct_2']:.3f}" if div.get("distinct_2") is not None else "–",
-                      f"{div['within_prompt_self_similarity']:.3f}"
-                      if div.get("within_prompt_self_similarity") is not None else "–")
-    return table
-
-
-def run_eval_command(cfg: EvalConfig) -> dict[str, Any]:
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = Console()
-    result = evaluate(cfg)
-    console.print(results_table(result))
-    rm = result.get("reward_model")
-    if rm:
-        console.print(f"reward model {escape(rm['path'])}: accuracy {rm['accuracy']:.1%} on "
-                      f"{rm['num_non_tie']} held-out pairs, ECE {rm['ece']:.3f}")
-    console.print(f"[green]wrote[/] {escape(result['path'])} · make the HTML report with: "
-                  f"rlhf report {escape(str(Path(result['path']).parent))}")
-    return result
-
-
-EVAL_HELP = ("Evaluate models on held-out prompts: exact match, judged win rate vs a reference (CI, "
-             "length-controlled), reward, KL, length, diversity.")
-EVAL_EXAMPLES = ("[bold]Examples[/]\n\n"
-                 "  rlhf eval --model runs/demo/sft/final,runs/demo/dpo/final --reference runs/demo/sft/final\n\n"
-                 "  rlhf eval --model runs/ppo/final --reference runs/sft/final --tasks prompts.jsonl "
-                 "--judge http://localhost:8000/v1 --judge-model qwen2.5-7b\n\n"
-                 "  rlhf eval --model runs/dpo/final --reference runs/sft/final --reward-model runs/rm/final "
-                 "--pairs test_pairs.jsonl --output-dir runs/eval")
-
-
-def register_eval_command(app, friendly) -> None:
-    """Add `rlhf eval` (flags from `EvalConfig`, `--config FILE` too) to the `rlhf` app."""
-    from rlhfkit.cli_config import config_command
-
-    config_command(app, "eval", EvalConfig, friendly(run_eval_command), help=EVAL_HELP, examples=EVAL_EXAMPLES)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rlhfkit.config import ConfigError
 from rlhfkit.data.batches import IGNORE_INDEX
+from rlhfkit.eval.winrate import bootstrap_means
 from rlhfkit.ops.kl import kl_k1, kl_k3
 from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.ops.stats import masked_mean, masked_sum
@@ -96,8 +98,6 @@ def kl_from_logprobs(policy_logps: Sequence[Tensor], reference_logps: Sequence[T
     give the mean and its bootstrap interval, k1 and k3 averaged over all tokens the per-token
     numbers. Empty responses count as 0 nats.
     """
-    from rlhfkit.eval.winrate import bootstrap_means
-
     if len(policy_logps) != len(reference_logps) or not policy_logps:
         raise ValueError(f"need the same, non-zero number of policy and reference responses "
                          f"(got {len(policy_logps)} and {len(reference_logps)})")
@@ -126,8 +126,6 @@ def policy_reference_kl(policy, reference, sequences: Sequence[tuple[Sequence[in
                         pad_id: int, batch_size: int = 8, confidence: float = 0.95, seed: int = 0) -> KLEstimate:
     """KL(π ‖ π_ref) on (prompt_ids, response_ids) sampled from `policy` (see module docstring).
     Both models must share the tokenizer."""
-    from rlhfkit.config import ConfigError
-
     vocab = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (policy, reference)]
     if None not in vocab and vocab[0] != vocab[1]:
         raise ConfigError(f"the policy and the reference have different vocabularies ({vocab[0]} vs "

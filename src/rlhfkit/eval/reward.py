@@ -1,4 +1,4 @@
-"""Evaluating a reward model on held-out preference pairs, and scoring responses.
+"""Evaluating a reward model on held-out preference pairs (running it: `models.reward`).
 
     Δ = r(x, y_c) − r(x, y_r),    P(chosen ≻ rejected) = σ(Δ)
 
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,22 +22,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rlhfkit.data.packing import collate_packed
-from rlhfkit.data.schemas import TIE_TOLERANCE, Conversation, PreferencePair
-from rlhfkit.data.tokenize import encode_pair
-from rlhfkit.losses.reward import (
-    bradley_terry_loss,
-    ensemble_reduce,
-    ensemble_summary,
-)
-from rlhfkit.models.reward import (
-    EncodedPair,
-    RewardModel,
-    as_ensemble,
-    collate_pairs,
-    encode_preference_pairs,
-    split_pair_rewards,
-)
+from rlhfkit.config import ConfigError
+from rlhfkit.data.preference_batches import EncodedPair, encode_preference_pairs
+from rlhfkit.data.readers import iter_records, read_preferences, read_sft
+from rlhfkit.data.schemas import TIE_TOLERANCE, PreferencePair
+from rlhfkit.data.tokenize import pad_token_id
+from rlhfkit.io import atomic_write_text
+from rlhfkit.losses.reward import ENSEMBLE_MODES, bradley_terry_loss, ensemble_reduce, ensemble_summary
+from rlhfkit.models.reward import load_trained_reward_model, pair_rewards, score_responses
 
 DEFAULT_CALIBRATION_BINS = 10
 DEFAULT_HISTOGRAM_BINS = 20
@@ -116,37 +109,6 @@ def reward_histogram(chosen: Tensor, rejected: Tensor, n_bins: int = DEFAULT_HIS
     return {"edges": edges.tolist(), "chosen": counts(chosen), "rejected": counts(rejected)}
 
 
-# ----------------------------------------------------------------------------- running the model
-
-def _as_reward_model(model) -> RewardModel:
-    return model if isinstance(model, RewardModel) else RewardModel(model)
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def pair_rewards(model, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 16,
-                 packed: bool = True) -> tuple[Tensor, Tensor]:
-    """Rewards of every pair's two sides: (chosen, rejected), each (E, N) float32 on CPU."""
-    model = _as_reward_model(model)
-    device = _device(model)
-    chosen, rejected = [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start:start + batch_size], pad_id, packed=packed).to(device)
-        r_c, r_r = split_pair_rewards(as_ensemble(model(batch.sequences)), batch.num_pairs)
-        chosen.append(r_c.float().cpu())
-        rejected.append(r_r.float().cpu())
-    if not chosen:
-        return torch.zeros(model.n_heads, 0), torch.zeros(model.n_heads, 0)
-    return torch.cat(chosen, dim=1), torch.cat(rejected, dim=1)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def evaluate_reward_model(model, tokenizer, pairs: Sequence[PreferencePair] | Sequence[EncodedPair], *,
                           ensemble_mode: str = "mean", batch_size: int = 16, packed: bool = True,
                           n_bins: int = DEFAULT_CALIBRATION_BINS,
@@ -164,7 +126,8 @@ def evaluate_reward_model(model, tokenizer, pairs: Sequence[PreferencePair] | Se
         pairs = encode_preference_pairs(tokenizer, pairs)
     was_training = getattr(model, "training", False)
     model.eval()
-    chosen_e, rejected_e = pair_rewards(model, pairs, _pad_id(tokenizer), batch_size=batch_size, packed=packed)
+    chosen_e, rejected_e = pair_rewards(model, pairs, pad_token_id(tokenizer), batch_size=batch_size,
+                                        packed=packed)
     if was_training:
         model.train()
     n_heads = int(chosen_e.shape[0])
@@ -188,7 +151,7 @@ def evaluate_reward_model(model, tokenizer, pairs: Sequence[PreferencePair] | Se
         report.update(accuracy=nan, mean_margin=nan, ece=nan, reliability=None)
     report["tie_mean_abs_delta"] = float(delta[tie].abs().mean()) if tie.any() else nan
     if len(pairs):
-        report["loss"] = float(bradley_terry_loss(chosen, rejected, label=label)[0])
+        report["loss"] = float(bradley_terry_loss(chosen, rejected, label=label)[0].mean())
         both = torch.cat([chosen, rejected])
         report["reward_mean"] = float(both.mean())
         report["reward_std"] = float(both.std()) if both.numel() > 1 else 0.0
@@ -210,59 +173,9 @@ def scalar_metrics(report: dict, prefix: str = "eval_") -> dict[str, float]:
     return {prefix + k: report[k] for k in SCALAR_METRICS if k in report}
 
 
-@torch.no_grad()
-def score_responses(model, tokenizer, prompts: Sequence[Conversation], responses: Sequence[str], *,
-                    batch_size: int = 16) -> Tensor:
-    """Rewards of (prompt, response) pairs through the chat template: (E, N) float32 on CPU."""
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    model = _as_reward_model(model)
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    encoded = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
-    out = [torch.zeros(model.n_heads, 0)]
-    for start in range(0, len(encoded), batch_size):
-        batch = collate_packed(encoded[start:start + batch_size], _pad_id(tokenizer)).to(device)
-        out.append(as_ensemble(model(batch)).float().cpu())
-    if was_training:
-        model.train()
-    return torch.cat(out, dim=1)
-
-
 # ----------------------------------------------------------------------------- files (the `rlhf rm` commands)
 
-def load_trained_reward_model(name_or_path: str):
-    """(RewardModel, tokenizer) of a saved reward model folder, in eval mode."""
-    from rlhfkit.models.loading import (
-        TINY,
-        ModelNotFound,
-        load_tokenizer,
-        resolve_model_path,
-    )
-    from rlhfkit.models.reward import is_reward_checkpoint, load_reward_model
-
-    if name_or_path == TINY:
-        raise ModelNotFound("'tiny' is an untrained random model; pass a trained reward model folder")
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not Path(name_or_path).exists() and not looks_like_hub_id:
-        raise ModelNotFound(f"no such reward model folder: {name_or_path}")
-    try:
-        trained = is_reward_checkpoint(resolve_model_path(name_or_path))
-    except OSError as e:
-        raise ModelNotFound(f"cannot load reward model '{name_or_path}': {e}") from None
-    if not trained:
-        raise ModelNotFound(f"'{name_or_path}' is not a trained reward model (its config.json names no "
-                            "*ForSequenceClassification architecture); train one with `rlhf rm train`")
-    tokenizer = load_tokenizer(name_or_path)
-    model = load_reward_model(name_or_path, pad_token_id=tokenizer.pad_token_id)
-    return model.eval(), tokenizer
-
-
 def _check_ensemble_mode(mode: str, n_heads: int) -> None:
-    from rlhfkit.config import ConfigError
-    from rlhfkit.losses.reward import ENSEMBLE_MODES
-
     if mode not in ENSEMBLE_MODES:
         raise ConfigError(f"ensemble mode must be one of {', '.join(ENSEMBLE_MODES)}; got {mode!r}")
     if mode == "mean_minus_std" and n_heads < 2:
@@ -271,8 +184,6 @@ def _check_ensemble_mode(mode: str, n_heads: int) -> None:
 
 def evaluate_file(model: str, data: str, *, ensemble_mode: str = "mean", batch_size: int = 16) -> dict:
     """`evaluate_reward_model` of a saved reward model on a preference file."""
-    from rlhfkit.data.readers import read_preferences
-
     pairs = read_preferences(data)
     reward_model, tokenizer = load_trained_reward_model(model)
     _check_ensemble_mode(ensemble_mode, reward_model.n_heads)
@@ -286,11 +197,6 @@ def score_file(model: str, data: str, out: str, *, ensemble_mode: str = "mean", 
     Writes each input record with `reward` added (and `rewards`, one per head, for an
     ensemble) to `out`; returns the number of records.
     """
-    import json
-
-    from rlhfkit.data.readers import iter_records, read_sft
-    from rlhfkit.io import atomic_write_text
-
     examples = read_sft(data)  # validates every record, errors name file:line:field
     records = [rec for rec, _ in iter_records(data)]
     reward_model, tokenizer = load_trained_reward_model(model)

@@ -20,15 +20,11 @@ from rlhfkit.feedback.projects import add_round, create_project, find_project
 from rlhfkit.feedback.records import CandidateSet, read_candidate_sets
 from rlhfkit.feedback.users import create_user
 
-
-def create_app(db, *, cookie_secure: bool = False):
-    """The FastAPI app (imported on first use: the CLI and `add_round` do not need FastAPI)."""
-    from rlhfkit.feedback.app import create_app as _create_app
-
-    return _create_app(db, cookie_secure=cookie_secure)
+# The FastAPI app is `rlhfkit.feedback.app.create_app`, not imported here: the CLI and `add_round`
+# do not need FastAPI.
 
 
 __all__ = [
-    "FORMATS", "CandidateSet", "Database", "add_round", "create_app", "create_project", "create_user",
+    "FORMATS", "CandidateSet", "Database", "add_round", "create_project", "create_user",
     "export_records", "find_project", "open_database", "read_candidate_sets", "write_jsonl",
 ]

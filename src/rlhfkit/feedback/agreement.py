@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from itertools import combinations
 
 Table = Mapping[Hashable, Mapping[Hashable, Hashable]]
@@ -45,23 +45,31 @@ def percent_agreement(table: Table) -> float:
     return agreeing / pairs if pairs else NAN
 
 
-def cohen_kappa(table: Table, rater_a: Hashable, rater_b: Hashable) -> float:
-    """Cohen's κ between two raters over the units both rated.
+def cohen_kappa_of_labels(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> float:
+    """Cohen's κ of two raters' labels of the same units, in the same order.
 
     κ = (p_o − p_e) / (1 − p_e), p_o the share of units where they agree,
-    p_e = Σ_c p_a(c)·p_b(c) with p_x(c) the share of x's ratings (on those units) that are c.
+    p_e = Σ_c p_a(c)·p_b(c) with p_x(c) the share of x's labels that are c
+    (nan without units, or when p_e = 1: both used one category and chance explains everything).
     """
-    shared = [(r[rater_a], r[rater_b]) for r in table.values() if rater_a in r and rater_b in r]
-    if not shared:
+    if len(labels_a) != len(labels_b):
+        raise ValueError(f"{len(labels_a)} labels against {len(labels_b)}: they must describe the same units")
+    n = len(labels_a)
+    if not n:
         return NAN
-    n = len(shared)
-    p_observed = sum(a == b for a, b in shared) / n
-    counts_a = Counter(a for a, _ in shared)
-    counts_b = Counter(b for _, b in shared)
+    p_observed = sum(a == b for a, b in zip(labels_a, labels_b)) / n
+    counts_a = Counter(labels_a)
+    counts_b = Counter(labels_b)
     p_chance = sum(counts_a[c] * counts_b[c] for c in counts_a) / (n * n)
     if math.isclose(p_chance, 1.0):
         return NAN
     return (p_observed - p_chance) / (1.0 - p_chance)
+
+
+def cohen_kappa(table: Table, rater_a: Hashable, rater_b: Hashable) -> float:
+    """Cohen's κ between two raters over the units both rated (`cohen_kappa_of_labels`)."""
+    shared = [(r[rater_a], r[rater_b]) for r in table.values() if rater_a in r and rater_b in r]
+    return cohen_kappa_of_labels([a for a, _ in shared], [b for _, b in shared])
 
 
 def pairwise_cohen_kappa(table: Table, min_shared: int = 2) -> dict[tuple[Hashable, Hashable], float]:

@@ -35,8 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
+import torch
 
 from rlhfkit.data.schemas import Conversation, as_conversation, conversation_to_dicts
+from rlhfkit.data.tokenize import pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -345,8 +347,6 @@ class LocalModelBackend:
                         choices: Sequence[str]) -> list[list[float]]:
         """log P(choice | rendered request + `prefix`) summed over the choice's tokens, for each
         choice: one forward per batch and choice, no generation."""
-        import torch
-
         base = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
         suffixes = []
         for c in choices:
@@ -358,9 +358,7 @@ class LocalModelBackend:
         contexts = [self.tokenizer(self.tokenizer.apply_chat_template(
                         conversation_to_dicts(as_conversation(r)), add_generation_prompt=True, tokenize=False),
                         add_special_tokens=False)["input_ids"] + base for r in requests]
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
+        pad_id = pad_token_id(self.tokenizer)
         device = next(self.hf_model.parameters()).device
         out = [[0.0] * len(choices) for _ in requests]
         was_training = self.hf_model.training
@@ -391,17 +389,11 @@ class LocalModelBackend:
         return out
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[str]:
-        import torch
-
         texts = [self.tokenizer.apply_chat_template(
                      conversation_to_dicts(as_conversation(r)),
                      add_generation_prompt=True, tokenize=False)
                  for r in requests]
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = self.tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("the judge tokenizer has neither a pad token nor an eos token")
+        pad_id = pad_token_id(self.tokenizer)
         device = next(self.hf_model.parameters()).device
         completions: list[str] = []
         was_training = self.hf_model.training

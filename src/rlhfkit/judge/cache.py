@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from rlhfkit.data.schemas import Conversation, conversation_to_dicts
+from rlhfkit.models.loading import cache_root
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judge_completions (
@@ -103,3 +104,10 @@ class JudgeCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_cache(cache: str | None) -> JudgeCache | None:
+    """The judge cache a `--cache` value names: None → the user-wide default file, 'none' → no cache."""
+    if cache is not None and cache.lower() == "none":
+        return None
+    return JudgeCache(Path(cache) if cache else cache_root() / "judge_cache.sqlite")

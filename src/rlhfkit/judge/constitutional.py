@@ -38,16 +38,19 @@ from rlhfkit.data.schemas import (
     Message,
     PreferencePair,
     as_conversation,
-    conversation_to_dicts,
 )
+from rlhfkit.io import atomic_write_text
 from rlhfkit.judge.backends import JudgeBackend
 from rlhfkit.judge.cache import JudgeCache, cache_key
+from rlhfkit.judge.loading import load_local_model
 from rlhfkit.judge.pairwise import (
     TEMPLATE_DIR,
     PairwiseJudge,
     label_pairs_with_judge,
     render_conversation,
 )
+from rlhfkit.judge.records import preference_record, prompt_field, write_jsonl
+from rlhfkit.rollout.generate import SamplingConfig, generate
 
 logger = logging.getLogger(__name__)
 
@@ -270,17 +273,10 @@ def critique_and_revise(backend: JudgeBackend, prompt: Any, response: str, princ
     return critique_and_revise_many(backend, [(prompt, response)], principles, rounds=rounds, **kwargs)[0]
 
 
-def _prompt_field(prompt: Conversation) -> Any:
-    """A single user turn is written as plain text, anything else as a message list."""
-    if len(prompt) == 1 and prompt[0].role == "user":
-        return prompt[0].content
-    return conversation_to_dicts(prompt)
-
-
 def sft_record(result: ConstitutionalRevision, *, annotator: str | None = None) -> dict[str, Any]:
     """The SFT layout `rlhfkit.data.readers.read_sft` reads: completion = the final revision;
     the original, the critiques and the principles ride along (kept in `meta`)."""
-    return {"prompt": _prompt_field(result.prompt), "completion": result.revision,
+    return {"prompt": prompt_field(result.prompt), "completion": result.revision,
             "original": result.original, "critique": result.critique,
             "principle": result.steps[-1].principle if result.steps else None,
             "rounds": [dataclasses.asdict(s) for s in result.steps],
@@ -295,24 +291,14 @@ def constitutional_sft_dataset(backend: JudgeBackend, items: Sequence[tuple[Any,
                                ) -> list[ConstitutionalRevision]:
     """Critique → revise every (prompt, response) and write one SFT record per item to
     `out_path` (JSONL: prompt, completion = revision, original, critique, rounds)."""
-    from rlhfkit.io import atomic_write_text
-
     results = critique_and_revise_many(backend, items, principles, rounds=rounds, seed=seed, cache=cache,
                                        critique_template=critique_template,
                                        revision_template=revision_template)
-    rows = "".join(json.dumps(sft_record(r, annotator=backend.name), ensure_ascii=False) + "\n"
-                   for r in results)
-    atomic_write_text(Path(out_path), rows)
+    write_jsonl(out_path, [sft_record(r, annotator=backend.name) for r in results])
     return results
 
 
 # ----------------------------------------------------------------------------- RL stage
-
-def preference_record(pair: PreferencePair) -> dict[str, Any]:
-    """The JSONL layout `rlhfkit.data.readers.read_preferences` reads, provenance included."""
-    return {"prompt": _prompt_field(pair.prompt), "chosen": pair.chosen, "rejected": pair.rejected,
-            "label": pair.label, **pair.provenance.to_dict(), **pair.meta}
-
 
 def constitutional_preferences(backend: JudgeBackend, items: Sequence[Any], principles: Sequence[str], *,
                                seed: int = 0, template: str | Path = "constitutional_pairwise",
@@ -351,3 +337,70 @@ def constitutional_preferences(backend: JudgeBackend, items: Sequence[Any], prin
         summary["inconsistent"] += batch.n_inconsistent
         summary["per_principle"][principle] = len(indices)
     return [p for p in out if p is not None], summary
+
+
+# ----------------------------------------------------------------------------- both stages, from files
+
+def check_templates(critique_template: str | Path, revision_template: str | Path,
+                    preference_template: str | Path) -> None:
+    """A DataError for a missing template or placeholder, before any model is loaded or called."""
+    load_named_template(critique_template, CRITIQUE_PLACEHOLDERS)
+    load_named_template(revision_template, REVISION_PLACEHOLDERS)
+    load_named_template(preference_template, PREFERENCE_PLACEHOLDERS)
+
+
+def policy_samples(policy: str, prompts: Sequence[Conversation], *, temperature: float, max_new_tokens: int,
+                   seed: int) -> list[list[str]]:
+    """Two samples per prompt from the model at `policy` ('embedded', a folder or an HF id)."""
+    tokenizer, model = load_local_model(policy)
+    gens = generate(model, tokenizer, list(prompts), SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, n=2, seed=seed), progress=True)
+    return [[gens[2 * i].text, gens[2 * i + 1].text] for i in range(len(prompts))]
+
+
+def write_constitutional_data(backend: JudgeBackend, records: Sequence[dict[str, Any]],
+                              prompts: Sequence[Conversation], principles: Sequence[str], out: str | Path, *,
+                              samples: Sequence[Sequence[str]] | None = None, rounds: int = 1, seed: int = 0,
+                              cache: JudgeCache | None = None, critique_template: str | Path = "critique",
+                              revision_template: str | Path = "revision",
+                              preference_template: str | Path = "constitutional_pairwise") -> dict[str, Any]:
+    """Both stages for the records of `judge.records.read_constitutional_items`, into folder `out`.
+
+    sft.jsonl: each record's answer — its `response`, else the first of its two `samples`, else
+    the backend's own answer — critiqued and revised. preferences.jsonl: a pair per record — its
+    `response_a`/`response_b`, else its two `samples`, else original vs revision when they
+    differ — labeled against a drawn principle; `pair_origin` says which. Returns the summary,
+    also written to summary.json.
+    """
+    answers: list[str | None] = [r.get("response") if "response" in r else
+                                 (samples[i][0] if samples else None) for i, r in enumerate(records)]
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        own = initial_responses(backend, [prompts[i] for i in missing], cache=cache)
+        for i, text in zip(missing, own):
+            answers[i] = text
+    out = Path(out)
+    results = constitutional_sft_dataset(
+        backend, list(zip(prompts, answers)), principles, out / "sft.jsonl", rounds=rounds, seed=seed,
+        cache=cache, critique_template=critique_template, revision_template=revision_template)
+    items, origin = [], []
+    for i, rec in enumerate(records):
+        if "response_a" in rec:
+            items.append((prompts[i], rec["response_a"], rec["response_b"]))
+            origin.append("record")
+        elif samples:
+            items.append((prompts[i], samples[i][0], samples[i][1]))
+            origin.append("policy")
+        elif results[i].revision != results[i].original:
+            items.append((prompts[i], results[i].original, results[i].revision))
+            origin.append("original_vs_revision")
+    pairs, pref_summary = constitutional_preferences(backend, items, principles, seed=seed,
+                                                     template=preference_template, cache=cache)
+    write_jsonl(out / "preferences.jsonl",
+                [{**preference_record(p), "pair_origin": o} for p, o in zip(pairs, origin)])
+    summary = {"judge": backend.name, "principles": list(principles), "rounds": rounds,
+               "sft_examples": len(results),
+               "changed": sum(r.revision != r.original for r in results),
+               "preferences": dict(pref_summary)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary

@@ -31,6 +31,7 @@ Templates are plain text files with three placeholders, `{prompt}`, `{response_a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhfkit.config import ConfigError
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import (
     Conversation,
@@ -319,8 +321,6 @@ class PairwiseJudge:
 
     def _scores_cached(self, requests: list[Conversation]) -> tuple[list[float], int]:
         """s = log P(" A") − log P(" B") per request (cached as JSON text under a key of its own)."""
-        import json
-
         def score(todo: list[Conversation]) -> list[str]:
             scored = self.backend.choice_logprobs(todo, self.SCORE_PREFIX, self.SCORE_CHOICES)  # type: ignore[attr-defined]
             return [json.dumps(v) for v in scored]
@@ -398,8 +398,6 @@ def resolve_judge_mode(mode: str, backend) -> str:
     """'auto' → 'logprob' for a local model judge (it exposes log-probs, and a small one's generated
     verdicts are mostly one letter), 'verdict' for anything else. A mode the backend cannot do is
     a ConfigError (one line on the command line)."""
-    from rlhfkit.config import ConfigError
-
     if mode not in ("auto", "verdict", "logprob"):
         raise ConfigError(f"judge mode must be auto, verdict or logprob, got {mode!r}")
     if mode == "auto":
@@ -435,51 +433,3 @@ def label_pairs_with_judge(judge: PairwiseJudge, items: Sequence[Any], *,
             meta={"judge_consistent": verdict.consistent,
                   "judge_choices": [f"{r.order}:{r.choice}" for r in verdict.raw]}))
     return out, batch
-
-
-_CATEGORIES: tuple[Winner, ...] = ("a", "b", "tie")
-
-
-def _as_winner(label: Any, field_name: str) -> Winner:
-    if isinstance(label, Verdict):
-        return label.winner
-    if isinstance(label, str) and label.lower() in _CATEGORIES:
-        return label.lower()  # type: ignore[return-value]
-    if isinstance(label, (int, float)) and not isinstance(label, bool) and 0 <= label <= 1:
-        return "a" if label > 0.5 else "b" if label < 0.5 else "tie"
-    raise DataError(f"expected 'a', 'b', 'tie', a Verdict or P(a wins) in [0, 1], got {label!r}",
-                    field=field_name)
-
-
-def judge_agreement(judge_verdicts: Sequence[Any], human_labels: Sequence[Any]) -> dict[str, Any]:
-    """How often the judge agrees with people, on the same pairs in the same (a, b) order.
-
-    Labels are "a" / "b" / "tie", `Verdict`s, or P(a wins) (>0.5 → a, <0.5 → b, 0.5 → tie).
-    Returns
-      * `agreement`: fraction of pairs with the same label, ties included;
-      * `agreement_decided`: the same over pairs neither rater called a tie (NaN if none);
-      * `cohen_kappa`: κ = (p_o − p_e) / (1 − p_e) over the three categories, where p_o is
-        `agreement` and p_e = Σ_k p_judge(k)·p_human(k) is the agreement expected by chance
-        from each rater's label frequencies (NaN when p_e = 1: both raters used one
-        category only, and chance explains everything);
-      * `confusion[judge][human]`: counts; `n`.
-    """
-    if len(judge_verdicts) != len(human_labels):
-        raise DataError(f"{len(judge_verdicts)} judge verdicts but {len(human_labels)} human "
-                        f"labels; they must describe the same pairs", field="human_labels")
-    if not judge_verdicts:
-        raise DataError("no pairs to compare", field="judge_verdicts")
-    judged = [_as_winner(v, f"judge_verdicts[{i}]") for i, v in enumerate(judge_verdicts)]
-    human = [_as_winner(v, f"human_labels[{i}]") for i, v in enumerate(human_labels)]
-    n = len(judged)
-    confusion = {j: {h: 0 for h in _CATEGORIES} for j in _CATEGORIES}
-    for j, h in zip(judged, human):
-        confusion[j][h] += 1
-    observed = sum(confusion[k][k] for k in _CATEGORIES) / n
-    chance = sum((judged.count(k) / n) * (human.count(k) / n) for k in _CATEGORIES)
-    kappa = (observed - chance) / (1.0 - chance) if chance < 1.0 else float("nan")
-    decided = [(j, h) for j, h in zip(judged, human) if j != "tie" and h != "tie"]
-    decided_agreement = (sum(j == h for j, h in decided) / len(decided) if decided
-                         else float("nan"))
-    return {"n": n, "agreement": observed, "agreement_decided": decided_agreement,
-            "cohen_kappa": kappa, "confusion": confusion}

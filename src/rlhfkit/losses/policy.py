@@ -1,19 +1,25 @@
 """Policy-gradient losses for the online methods (PPO, GRPO, RLOO, ReMax, REINFORCE).
 
-Pure functions over explicit tensors; each returns `(loss, metrics)` with detached metrics.
-Shapes: B responses, T response tokens (right-padded); `mask` (B, T) is 1 on real response
-tokens; log-probs are those of the sampled tokens.
+Pure functions over explicit tensors. Each returns its per-token loss ℓ (B, T) with
+detached diagnostics; `aggregate` masks ℓ and turns it into the number to minimize, so the
+normalization is written once and visible where the loss is used. Shapes: B responses, T
+response tokens (right-padded); `mask` (B, T) is 1 on real response tokens; log-probs are
+those of the sampled tokens.
 
 How per-token losses ℓ_{i,t} become one number is the `aggregation`, one table for all:
 
     "token"               Σ_{i,t} m ℓ / Σ_{i,t} m          every token weighs the same (DAPO)
-    "sequence"            1/B Σ_i (Σ_t m ℓ / Σ_t m)        every response weighs the same (GRPO)
-    "seq-mean-token-sum"  1/B Σ_i Σ_t m ℓ                  −A·Σ_t log π per response (REINFORCE)
+    "sequence"            Σ_i (Σ_t m ℓ / Σ_t m) / B        every response weighs the same (GRPO)
+    "seq-mean-token-sum"  Σ_i Σ_t m ℓ / B                  −A·Σ_t log π per response (REINFORCE)
+
+The denominator (Σ m or B) is the batch's `loss_units`; a recipe that splits a minibatch
+into micro-batches (and processes) passes the whole minibatch's units as `normalizer`, so
+the micro-batch losses add up to the minibatch's.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -26,34 +32,51 @@ from rlhfkit.ops.stats import masked_mean, masked_sum, masked_var
 Metrics = dict[str, Tensor]
 
 
-def _token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    return masked_mean(per_token, mask)
+def _token_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    return masked_sum(per_token, mask)
 
 
-def _sequence_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    return masked_mean(per_token, mask, dim=1).mean()
+def _sequence_mean_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    return masked_mean(per_token, mask, dim=1).sum()
 
 
-def _sequence_sum_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    return masked_sum(per_token, mask, dim=1).mean()
+def _sequence_sum_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    return masked_sum(per_token, mask, dim=1).sum()
 
 
+# name → the numerator of the aggregation; the denominator is `loss_units`.
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "token": _token_mean,
-    "sequence": _sequence_mean,
-    "seq-mean-token-sum": _sequence_sum_mean,
+    "token": _token_sum,
+    "sequence": _sequence_mean_sum,
+    "seq-mean-token-sum": _sequence_sum_sum,
 }
 
 
-def aggregate(per_token: Tensor, mask: Tensor, aggregation: str) -> Tensor:
-    """Reduce a per-token loss (B, T) to a scalar by the named rule (see module docstring)."""
-    try:
-        reduce = AGGREGATIONS[aggregation]
-    except KeyError:
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
         hint = did_you_mean(aggregation, AGGREGATIONS)
         raise ValueError(f"unknown aggregation '{aggregation}' "
-                         f"(choose from {sorted(AGGREGATIONS)}){hint}") from None
-    return reduce(per_token, mask)
+                         f"(choose from {sorted(AGGREGATIONS)}){hint}")
+
+
+def loss_units(mask: Tensor, aggregation: str) -> Tensor:
+    """What an aggregation averages over in this batch: its counted tokens ("token") or its
+    responses (the others). mask: (B, T). Returns a 0-dim tensor, ≥ 1."""
+    _check_aggregation(aggregation)
+    if aggregation == "token":
+        return mask.sum().clamp(min=1)
+    return torch.tensor(float(mask.shape[0]), device=mask.device).clamp(min=1)
+
+
+def aggregate(per_token: Tensor, mask: Tensor, aggregation: str,
+              normalizer: Tensor | float | None = None) -> Tensor:
+    """Reduce a per-token loss (B, T) to a scalar by the named rule (see module docstring).
+
+    normalizer: the denominator; None means this batch's own `loss_units` (its mean).
+    """
+    _check_aggregation(aggregation)
+    total = AGGREGATIONS[aggregation](per_token, mask)
+    return total / (loss_units(mask, aggregation) if normalizer is None else normalizer)
 
 
 def _same_shape(**tensors: Tensor) -> None:
@@ -62,10 +85,19 @@ def _same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"these must share one (B, T) shape: {shapes}")
 
 
-def _clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                       clip_eps: float, clip_eps_high: float | None
-                       ) -> tuple[Tensor, Metrics]:
-    """Per-token −min(ρA, clip(ρ, 1−ε, 1+ε_high)A) (B, T) and its diagnostics."""
+def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                    clip_eps: float, clip_eps_high: float | None = None) -> tuple[Tensor, Metrics]:
+    """PPO clipped surrogate (Schulman et al., 2017), per token, to minimize.
+
+        ρ_t = exp(logp_t − old_logp_t)
+        ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε_high) A_t)       ε_high = ε unless given
+
+    logp: (B, T) current policy, with gradient. old_logp: (B, T) policy that sampled the
+    tokens (no gradient). advantages: (B, T). mask: (B, T). Returns ℓ (B, T).
+    Metrics: clipfrac (share of tokens whose gradient clipping removed), approx_kl
+    (KL(π_old ‖ π), k3), ratio_mean.
+    """
+    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     high = clip_eps if clip_eps_high is None else clip_eps_high
     if not (0.0 < clip_eps < 1.0 and high > 0.0):
         raise ValueError(f"clip_eps must be in (0, 1) and clip_eps_high > 0, "
@@ -88,27 +120,6 @@ def _clipped_surrogate(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask:
     return per_token, metrics
 
 
-def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                    clip_eps: float, clip_eps_high: float | None = None,
-                    aggregation: str = "token") -> tuple[Tensor, Metrics]:
-    """PPO clipped surrogate (Schulman et al., 2017), to minimize.
-
-        ρ_t = exp(logp_t − old_logp_t)
-        ℓ_t = −min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε_high) A_t)       ε_high = ε unless given
-        loss = aggregate(ℓ, mask)
-
-    logp: (B, T) current policy, with gradient. old_logp: (B, T) policy that sampled the
-    tokens (no gradient). advantages: (B, T). mask: (B, T).
-    Metrics: clipfrac (share of tokens whose gradient clipping removed), approx_kl
-    (KL(π_old ‖ π), k3), ratio_mean.
-    """
-    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    per_token, metrics = _clipped_surrogate(logp, old_logp, advantages, mask,
-                                            clip_eps, clip_eps_high)
-    loss = aggregate(per_token, mask, aggregation)
-    return loss, {"policy_loss": loss.detach(), **metrics}
-
-
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """1 − Var[R − V] / Var[R] over counted tokens: 1 is a perfect critic, ≤ 0 is useless.
 
@@ -123,17 +134,16 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
-               clip_eps: float, aggregation: str = "token") -> tuple[Tensor, Metrics]:
-    """Clipped value loss: the critic may not move more than ε from its rollout estimate.
+               clip_eps: float) -> tuple[Tensor, Metrics]:
+    """Clipped value loss per token: the critic may not move more than ε from its rollout estimate.
 
         V^clip_t = old_V_t + clip(V_t − old_V_t, −ε, ε)
         ℓ_t      = ½ · max((V_t − R_t)², (V^clip_t − R_t)²)
-        loss     = aggregate(ℓ, mask)
 
     values: (B, T) current critic, with gradient. old_values: (B, T) at rollout time.
     returns: (B, T) targets (GAE returns). mask: (B, T). ε is in the units of the reward.
-    Metrics: vf_clipfrac (share of tokens where the clipped term was the larger, so the
-    gradient through V was cut), explained_variance.
+    Returns ℓ (B, T). Metrics: vf_clipfrac (share of tokens where the clipped term was the
+    larger, so the gradient through V was cut), explained_variance.
     """
     _same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
     if not clip_eps > 0.0:
@@ -142,73 +152,62 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
     per_token = 0.5 * torch.maximum(unclipped_error, clipped_error)
-    loss = aggregate(per_token, mask, aggregation)
     metrics = {
-        "value_loss": loss.detach(),
         "vf_clipfrac": masked_mean((clipped_error > unclipped_error).to(values.dtype),
                                    mask).detach(),
         "explained_variance": explained_variance(values, returns, mask),
     }
-    return loss, metrics
+    return per_token, metrics
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, *,
-                  aggregation: str = "token") -> tuple[Tensor, Metrics]:
-    """Entropy bonus, as a loss to add: −coef · aggregate(H, mask).
+def entropy_bonus(entropy: Tensor, mask: Tensor, *, coef: float) -> tuple[Tensor, Metrics]:
+    """Entropy bonus per token, as a loss to add: ℓ_t = −coef · H_t.
 
     entropy: (B, T) per-token entropy of the policy's next-token distribution, with
-    gradient. mask: (B, T). Metric: entropy (token mean, whatever the aggregation).
+    gradient. mask: (B, T). Returns ℓ (B, T). Metric: entropy (token mean).
     """
     _same_shape(entropy=entropy, mask=mask)
-    loss = -coef * aggregate(entropy, mask, aggregation)
-    return loss, {"entropy": masked_mean(entropy.detach(), mask)}
+    return -coef * entropy, {"entropy": masked_mean(entropy.detach(), mask)}
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor,
-              mask: Tensor, *, clip_eps: float, kl_coef: float, kl_estimator: str = "k3",
-              clip_eps_high: float | None = None,
-              aggregation: str = "token") -> tuple[Tensor, Metrics]:
+              mask: Tensor, *, clip_eps: float, kl_coef: float, kl_estimator: str,
+              clip_eps_high: float | None = None) -> tuple[Tensor, Tensor, Metrics]:
     """GRPO (Shao et al., 2024): PPO's clipped surrogate on a sequence advantage, KL in the loss.
 
-        ℓ_t  = −min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε_high) A_i) + β · k(logp_t, ref_logp_t)
-        loss = aggregate(ℓ, mask)
+        ℓ_t = −min(ρ_t A_i, clip(ρ_t, 1 − ε, 1 + ε_high) A_i)  +  β · k(logp_t, ref_logp_t)
+            =  surrogate_t                                     +  penalty_t
 
-    The KL to the reference is a loss term here (k3 by default: unbiased and ≥ 0), not a
-    reward penalty as in PPO, so it does not mix into the group-normalized advantage.
+    The KL to the reference is a loss term here (k3 is unbiased and ≥ 0), not a reward
+    penalty as in PPO, so it does not mix into the group-normalized advantage.
     logp: (B, T) with gradient. old_logp, ref_logp: (B, T). advantages: (B,) one per
     response (e.g. group_normalized_advantages). mask: (B, T).
-    Metrics: those of ppo_policy_loss plus kl (token mean of the estimate) and policy_loss.
+    Returns (surrogate (B, T), penalty (B, T), metrics): ℓ = surrogate + penalty, returned
+    as its two terms so a recipe can log the surrogate alone. Metrics: those of
+    ppo_policy_loss plus kl (token mean of the estimate k).
     """
     _same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
     token_advantages = broadcast_sequence_advantages(advantages, mask)
-    surrogate, metrics = _clipped_surrogate(logp, old_logp, token_advantages, mask,
-                                            clip_eps, clip_eps_high)
+    surrogate, metrics = ppo_policy_loss(logp, old_logp, token_advantages, mask,
+                                         clip_eps=clip_eps, clip_eps_high=clip_eps_high)
     kl = get_kl_estimator(kl_estimator)(logp, ref_logp.detach())
-    loss = aggregate(surrogate + kl_coef * kl, mask, aggregation)
-    metrics.update({
-        "policy_loss": aggregate(surrogate.detach(), mask, aggregation),
-        "kl": masked_mean(kl.detach(), mask),
-    })
-    return loss, metrics
+    metrics["kl"] = masked_mean(kl.detach(), mask)
+    return surrogate, kl_coef * kl, metrics
 
 
-def reinforce_loss(logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                   aggregation: str = "seq-mean-token-sum") -> tuple[Tensor, Metrics]:
+def reinforce_loss(logp: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Metrics]:
     """REINFORCE with a baseline (also RLOO and ReMax, which differ only in A): on-policy.
 
-        ℓ_{i,t} = −A_i · logp_{i,t}
-        loss    = aggregate(ℓ, mask)      default: 1/B Σ_i −A_i Σ_t logp_{i,t}
+        ℓ_{i,t} = −A_i · logp_{i,t}        ("seq-mean-token-sum": 1/B Σ_i −A_i Σ_t logp_{i,t})
 
     logp: (B, T) with gradient, from the policy that sampled the tokens. advantages: (B,)
-    r_i − b_i (detached here). mask: (B, T). Metrics: policy_loss, advantage_mean,
+    r_i − b_i (detached here). mask: (B, T). Returns ℓ (B, T). Metrics: advantage_mean,
     logp_sum_mean (mean over responses of Σ_t logp, the sequence log-likelihood).
     """
     _same_shape(logp=logp, mask=mask)
     token_advantages = broadcast_sequence_advantages(advantages.detach(), mask)
-    loss = aggregate(-token_advantages * logp, mask, aggregation)
     metrics = {
-        "policy_loss": loss.detach(),
         "advantage_mean": advantages.detach().mean(),
         "logp_sum_mean": masked_sum(logp.detach(), mask, dim=1).mean(),
     }
-    return loss, metrics
+    return -token_advantages * logp, metrics

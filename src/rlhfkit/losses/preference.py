@@ -14,12 +14,16 @@ tie (l = 0.5) is therefore symmetric: its gradient with respect to h is zero at 
 pulls h toward 0, i.e. it asks the policy to like both responses equally (IPO's squared
 loss is written in the equivalent regression form, see `ipo_loss`).
 
-Every function returns `(loss, metrics)`: a scalar float32 loss (inputs are upcast, since
-log σ of bf16 differences loses precision) and detached scalar metrics with stable names:
+Every function returns `(loss, metrics)`: the per-example loss, (B,) float32 (inputs are
+upcast, since log σ of bf16 differences loses precision), which the caller sums or averages
+over whatever it normalizes by, and detached per-example (B,) metrics with stable names:
 ``rewards/chosen``, ``rewards/rejected`` (the loss's implicit rewards, e.g. β·(π − ref)),
 ``rewards/margin``, ``rewards/accuracy``, ``rewards/num_non_tie`` (see
 `rlhfkit.losses.reward.pairwise_metrics`) and ``logps/chosen``, ``logps/rejected``
-(unpaired KTO reports per-class metrics instead, see `kto_loss`).
+(unpaired KTO also reports per-class batch statistics, see `kto_loss`).
+
+`rlhfkit.losses.preference_registry` maps each name to its function and holds the
+hyper-parameter defaults.
 
 Hyper-parameters are checked (β > 0, rates in range); tensor values such as labels are
 not, because that would force a device sync every step: the data layer validates them.
@@ -27,15 +31,10 @@ not, because that would force a device sync every step: the data layer validates
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlhfkit.config import closest_names
 from rlhfkit.losses.reward import pairwise_metrics
 from rlhfkit.ops.stats import masked_mean
 
@@ -85,8 +84,8 @@ def _log_ratio_rewards(policy_chosen_logps: Tensor, policy_rejected_logps: Tenso
 def _metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, label: Tensor | None,
              policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, Tensor]:
     metrics = pairwise_metrics(chosen_rewards, rejected_rewards, label)
-    metrics["logps/chosen"] = policy_chosen_logps.detach().float().mean()
-    metrics["logps/rejected"] = policy_rejected_logps.detach().float().mean()
+    metrics["logps/chosen"] = policy_chosen_logps.detach().float()
+    metrics["logps/rejected"] = policy_rejected_logps.detach().float()
     return metrics
 
 
@@ -98,7 +97,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """DPO (Rafailov et al., 2023), with conservative label smoothing and soft labels.
 
         t    = l·(1 − ε) + (1 − l)·ε
-        loss = −mean[ t·log σ(β·h) + (1 − t)·log σ(−β·h) ]
+        loss = −[ t·log σ(β·h) + (1 − t)·log σ(−β·h) ]                     (B,)
 
     With l = 1 and ε = 0 this is −log σ(β·h). Label smoothing ε in [0, 0.5] (conservative
     DPO) assumes each label is flipped with probability ε; it is the soft label l = 1 − ε.
@@ -119,7 +118,7 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     logits = beta * (chosen_ratio - rejected_ratio)
     label_value = torch.ones_like(logits) if label is None else label.float()
     target = label_value * (1.0 - label_smoothing) + (1.0 - label_value) * label_smoothing
-    loss = -(target * F.logsigmoid(logits) + (1.0 - target) * F.logsigmoid(-logits)).mean()
+    loss = -(target * F.logsigmoid(logits) + (1.0 - target) * F.logsigmoid(-logits))
     return loss, _metrics(beta * chosen_ratio, beta * rejected_ratio, label,
                           policy_chosen_logps, policy_rejected_logps)
 
@@ -129,7 +128,7 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
              label: Tensor | None = None) -> LossOutput:
     """IPO (Azar et al., 2023): regress h onto a finite target instead of pushing it to ∞.
 
-        loss = mean[ (h − (l − ½)/β)² ]          (l = 1: (h − 1/(2β))², the paper's loss)
+        loss = (h − (l − ½)/β)²                  (B,); l = 1: (h − 1/(2β))², the paper's loss
 
     β plays the role of the paper's τ: the smaller it is, the larger the log-ratio gap the
     policy is asked to open. For a soft label, the expected loss over the label,
@@ -151,7 +150,7 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     log_ratio_gap = chosen_ratio - rejected_ratio
     label_value = torch.ones_like(log_ratio_gap) if label is None else label.float()
     target = (label_value - 0.5) / beta
-    loss = ((log_ratio_gap - target) ** 2).mean()
+    loss = (log_ratio_gap - target) ** 2
     return loss, _metrics(beta * chosen_ratio, beta * rejected_ratio, label,
                           policy_chosen_logps, policy_rejected_logps)
 
@@ -161,7 +160,7 @@ def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                label: Tensor | None = None) -> LossOutput:
     """Hinge / SLiC (Zhao et al., 2023) on the reference-adjusted log-ratio difference.
 
-        loss = mean[ l·max(0, 1 − β·h) + (1 − l)·max(0, 1 + β·h) ]
+        loss = l·max(0, 1 − β·h) + (1 − l)·max(0, 1 + β·h)                (B,)
 
     Zero once the pair is separated by 1/β nats; no push beyond that. For a tie the loss is
     flat (zero gradient) while |β·h| < 1 and pulls h back inside that band. Shapes: the four
@@ -175,7 +174,7 @@ def hinge_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     chosen_ratio, rejected_ratio = _log_ratio_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     logits = beta * (chosen_ratio - rejected_ratio)
-    loss = _expected_over_label(F.relu(1.0 - logits), F.relu(1.0 + logits), label).mean()
+    loss = _expected_over_label(F.relu(1.0 - logits), F.relu(1.0 + logits), label)
     return loss, _metrics(beta * chosen_ratio, beta * rejected_ratio, label,
                           policy_chosen_logps, policy_rejected_logps)
 
@@ -187,7 +186,7 @@ def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
         f(x)  = −log σ(x)
         R(x)  = [ (1 − ε)·f(x) − ε·f(−x) ] / (1 − 2ε)
-        loss  = mean[ l·R(β·h) + (1 − l)·R(−β·h) ]
+        loss  = l·R(β·h) + (1 − l)·R(−β·h)                                (B,)
 
     R is an unbiased estimate of the clean-label DPO loss: averaging it over a label that is
     flipped with probability ε gives back f. Unlike conservative DPO it is not bounded below
@@ -210,7 +209,7 @@ def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                                     - flip_rate * nll_rejected_better)
     robust_rejected_better = scale * ((1 - flip_rate) * nll_rejected_better
                                       - flip_rate * nll_chosen_better)
-    loss = _expected_over_label(robust_chosen_better, robust_rejected_better, label).mean()
+    loss = _expected_over_label(robust_chosen_better, robust_rejected_better, label)
     return loss, _metrics(beta * chosen_ratio, beta * rejected_ratio, label,
                           policy_chosen_logps, policy_rejected_logps)
 
@@ -223,7 +222,7 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     """SimPO (Meng et al., 2024): reference-free, length-normalized, with a target margin γ.
 
         s_c = β·π_c/|y_c|,  s_r = β·π_r/|y_r|
-        loss = mean[ l·(−log σ(s_c − s_r − γ)) + (1 − l)·(−log σ(s_r − s_c − γ)) ]
+        loss = l·(−log σ(s_c − s_r − γ)) + (1 − l)·(−log σ(s_r − s_c − γ))  (B,)
 
     π_c, π_r are *summed* log-probs; the division by the response lengths |y| (token
     counts, (B,), > 0) happens here. Shapes: all inputs (B,); label (B,) or None.
@@ -237,8 +236,7 @@ def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     chosen_scores = beta * policy_chosen_logps.float() / chosen_lengths.float()
     rejected_scores = beta * policy_rejected_logps.float() / rejected_lengths.float()
     gap = chosen_scores - rejected_scores
-    loss = _expected_over_label(-F.logsigmoid(gap - gamma), -F.logsigmoid(-gap - gamma),
-                                label).mean()
+    loss = _expected_over_label(-F.logsigmoid(gap - gamma), -F.logsigmoid(-gap - gamma), label)
     return loss, _metrics(chosen_scores, rejected_scores, label,
                           policy_chosen_logps, policy_rejected_logps)
 
@@ -269,13 +267,13 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
         log p_y   = π_y/|y|                            (mean per-token log-prob)
         o_y       = log p_y − log(1 − p_y)             (log odds)
         L_OR      = l·(−log σ(o_c − o_r)) + (1 − l)·(−log σ(o_r − o_c))
-        loss      = mean(chosen_nll) + λ·mean(L_OR)
+        loss      = chosen_nll + λ·L_OR                                   (B,)
 
     π_c, π_r are summed log-probs and the lengths token counts, all (B,). chosen_nll is the
-    supervised NLL of the chosen responses, computed by the caller as it prefers (a scalar
-    token-level mean, or (B,) per example; it is averaged here). λ = odds_ratio_weight.
-    The implicit rewards reported are the log odds o_c, o_r; ``orpo/nll`` and
-    ``orpo/odds_ratio_loss`` are the two parts before weighting.
+    supervised NLL of the chosen responses, computed by the caller as it prefers: (B,) per
+    example, or a scalar (a token-level mean over the batch, added to every pair).
+    λ = odds_ratio_weight. The implicit rewards reported are the log odds o_c, o_r;
+    ``orpo/nll`` and ``orpo/odds_ratio_loss`` (B,) are the two parts before weighting.
     """
     _check_same_shape(policy_chosen_logps=policy_chosen_logps,
                       policy_rejected_logps=policy_rejected_logps,
@@ -290,8 +288,8 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     rejected_log_odds = _log_odds(policy_rejected_logps.float() / rejected_lengths.float())
     log_odds_ratio = chosen_log_odds - rejected_log_odds
     odds_ratio_loss = _expected_over_label(-F.logsigmoid(log_odds_ratio),
-                                           -F.logsigmoid(-log_odds_ratio), label).mean()
-    nll = chosen_nll.float().mean()
+                                           -F.logsigmoid(-log_odds_ratio), label)
+    nll = chosen_nll.float().expand_as(odds_ratio_loss)
     loss = nll + odds_ratio_weight * odds_ratio_loss
     metrics = _metrics(chosen_log_odds, rejected_log_odds, label,
                        policy_chosen_logps, policy_rejected_logps)
@@ -309,21 +307,20 @@ def preferred_nll(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ch
     of the preferred response, so the policy keeps (or raises) the likelihood of good answers
     while the pairwise term separates them from bad ones.
 
-        nll_i = −[ l_i · π_c,i / |y_c,i|  +  (1 − l_i) · π_r,i / |y_r,i| ]
-        term  = mean_i nll_i
+        nll_i = −[ l_i · π_c,i / |y_c,i|  +  (1 − l_i) · π_r,i / |y_r,i| ]      (B,)
 
     π_c, π_r: summed log-probs (B,); |y_c|, |y_r|: response token counts (B,); l: soft label
-    (B,), None = 1 (a tie weighs both responses ½). Returns a scalar float32; a recipe adds
-    α · term to its loss.
+    (B,), None = 1 (a tie weighs both responses ½). Returns nll (B,) float32; a recipe adds
+    α · nll_i to each pair's loss.
     """
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, label=label)
     chosen = policy_chosen_logps.float() / chosen_lengths.float()
     rejected = policy_rejected_logps.float() / rejected_lengths.float()
     if label is None:
-        return -chosen.mean()
+        return -chosen
     label = label.float()
-    return -(label * chosen + (1 - label) * rejected).mean()
+    return -(label * chosen + (1 - label) * rejected)
 
 
 # --------------------------------------------------------------------------- unpaired
@@ -347,15 +344,18 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
         r     = π − ref                                  (B,)
         v     = λ_D·σ(β·(r − z0))   if desirable
                 λ_U·σ(β·(z0 − r))   if undesirable
-        loss  = mean[ λ_y − v ]                          (λ_y = λ_D or λ_U by the example)
+        loss  = λ_y − v                          (B,); λ_y = λ_D or λ_U by the example
 
     policy_logps, ref_logps: (B,) summed log-probs of each example's response.
     desirable: (B,) bool. kl_reference z0: scalar, detached here (no gradient flows through
     the reference point); estimate it with `kto_reference_point`. λ_D, λ_U =
     desirable_weight, undesirable_weight: set them so λ_D·n_D / (λ_U·n_U) is about 1 to 4/3
-    when the classes are imbalanced. Metrics: ``rewards/desirable``, ``rewards/undesirable``
-    (mean β·r of each class, 0 for an absent class), ``kto/num_desirable``,
-    ``kto/num_undesirable``, ``kto/kl_reference``.
+    when the classes are imbalanced. Metrics, per example (B,): ``rewards/accuracy`` (1
+    where the example lies on its class's side of the reference point: r − z0 > 0 for a
+    desirable one, < 0 for an undesirable one). Batch statistics (scalars, since a class
+    mean is not a sum over examples): ``rewards/desirable``, ``rewards/undesirable`` (mean
+    β·r of each class, 0 for an absent class), ``logps/desirable``, ``logps/undesirable``,
+    ``kto/num_desirable``, ``kto/num_undesirable``, ``kto/kl_reference`` (z0).
     """
     _check_same_shape(policy_logps=policy_logps, ref_logps=ref_logps, desirable=desirable)
     _check_positive("beta", beta)
@@ -372,9 +372,11 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
                         undesirable_weight * torch.sigmoid(beta * (z0 - log_ratio)))
     weight = torch.where(desirable, torch.full_like(log_ratio, desirable_weight),
                          torch.full_like(log_ratio, undesirable_weight))
-    loss = (weight - value).mean()
+    loss = weight - value
     implicit_rewards = (beta * log_ratio).detach()
+    shifted = log_ratio.detach() - z0
     metrics = {
+        "rewards/accuracy": torch.where(desirable, shifted > 0, shifted < 0).float(),
         "rewards/desirable": masked_mean(implicit_rewards, desirable),
         "rewards/undesirable": masked_mean(implicit_rewards, ~desirable),
         "kto/num_desirable": desirable.sum().float(),
@@ -384,78 +386,3 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor,
         "logps/undesirable": masked_mean(policy_logps.detach().float(), ~desirable),
     }
     return loss, metrics
-
-
-# --------------------------------------------------------------------------- registry
-
-@dataclass(frozen=True)
-class PreferenceLossSpec:
-    """What a recipe needs to know to call a preference loss by name."""
-
-    name: str
-    loss_fn: Callable[..., LossOutput]
-    # True when the loss needs reference-model log-probs (computed once and cached).
-    needs_reference: bool
-    # True for chosen/rejected pairs, False for single examples with a desirable flag.
-    paired: bool
-    # Tensor keyword arguments the caller must pass, by name.
-    inputs: tuple[str, ...]
-    # Tensor keyword arguments the caller may pass (e.g. soft labels for ties).
-    optional_inputs: tuple[str, ...]
-    # Float keyword arguments, read from the config by these names.
-    hyperparameters: tuple[str, ...]
-    summary: str
-
-    @property
-    def defaults(self) -> dict[str, float]:
-        """The hyper-parameters that have a default in the function's signature."""
-        params = inspect.signature(self.loss_fn).parameters
-        return {name: params[name].default for name in self.hyperparameters
-                if params[name].default is not inspect.Parameter.empty}
-
-    @property
-    def supports_soft_labels(self) -> bool:
-        return "label" in self.optional_inputs
-
-
-_WITH_REFERENCE = ("policy_chosen_logps", "policy_rejected_logps",
-                   "ref_chosen_logps", "ref_rejected_logps")
-_LENGTH_NORMALIZED = ("policy_chosen_logps", "policy_rejected_logps",
-                      "chosen_lengths", "rejected_lengths")
-
-PREFERENCE_LOSSES: dict[str, PreferenceLossSpec] = {
-    spec.name: spec for spec in (
-        PreferenceLossSpec("dpo", dpo_loss, True, True, _WITH_REFERENCE, ("label",),
-                           ("beta", "label_smoothing"),
-                           "DPO; label_smoothing > 0 gives conservative DPO"),
-        PreferenceLossSpec("ipo", ipo_loss, True, True, _WITH_REFERENCE, ("label",),
-                           ("beta",), "IPO: squared loss toward a log-ratio gap of 1/(2β)"),
-        PreferenceLossSpec("hinge", hinge_loss, True, True, _WITH_REFERENCE, ("label",),
-                           ("beta",), "hinge / SLiC: max(0, 1 − β·h)"),
-        PreferenceLossSpec("robust", robust_dpo_loss, True, True, _WITH_REFERENCE, ("label",),
-                           ("beta", "flip_rate"),
-                           "robust DPO: unbiased under a known label flip rate"),
-        PreferenceLossSpec("simpo", simpo_loss, False, True, _LENGTH_NORMALIZED, ("label",),
-                           ("beta", "gamma"),
-                           "SimPO: reference-free, length-normalized, target margin γ"),
-        PreferenceLossSpec("orpo", orpo_loss, False, True,
-                           _LENGTH_NORMALIZED + ("chosen_nll",), ("label",),
-                           ("odds_ratio_weight",),
-                           "ORPO: chosen NLL + λ·odds-ratio loss, reference-free"),
-        PreferenceLossSpec("kto", kto_loss, True, False,
-                           ("policy_logps", "ref_logps", "desirable", "kl_reference"), (),
-                           ("beta", "desirable_weight", "undesirable_weight"),
-                           "KTO: unpaired desirable / undesirable examples"),
-    )
-}
-
-
-def get_preference_loss(name: str) -> PreferenceLossSpec:
-    """The registered spec for `name`; a ValueError naming the closest valid names if none."""
-    spec = PREFERENCE_LOSSES.get(name)
-    if spec is not None:
-        return spec
-    valid = sorted(PREFERENCE_LOSSES)
-    close = closest_names(name, valid, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ValueError(f"unknown preference loss {name!r}.{hint} Valid names: {', '.join(valid)}")

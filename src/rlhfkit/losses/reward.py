@@ -1,8 +1,9 @@
 """Reward-model losses: Bradley–Terry with soft labels, margins and mis-click noise;
 reward centering; ensemble reductions.
 
-All functions are pure: explicit tensors in, `(loss, metrics)` out (ensemble helpers return
-plain tensors). Rewards are one scalar per response, shape (B,). The loss is computed in
+All functions are pure: explicit tensors in, `(per-pair loss (B,), per-pair metrics)` out
+(ensemble helpers return plain tensors), so a recipe sums them over a step without undoing
+any mean. Rewards are one scalar per response, shape (B,). The loss is computed in
 float32 whatever the input dtype, because log σ of bf16 differences loses the digits that
 distinguish a confident model from a certain one.
 """
@@ -33,18 +34,18 @@ def _check_pair_shapes(chosen: Tensor, rejected: Tensor, **optional: Tensor | No
 
 def pairwise_metrics(chosen_scores: Tensor, rejected_scores: Tensor,
                      label: Tensor | None = None) -> dict[str, Tensor]:
-    """Diagnostics shared by every pairwise loss (reward models and the DPO family).
+    """Per-pair diagnostics shared by every pairwise loss (reward models and the DPO family).
 
     chosen_scores, rejected_scores: (B,) rewards (explicit or implicit). label: (B,)
-    P(chosen ≻ rejected), 1 when None. Returns detached scalars:
+    P(chosen ≻ rejected), 1 when None. Returns detached float32 (B,) tensors, one value per
+    pair, so a caller sums them over any number of batches:
 
-    - ``rewards/chosen``, ``rewards/rejected``: mean score of each side;
-    - ``rewards/margin``: mean(chosen − rejected);
-    - ``rewards/accuracy``: among non-tie pairs, the fraction where the score difference
-      has the sign of (label − ½), i.e. the model prefers what the annotators preferred.
-      0 when the batch holds no non-tie pair; aggregate over batches as
-      Σ accuracy·count / Σ count so such batches weigh nothing;
-    - ``rewards/num_non_tie``: that count.
+    - ``rewards/chosen``, ``rewards/rejected``: the score of each side;
+    - ``rewards/margin``: chosen − rejected;
+    - ``rewards/accuracy``: 1 where the pair is not a tie and the score difference has the
+      sign of (label − ½), i.e. the model prefers what the annotators preferred; else 0;
+    - ``rewards/num_non_tie``: 1 where the pair is not a tie. Σ accuracy / Σ num_non_tie is
+      the accuracy over non-tie pairs (see `non_tie_accuracy`).
     """
     chosen_scores = chosen_scores.detach().float()
     rejected_scores = rejected_scores.detach().float()
@@ -57,15 +58,18 @@ def pairwise_metrics(chosen_scores: Tensor, rejected_scores: Tensor,
                                 direction.sign())
     non_tie = direction != 0
     correct = (difference * direction > 0) & non_tie
-    num_non_tie = non_tie.sum()
-    accuracy = correct.sum().float() / num_non_tie.clamp(min=1).float()
     return {
-        "rewards/chosen": chosen_scores.mean(),
-        "rewards/rejected": rejected_scores.mean(),
-        "rewards/margin": difference.mean(),
-        "rewards/accuracy": accuracy,
-        "rewards/num_non_tie": num_non_tie.float(),
+        "rewards/chosen": chosen_scores,
+        "rewards/rejected": rejected_scores,
+        "rewards/margin": difference,
+        "rewards/accuracy": correct.float(),
+        "rewards/num_non_tie": non_tie.float(),
     }
+
+
+def non_tie_accuracy(metrics: dict[str, Tensor]) -> Tensor:
+    """Σ correct / Σ non-tie over the pairs of `pairwise_metrics`; 0 when every pair is a tie."""
+    return metrics["rewards/accuracy"].sum() / metrics["rewards/num_non_tie"].sum().clamp(min=1)
 
 
 def _log_prob_preferred(delta: Tensor, noise: float) -> Tensor:
@@ -86,7 +90,7 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, label: Tensor | 
 
         Δ = r_c − r_r − m
         P = (1 − ε)·σ(Δ) + ε·σ(−Δ)                     (ε = 0: plain Bradley–Terry, P = σ(Δ))
-        loss = −mean[ l·log P + (1 − l)·log(1 − P) ]
+        loss_i = −[ l·log P + (1 − l)·log(1 − P) ]      one value per pair: (B,)
 
     Shapes: r_chosen, r_rejected: (B,) scalar rewards. label l: (B,) in [0, 1], the
     annotators' P(chosen ≻ rejected); None means 1 for every pair. 0.5 is a tie: the loss
@@ -100,8 +104,9 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, label: Tensor | 
     at most −log ε instead of growing without bound. The paper's phrasing, "responds
     uniformly at random with probability q", is the same model with ε = q/2.
 
-    Returns the scalar loss and `pairwise_metrics` of the raw rewards (accuracy ignores
-    the margin: it asks which response the model scores higher).
+    Returns the per-pair losses (B,) float32 (the caller sums or averages them) and the
+    per-pair `pairwise_metrics` of the raw rewards (accuracy ignores the margin: it asks
+    which response the model scores higher).
     """
     _check_pair_shapes(r_chosen, r_rejected, label=label, margin=margin)
     if not 0.0 <= noise < 0.5:
@@ -116,25 +121,23 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, *, label: Tensor | 
     else:
         target = label.float()
         per_pair = -(target * log_p + (1.0 - target) * log_not_p)
-    loss = per_pair.mean()
-    metrics = pairwise_metrics(r_chosen, r_rejected, label)
-    metrics["loss/bradley_terry"] = loss.detach()
-    return loss, metrics
+    return per_pair, pairwise_metrics(r_chosen, r_rejected, label)
 
 
 def reward_centering_penalty(r_chosen: Tensor, r_rejected: Tensor, coef: float
                              ) -> tuple[Tensor, dict[str, Tensor]]:
-    """coef · mean((r_c + r_r)²): an auxiliary loss that keeps rewards near zero.
+    """coef · (r_c + r_r)² per pair: an auxiliary loss that keeps rewards near zero.
 
     Bradley–Terry only sees differences, so adding a constant to every reward leaves it
     unchanged; this term pins that free constant at 0 (Eisenstein et al., 2023), which keeps
     rewards comparable across runs and ensemble members. r_chosen, r_rejected: (B,).
-    Returns the penalty (add it to the loss) and the unscaled mean((r_c + r_r)²).
+    Returns the per-pair penalties (B,) (add them to the per-pair loss) and the unscaled
+    (r_c + r_r)² (B,) as ``rewards/centering_sq``.
     """
     _check_pair_shapes(r_chosen, r_rejected)
     if coef < 0:
         raise ValueError(f"reward centering coef must be >= 0, got {coef}")
-    squared_sum = ((r_chosen.float() + r_rejected.float()) ** 2).mean()
+    squared_sum = (r_chosen.float() + r_rejected.float()) ** 2
     return coef * squared_sum, {"rewards/centering_sq": squared_sum.detach()}
 
 

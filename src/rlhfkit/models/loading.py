@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlhfkit.io import atomic_dir
+from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ def embedded_checkpoint() -> Path:
         return out
     gguf = embedded_gguf()
     log.info("converting the embedded GGUF model to safetensors (once) at %s", out)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -100,11 +100,7 @@ class LoraSettings:
 
 
 def load_tokenizer(name_or_path: str = EMBEDDED):
-    from transformers import AutoTokenizer
-
     if name_or_path == TINY:
-        from rlhfkit.models.tiny import tiny_tokenizer
-
         return tiny_tokenizer()
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tok.pad_token is None:
@@ -118,11 +114,7 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
 
     With `lora`, the base weights are frozen and a PEFT LoRA adapter is added.
     """
-    from transformers import AutoModelForCausalLM
-
     if name_or_path == TINY:
-        from rlhfkit.models.tiny import tiny_causal_lm
-
         model = tiny_causal_lm(seed=seed)
     else:
         path = resolve_model_path(name_or_path)
@@ -131,7 +123,7 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
         except OSError as e:
             raise ModelNotFound(f"cannot load model '{name_or_path}': {e}") from None
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 — peft is heavy to import; only LoRA runs need it
 
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")

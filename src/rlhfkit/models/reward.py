@@ -18,19 +18,23 @@ those N vectors only.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
+from rlhfkit.config import ConfigError
 from rlhfkit.data.batches import LMBatch
-from rlhfkit.data.errors import SkipReport
-from rlhfkit.data.packing import collate_packed, collate_padded
-from rlhfkit.data.schemas import PreferencePair
-from rlhfkit.data.tokenize import Encoded, encode_pair, encode_prompt
-from rlhfkit.models.loading import TINY, LoraSettings, ModelNotFound, resolve_model_path
+from rlhfkit.data.packing import collate_packed
+from rlhfkit.data.preference_batches import EncodedPair, collate_pairs
+from rlhfkit.data.schemas import Conversation
+from rlhfkit.data.tokenize import encode_pair, pad_token_id
+from rlhfkit.models.loading import TINY, LoraSettings, ModelNotFound, load_tokenizer, resolve_model_path
+from rlhfkit.models.tiny import tiny_causal_lm
 
 # Std of the fresh head as a multiple of 1/√H. Final hidden states are RMS-normalized
 # (entries of size ~1), so this gives initial rewards of size ~0.1: the first Bradley–Terry
@@ -126,70 +130,8 @@ class RewardModel(nn.Module):
 
 # ----------------------------------------------------------------------------- pairs in one forward
 
-@dataclass(frozen=True)
-class EncodedPair:
-    """A tokenized preference pair: both sides carry the same prompt tokens."""
-
-    chosen: Encoded
-    rejected: Encoded
-    label: float    # P(chosen ≻ rejected); 0.5 is a tie
-    margin: float   # required reward gap; 0.0 when the record gave none
-
-    def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
-
-
-def encode_preference_pairs(tokenizer, pairs: Sequence[PreferencePair], *, max_length: int | None = None,
-                            skipped: SkipReport | None = None, where: str = "") -> list[EncodedPair]:
-    """Tokenize prompt + response through the chat template, the prompt once per pair.
-
-    A pair with either side longer than `max_length` tokens is left out and counted in
-    `skipped` (a truncated response would be scored on text the annotator never judged).
-    """
-    out = []
-    for i, pair in enumerate(pairs):
-        prompt_ids = encode_prompt(tokenizer, pair.prompt)
-        chosen = encode_pair(tokenizer, pair.prompt, pair.chosen, prompt_ids)
-        rejected = encode_pair(tokenizer, pair.prompt, pair.rejected, prompt_ids)
-        if max_length is not None and max(len(chosen), len(rejected)) > max_length:
-            if skipped is not None:
-                skipped.add("longer than max_length", f"{where}: pair {i + 1}")
-            continue
-        out.append(EncodedPair(chosen, rejected, float(pair.label),
-                               0.0 if pair.margin is None else float(pair.margin)))
-    return out
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """B pairs as 2B sequences of one batch, so chosen and rejected share one forward.
-
-    sequences: an LMBatch of 2B sequences, the chosen sides first (0..B−1), then the
-    rejected sides (B..2B−1), as one packed row or 2B padded rows.
-    label: (B,) P(chosen ≻ rejected). margin: (B,) required gaps (0 where none).
-    """
-
-    sequences: LMBatch
-    label: Tensor
-    margin: Tensor
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.label.shape[0])
-
-    def to(self, device) -> PairBatch:
-        return PairBatch(self.sequences.to(device), self.label.to(device), self.margin.to(device))
-
-
-def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, *, packed: bool = True) -> PairBatch:
-    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    sequences = collate_packed(sides, pad_id) if packed else collate_padded(sides, pad_id)
-    return PairBatch(sequences, torch.tensor([p.label for p in pairs], dtype=torch.float32),
-                     torch.tensor([p.margin for p in pairs], dtype=torch.float32))
-
-
 def split_pair_rewards(rewards: Tensor, num_pairs: int) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) rewards from the rewards of a PairBatch: (..., 2B) → two (..., B)."""
+    """(chosen, rejected) rewards of a `PreferenceBatch`'s sequences: (..., 2B) → two (..., B)."""
     if rewards.shape[-1] != 2 * num_pairs:
         raise ValueError(f"expected rewards for {2 * num_pairs} sequences, got {tuple(rewards.shape)}")
     return rewards[..., :num_pairs], rewards[..., num_pairs:]
@@ -229,10 +171,6 @@ def init_reward_head(model: nn.Module, seed: int = 0) -> None:
 def reward_model_from_causal_lm(causal_lm: nn.Module, *, n_heads: int = 1, seed: int = 0,
                                 pad_token_id: int | None = None) -> nn.Module:
     """A sequence classifier sharing an in-memory causal LM's backbone weights, fresh head."""
-    import copy
-
-    from transformers import AutoModelForSequenceClassification
-
     config = copy.deepcopy(causal_lm.config)
     _label_config(config, n_heads, pad_token_id)
     model = AutoModelForSequenceClassification.from_config(config, dtype=causal_lm.dtype)
@@ -244,8 +182,6 @@ def reward_model_from_causal_lm(causal_lm: nn.Module, *, n_heads: int = 1, seed:
 
 def is_reward_checkpoint(path: str) -> bool:
     """True when `path` holds a saved sequence classifier (a trained reward model)."""
-    from transformers import AutoConfig
-
     archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
@@ -260,8 +196,6 @@ def load_reward_model(name_or_path: str, *, n_heads: int = 1, dtype: torch.dtype
     causal-LM id or folder — becomes a backbone with `n_heads` freshly initialized heads.
     With `lora`, the backbone is frozen under a LoRA adapter and the head trains fully.
     """
-    from transformers import AutoModelForSequenceClassification
-
     if n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {n_heads}")
     if name_or_path == TINY:
@@ -273,8 +207,6 @@ def load_reward_model(name_or_path: str, *, n_heads: int = 1, dtype: torch.dtype
             if trained:
                 model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
                 if n_heads not in (1, model.config.num_labels):
-                    from rlhfkit.config import ConfigError
-
                     raise ConfigError(f"{name_or_path} has {model.config.num_labels} reward heads, "
                                      f"not {n_heads}")
             else:
@@ -286,7 +218,7 @@ def load_reward_model(name_or_path: str, *, n_heads: int = 1, dtype: torch.dtype
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # noqa: PLC0415 — peft is heavy to import; only LoRA runs need it
 
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type="SEQ_CLS",
@@ -297,8 +229,69 @@ def load_reward_model(name_or_path: str, *, n_heads: int = 1, dtype: torch.dtype
 
 def tiny_reward_model(seed: int = 0, *, n_heads: int = 1) -> RewardModel:
     """The tiny random causal LM of `models.tiny` (same seed, same backbone) with reward heads."""
-    from rlhfkit.models.tiny import tiny_causal_lm
-
     causal = tiny_causal_lm(seed=seed)
     return RewardModel(reward_model_from_causal_lm(causal, n_heads=n_heads, seed=seed,
                                                    pad_token_id=causal.config.pad_token_id))
+
+
+# ----------------------------------------------------------------------------- inference
+
+def as_reward_model(model: nn.Module) -> RewardModel:
+    """A `RewardModel` as it is; a plain HF sequence classifier wrapped in one."""
+    return model if isinstance(model, RewardModel) else RewardModel(model)
+
+
+def load_trained_reward_model(name_or_path: str) -> tuple[RewardModel, object]:
+    """(RewardModel, tokenizer) of a saved reward model folder, in eval mode."""
+    if name_or_path == TINY:
+        raise ModelNotFound("'tiny' is an untrained random model; pass a trained reward model folder")
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not Path(name_or_path).exists() and not looks_like_hub_id:
+        raise ModelNotFound(f"no such reward model folder: {name_or_path}")
+    try:
+        trained = is_reward_checkpoint(resolve_model_path(name_or_path))
+    except OSError as e:
+        raise ModelNotFound(f"cannot load reward model '{name_or_path}': {e}") from None
+    if not trained:
+        raise ModelNotFound(f"'{name_or_path}' is not a trained reward model (its config.json names no "
+                            "*ForSequenceClassification architecture); train one with `rlhf rm train`")
+    tokenizer = load_tokenizer(name_or_path)
+    model = load_reward_model(name_or_path, pad_token_id=tokenizer.pad_token_id)
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def pair_rewards(model: nn.Module, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 16,
+                 packed: bool = True) -> tuple[Tensor, Tensor]:
+    """Rewards of every pair's two sides: (chosen, rejected), each (E, N) float32 on CPU."""
+    model = as_reward_model(model)
+    device = next(model.parameters()).device
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[start:start + batch_size], pad_id, packed=packed).to(device)
+        r_c, r_r = split_pair_rewards(as_ensemble(model(batch.sequences)), batch.num_pairs)
+        chosen.append(r_c.float().cpu())
+        rejected.append(r_r.float().cpu())
+    if not chosen:
+        return torch.zeros(model.n_heads, 0), torch.zeros(model.n_heads, 0)
+    return torch.cat(chosen, dim=1), torch.cat(rejected, dim=1)
+
+
+@torch.no_grad()
+def score_responses(model: nn.Module, tokenizer, prompts: Sequence[Conversation], responses: Sequence[str], *,
+                    batch_size: int = 16) -> Tensor:
+    """Rewards of (prompt, response) pairs through the chat template: (E, N) float32 on CPU."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    model = as_reward_model(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    out = [torch.zeros(model.n_heads, 0)]
+    for start in range(0, len(encoded), batch_size):
+        batch = collate_packed(encoded[start:start + batch_size], pad_token_id(tokenizer)).to(device)
+        out.append(as_ensemble(model(batch)).float().cpu())
+    if was_training:
+        model.train()
+    return torch.cat(out, dim=1)

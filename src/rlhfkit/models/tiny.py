@@ -9,6 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -19,8 +21,6 @@ SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
     for ch in sorted(alphabet):
@@ -33,9 +33,6 @@ def _tokenizer_json() -> str:
 
 def tiny_tokenizer():
     """A byte-level ChatML tokenizer of 259 tokens (3 special + 256 bytes)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
@@ -46,8 +43,6 @@ def tiny_tokenizer():
 
 def tiny_config(vocab_size: int = 288, hidden_size: int = 32, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, max_positions: int = 1024):
-    from transformers import LlamaConfig
-
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=max_positions, tie_word_embeddings=True,
@@ -56,8 +51,6 @@ def tiny_config(vocab_size: int = 288, hidden_size: int = 32, layers: int = 2, h
 
 def tiny_causal_lm(seed: int = 0, **config_kwargs):
     """A 2-layer Llama with random weights (≈40k parameters), deterministic for a seed."""
-    from transformers import AutoModelForCausalLM
-
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(tiny_config(**config_kwargs), dtype=torch.float32)

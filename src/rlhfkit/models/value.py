@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -113,10 +115,6 @@ class PolicyValueModel(nn.Module):
                 p.requires_grad_(True)
             self.critic_backbone = backbone
 
-    @property
-    def has_values(self) -> bool:
-        return self.value_head is not None
-
     def forward(self, batch: LMBatch, *, temperature: float = 1.0, with_entropy: bool = False,
                 with_values: bool = True, entropy_grad: bool = True) -> PolicyOutputs:
         """Outputs for the positions whose label counts; see the module docstring.
@@ -181,10 +179,6 @@ class PolicyValueModel(nn.Module):
 
 def save_value_model(module: PolicyValueModel, folder) -> None:
     """Write the critic's weights next to a saved policy (`value_head.safetensors`)."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in module.value_state_dict().items()}
     if state:
         Path(folder).mkdir(parents=True, exist_ok=True)

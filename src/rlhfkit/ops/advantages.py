@@ -33,8 +33,7 @@ def _response_lengths(mask: Tensor) -> Tensor:
 
 
 def kl_penalized_rewards(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, *,
-                         kl_coef: float, kl_clamp: float | None = None,
-                         estimator: str = "k1") -> tuple[Tensor, Tensor]:
+                         kl_coef: float, kl_clamp: float | None, estimator: str) -> tuple[Tensor, Tensor]:
     """InstructGPT reward shaping for PPO: a KL penalty on every token, the score at the end.
 
         kl_t = clamp(k(logp_t, ref_logp_t), −c, c)             (no clamp when kl_clamp is None)
@@ -88,8 +87,7 @@ def _grouped(scores: Tensor, group_size: int, min_size: int) -> Tensor:
     return scores.view(-1, group_size)
 
 
-def group_normalized_advantages(scores: Tensor, group_size: int, *, scale: bool = True,
-                                eps: float = 1e-6) -> Tensor:
+def group_normalized_advantages(scores: Tensor, group_size: int, *, scale: bool, eps: float = 1e-6) -> Tensor:
     """GRPO: each sample's score relative to the other samples of its prompt.
 
         A_i = (r_i − mean_g) / (std_g + eps)     scale=True (GRPO; std with Bessel's n−1)
@@ -150,7 +148,7 @@ class MovingAverageBaseline:
     (value, number of updates) round-trips through state_dict for exact resume.
     """
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self._decay = float(decay)
@@ -158,17 +156,9 @@ class MovingAverageBaseline:
         self._num_updates = 0
 
     @property
-    def decay(self) -> float:
-        return self._decay
-
-    @property
     def value(self) -> float:
         """The current baseline (0.0 before any update)."""
         return self._value
-
-    @property
-    def num_updates(self) -> int:
-        return self._num_updates
 
     def update(self, scores: Tensor) -> float:
         """Fold one batch of scores (B,) into the average; returns the new value."""

@@ -49,27 +49,3 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float,
     returns = (advantages + values) * m
     return advantages, returns
 
-
-def gae_reference_loop(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float,
-                       lam: float) -> tuple[Tensor, Tensor]:
-    """The same equations as `gae`, one row and one token at a time in plain Python floats.
-
-    Slow on purpose: it is the readable definition the vectorized version is tested against.
-    A padding position ends the episode: the token before it sees V = 0 and A = 0 after it.
-    """
-    _check(rewards, values, mask, gamma, lam)
-    advantages = torch.zeros_like(values, dtype=torch.float64)
-    returns = torch.zeros_like(values, dtype=torch.float64)
-    for b in range(rewards.shape[0]):
-        advantage_after, value_after = 0.0, 0.0
-        for t in reversed(range(rewards.shape[1])):
-            if float(mask[b, t]) == 0.0:
-                advantage_after, value_after = 0.0, 0.0
-                continue
-            r, v = float(rewards[b, t]), float(values[b, t])
-            delta = r + gamma * value_after - v
-            advantage = delta + gamma * lam * advantage_after
-            advantages[b, t] = advantage
-            returns[b, t] = advantage + v
-            advantage_after, value_after = advantage, v
-    return advantages.to(values.dtype), returns.to(values.dtype)

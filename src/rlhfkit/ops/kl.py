@@ -14,7 +14,7 @@ because eˣ ≥ 1 + x. All estimators take and return tensors of the same shape 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 

@@ -16,29 +16,28 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from rlhfkit.config import Config, check, param
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import conversation_to_dicts
-from rlhfkit.models.loading import load_model, load_tokenizer
-from rlhfkit.rollout.generate import SamplingConfig, generate
-from rlhfkit.rollout.rewards import WeightedRewards
-from rlhfkit.rollout.rollout import (
-    RLPrompt,
-    build_reward,
-    demo_prompts,
-    parse_reward_spec,
-    read_prompts,
-    score_generations,
-    step_seed,
-)
 from rlhfkit.io import atomic_write_text
-from rlhfkit.train.engine import TrainConfig, inference_device
+from rlhfkit.models.device import inference_device
+from rlhfkit.models.loading import load_model, load_tokenizer
+from rlhfkit.recipes.online import step_seed
+from rlhfkit.recipes.sft import SFTConfig, run_sft
+from rlhfkit.rollout.generate import SamplingConfig, generate
+from rlhfkit.rollout.prompts import DEMO_FAMILIES, RLPrompt, named_prompts
+from rlhfkit.rollout.reward_spec import build_reward, parse_reward_spec
+from rlhfkit.rollout.rewards import WeightedRewards
+from rlhfkit.rollout.rollout import score_generations
+from rlhfkit.tasks.check import check as check_task
+from rlhfkit.train.checkpoint import save_final
+from rlhfkit.train.engine import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +88,7 @@ def best_of_n(model, tokenizer, prompts: Sequence[RLPrompt], reward: WeightedRew
         gens = generations[i * n:(i + 1) * n]
         gold = None
         if "task" in p.meta:
-            from rlhfkit.demo.tasks import check
-
-            gold = tuple(float(check(p.meta["task"], g.text)) for g in gens)
+            gold = tuple(float(check_task(p.meta["task"], g.text)) for g in gens)
         out.append(BestOfN(p, tuple(g.text for g in gens), tuple(scores[i * n:(i + 1) * n].tolist()), gold))
     return out
 
@@ -109,13 +106,6 @@ def summarize(results: Sequence[BestOfN]) -> dict[str, float]:
     return out
 
 
-def _prompts(prompts_path: str, tasks: str, split: str, per_family: int, seed: int,
-             families: Sequence[str]) -> list[RLPrompt]:
-    if tasks == "demo":
-        return demo_prompts(split, per_family, seed=seed, families=families)
-    return read_prompts(prompts_path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -129,7 +119,7 @@ class BestOfNConfig(Config):
     tasks: str = param("", "'demo' to use the demo tasks instead of a prompts file", choices=("", "demo"))
     demo_split: str = param("test", "demo split to use (with --tasks demo)", choices=("train", "test"))
     demo_per_family: int = param(16, "demo tasks per family (with --tasks demo)")
-    demo_families: tuple[str, ...] = param(("arithmetic", "units", "strings", "format"), "demo task families")
+    demo_families: tuple[str, ...] = param(DEMO_FAMILIES, "demo task families")
     n: int = param(8, "responses sampled per prompt")
     reward: str = param("gold", "reward spec (see `rlhf grpo --help`)")
     max_new_tokens: int = param(64, "longest response in tokens")
@@ -150,7 +140,8 @@ class BestOfNConfig(Config):
 def run_best_of_n(cfg: BestOfNConfig) -> dict:
     """Write the best response per prompt to cfg.out; returns the summary (also saved as
     <out>.summary.json)."""
-    prompts = _prompts(cfg.prompts, cfg.tasks, cfg.demo_split, cfg.demo_per_family, cfg.seed, cfg.demo_families)
+    prompts = named_prompts(cfg.prompts, cfg.tasks, split=cfg.demo_split, per_family=cfg.demo_per_family,
+                            seed=cfg.seed, families=cfg.demo_families)
     reward = build_reward(cfg.reward)
     tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, seed=cfg.seed).to(inference_device())
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -170,7 +161,7 @@ class ExpertIterationConfig(TrainConfig):
     prompts: str = param("", "training prompts: JSONL with 'prompt' and optional 'answer', 'task_id', 'tests'")
     tasks: str = param("", "'demo' to train on the demo tasks instead of a prompts file", choices=("", "demo"))
     demo_per_family: int = param(64, "demo train tasks per family (with --tasks demo)")
-    demo_families: tuple[str, ...] = param(("arithmetic", "units", "strings", "format"), "demo task families")
+    demo_families: tuple[str, ...] = param(DEMO_FAMILIES, "demo task families")
     rounds: int = param(2, "K: rounds of sample → keep best → SFT")
     n: int = param(8, "responses sampled per prompt each round")
     reward: str = param("gold", "reward spec (see `rlhf grpo --help`)")
@@ -194,13 +185,11 @@ class ExpertIterationConfig(TrainConfig):
 
 def run_expert_iteration(cfg: ExpertIterationConfig) -> dict:
     """K rounds; returns {"final": path of the last model, "rounds": per-round summaries}."""
-    from rlhfkit.recipes.sft import SFTConfig, run_sft
-    from rlhfkit.train.checkpoint import save_final
-
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
-    prompts = _prompts(cfg.prompts, cfg.tasks, "train", cfg.demo_per_family, cfg.seed, cfg.demo_families)
+    prompts = named_prompts(cfg.prompts, cfg.tasks, split="train", per_family=cfg.demo_per_family, seed=cfg.seed,
+                            families=cfg.demo_families)
     reward = build_reward(cfg.reward)
     current = cfg.model
     summaries = []

@@ -19,24 +19,24 @@ One step:
    the ratio is exactly 1, clipping never acts, and the gradient is REINFORCE's,
    −A ∇ log π (`reinforce_loss`), aggregated the same way;
 6. log the diagnostics; checkpoint the baseline and reward normalization with the model.
+
+The rollout, the micro-batched update and the step loop are the shared online loop
+(`rlhfkit.recipes.online`); this file holds what the four algorithms add: where the KL
+goes, the advantage estimators and the loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from rlhfkit.config import check, param
-from rlhfkit.losses.policy import grpo_loss
-from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
-from rlhfkit.models.value import PolicyValueModel
+from rlhfkit.losses.policy import aggregate, grpo_loss
 from rlhfkit.ops.advantages import (
     MovingAverageBaseline,
     baseline_advantages,
@@ -44,34 +44,10 @@ from rlhfkit.ops.advantages import (
     leave_one_out_advantages,
 )
 from rlhfkit.ops.kl import get_kl_estimator
-from rlhfkit.rollout.generate import PolicySampler, SamplingConfig
-from rlhfkit.rollout.rewards import WeightedRewards
-from rlhfkit.rollout.rollout import (
-    OnlineConfig,
-    ReferencePolicy,
-    RLPrompt,
-    Rollout,
-    assemble_rollout,
-    build_reward,
-    load_prompts,
-    logprob_temperature,
-    loss_units,
-    mean_across,
-    micro_batches,
-    minibatch_rows,
-    pad_token_id,
-    policy_outputs,
-    prompts_for_step,
-    put_rows,
-    rollout_metrics,
-    schedule_per_rollout,
-    score_generations,
-    step_seed,
-    with_logprobs,
-)
-from rlhfkit.train.engine import Engine, set_training_attention
-
-log = logging.getLogger(__name__)
+from rlhfkit.recipes import online
+from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
+from rlhfkit.rollout.generate import SamplingConfig
+from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, rollout_metrics
 
 
 # ============================================================================ the algorithms
@@ -178,52 +154,26 @@ class ReinforceConfig(PolicyGradientConfig):
     output_dir: str = param("runs/reinforce", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
 
 
-# ============================================================================ the run's pieces
+# ============================================================================ the run
 @dataclass
-class PolicyGradientRun:
-    """What the steps share. `baseline` and `reward` carry state across steps (checkpointed)."""
+class PolicyGradientRun(OnlineRun):
+    """The shared run, plus REINFORCE's moving-average baseline (checkpointed)."""
 
-    cfg: PolicyGradientConfig
-    engine: Engine
-    module: torch.nn.Module          # as prepared by the engine (DDP-wrapped when distributed)
-    policy: PolicyValueModel         # the same module, unwrapped
-    reference: ReferencePolicy
-    tokenizer: object
-    prompts: list[RLPrompt]
-    reward: WeightedRewards
     baseline: MovingAverageBaseline
-    sampler: PolicySampler
-
-    @property
-    def pad_id(self) -> int:
-        return pad_token_id(self.tokenizer)
 
     def state(self) -> dict:
-        return {"baseline": self.baseline.state_dict(), "reward": self.reward.state_dict()}
+        return {"baseline": self.baseline.state_dict(), **super().state()}
 
     def load_state(self, state: dict) -> None:
+        super().load_state(state)
         if "baseline" in state:
             self.baseline.load_state_dict(state["baseline"])
-        if "reward" in state:
-            self.reward.load_state_dict(state["reward"])
 
 
 def setup_run(cfg: PolicyGradientConfig) -> PolicyGradientRun:
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(cfg, tokenizer)
-    reward = build_reward(cfg.reward, normalize=cfg.reward_normalize)
-    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
-    model = load_model(cfg.model, lora=lora, seed=cfg.seed)
-    engine = Engine(cfg, Path(cfg.output_dir), description=cfg.algorithm)
-    set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
-    reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
-    module = engine.setup(PolicyValueModel(model, chunk_size=cfg.logprob_chunk), tokenizer)
-    schedule_per_rollout(engine, cfg.updates_per_step)
-    policy = engine.unwrapped()
-    run = PolicyGradientRun(cfg, engine, module, policy, reference, tokenizer, prompts, reward,
-                            MovingAverageBaseline(cfg.baseline_decay), PolicySampler(policy.model, engine.compute_dtype))
-    run.load_state(engine.extra_state)
-    return run
+    tokenizer, prompts, reward = load_inputs(cfg)
+    return start_run(cfg, PolicyGradientRun, tokenizer=tokenizer, prompts=prompts, reward=reward, critic="none",
+                     description=cfg.algorithm, baseline=MovingAverageBaseline(cfg.baseline_decay))
 
 
 # ============================================================================ one step
@@ -232,27 +182,12 @@ def collect(run: PolicyGradientRun, step: int) -> tuple[Rollout, Tensor | None]:
     decode's score for each row, (B,). Scored in one call, so a normalized reward treats
     the greedy responses exactly like the samples."""
     cfg = run.cfg
-    prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
-                               rank=run.engine.rank, world_size=run.engine.world_size)
-    sampling = cfg.sampling(step_seed(cfg.seed, step))
-    run.sampler.sync()
-    generations = run.sampler.generate(run.tokenizer, [p.prompt for p in prompts], sampling)
-    greedy = []
+    greedy = None
     if ALGORITHMS[cfg.algorithm].greedy_baseline:
-        greedy_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1,
-                                    batch_size=cfg.gen_batch_size)
-        greedy = run.sampler.generate(run.tokenizer, [p.prompt for p in prompts], greedy_cfg)
-    scores, sources = score_generations(run.reward, prompts, list(generations) + list(greedy))
-    n = len(generations)
-    rollout = assemble_rollout(generations, scores[:n], {k: v[:n] for k, v in sources.items()},
-                               group_size=cfg.group_size, pad_id=run.pad_id, prompts=prompts)
-    rollout = rollout.to(run.engine.device)
-    with run.engine.autocast():
-        rollout = with_logprobs(rollout, run.policy, run.reference, pad_id=run.pad_id,
-                                temperature=logprob_temperature(sampling), micro_batch_size=cfg.batch_size,
-                                chunk_size=cfg.logprob_chunk, policy_pass=not old_logprobs_from_update(cfg))
-    greedy_scores = scores[n:].to(rollout.scores.device)[rollout.prompt_index] if greedy else None
-    return rollout, greedy_scores
+        greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1,
+                                batch_size=cfg.gen_batch_size)
+    rollout = online.collect(run, step, policy_pass=not old_logprobs_from_update(cfg), baseline=greedy)
+    return rollout, rollout.baseline_scores
 
 
 def old_logprobs_from_update(cfg: PolicyGradientConfig) -> bool:
@@ -284,57 +219,20 @@ def advantages(run: PolicyGradientRun, rollout: Rollout, scores: Tensor, greedy_
     return adv
 
 
-def update(run: PolicyGradientRun, rollout: Rollout, step: int) -> tuple[dict[str, float], Rollout]:
-    """Step 5: inner_epochs × minibatches optimizer steps; returns metrics averaged over them,
-    and the rollout with its old log-probs and entropy filled in when the rollout came without
-    them (`old_logprobs_from_update`: taken, detached, from this update's own forward).
-
-    Each micro-batch's loss is scaled by its share of the minibatch's loss units (tokens for
-    "token" aggregation, responses otherwise), so the accumulated gradient is exactly that
-    of the whole minibatch."""
-    cfg, engine = run.cfg, run.engine
-    loss_kl_coef = cfg.kl_coef if cfg.resolved_kl_placement == "loss" else 0.0
-    temperature = logprob_temperature(cfg.sampling(0))
-    sums: dict[str, float] = {}
-    grad_norms = []
-    fill = rollout.old_logprobs is None
-    if fill:
-        old_full = torch.zeros_like(rollout.response_mask)
-        entropy_full = torch.zeros_like(rollout.response_mask)
-    run.module.train()
-    for epoch in range(cfg.inner_epochs):
-        for rows in minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch):
-            groups = micro_batches(rollout, rows, cfg.batch_size)
-            parts = [rollout.select(g) for g in groups]
-            local_units = sum(loss_units(p, cfg.aggregation) for p in parts)
-            global_units = engine.sum_across(local_units)
-            for i, (part, part_rows) in enumerate(zip(parts, groups)):
-                # DDP averages gradients over processes, hence × world_size.
-                share = loss_units(part, cfg.aggregation) * engine.world_size / global_units
-                with engine.accumulate(last=i == len(parts) - 1), engine.autocast():
-                    out = policy_outputs(run.module, part, run.pad_id, temperature=temperature, with_entropy=fill,
-                                         entropy_grad=False)
-                    old = out.logprobs.detach() if fill else part.old_logprobs
-                    if fill:
-                        put_rows(old_full, part_rows, old)
-                        put_rows(entropy_full, part_rows, out.entropy)
-                    loss, metrics = grpo_loss(out.logprobs, old, part.ref_logprobs, part.advantages,
-                                              part.response_mask, clip_eps=cfg.clip_eps, kl_coef=loss_kl_coef,
-                                              kl_estimator=cfg.resolved_kl_estimator, aggregation=cfg.aggregation)
-                engine.backward(loss * share)
-                weight = loss_units(part, cfg.aggregation) / local_units
-                # The loss's "kl" is the in-loss penalty term; "kl" in the logs is the rollout's KL to π_ref.
-                metrics["kl_penalty"] = metrics.pop("kl")
-                if loss_kl_coef == 0:
-                    del metrics["kl_penalty"]
-                for key, v in {"loss": loss, **metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + float(v.detach()) * weight
-            grad_norms.append(engine.optimizer_step())
-    out = {k: v / cfg.updates_per_step for k, v in sums.items()}
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    if fill:
-        rollout = dataclasses.replace(rollout, old_logprobs=old_full, entropy=entropy_full)
-    return out, rollout
+def loss(cfg: PolicyGradientConfig, part: Rollout, out: ResponseOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """Step 5's loss on one micro-batch: the clipped surrogate on the sequence advantage, plus
+    β·KL when the KL is placed in the loss (`grpo_loss`). On-policy the ratio is 1, clipping
+    never acts, and the gradient is REINFORCE's, −A ∇ log π."""
+    beta = cfg.kl_coef if cfg.resolved_kl_placement == "loss" else 0.0
+    surrogate, penalty, metrics = grpo_loss(out.logprobs, part.old_logprobs, part.ref_logprobs, part.advantages,
+                                            part.response_mask, clip_eps=cfg.clip_eps, kl_coef=beta,
+                                            kl_estimator=cfg.resolved_kl_estimator)
+    metrics["policy_loss"] = aggregate(surrogate.detach(), part.response_mask, cfg.aggregation)
+    # The loss's "kl" is the in-loss penalty term; "kl" in the logs is the rollout's KL to π_ref.
+    kl = metrics.pop("kl")
+    if beta != 0:
+        metrics["kl_penalty"] = kl
+    return surrogate + penalty, metrics
 
 
 def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int]:
@@ -345,7 +243,8 @@ def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int
     adv = advantages(run, rollout, scores, greedy_scores)
     rollout = dataclasses.replace(rollout, advantages=adv)
     t1 = time.perf_counter()
-    update_metrics, rollout = update(run, rollout, step)
+    # The entropy is a metric here: from the update's forward when the rollout skipped its own.
+    update_metrics, rollout = online.update(run, rollout, step, functools.partial(loss, run.cfg), entropy_grad=False)
     metrics = rollout_metrics(rollout)
     metrics.update(update_metrics)
     metrics.update({
@@ -365,11 +264,5 @@ def train_step(run: PolicyGradientRun, step: int) -> tuple[dict[str, float], int
 def run_policy_gradient(cfg: PolicyGradientConfig) -> dict:
     """Train; returns {"final": path, "metrics": last step's metrics}."""
     run = setup_run(cfg)
-    engine = run.engine
-    metrics: dict[str, float] = {}
-    with engine.interruptible():
-        for step in range(engine.start_step, cfg.max_steps):
-            metrics, tokens = train_step(run, step)
-            engine.end_step(step + 1, metrics, tokens=tokens, extra_state=run.state())
-    final = engine.finish()
+    final, metrics = online.train(run, lambda step: train_step(run, step))
     return {"final": str(final), "metrics": metrics}

@@ -11,52 +11,37 @@
    (`ppo_policy_loss`, `value_loss`, `entropy_bonus`, `sft_loss`);
 6. adapt β toward the target KL; log; checkpoint the critic, β and the reward normalization
    with the model.
+
+The rollout, the micro-batched update and the step loop are the shared online loop
+(`rlhfkit.recipes.online`); this file holds what PPO adds: the KL-shaped rewards, GAE, the
+critic, the loss and β.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
+from torch import Tensor
 
 from rlhfkit.config import check, param
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.packing import collate_padded
+from rlhfkit.data.readers import read_sft
 from rlhfkit.data.tokenize import Encoded
-from rlhfkit.losses.policy import entropy_bonus, explained_variance, ppo_policy_loss, value_loss
+from rlhfkit.losses.policy import aggregate, entropy_bonus, explained_variance, ppo_policy_loss, value_loss
 from rlhfkit.losses.sft import sft_loss
-from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
-from rlhfkit.models.value import CRITICS, PolicyValueModel, save_value_model
+from rlhfkit.models.value import CRITICS, save_value_model
 from rlhfkit.ops.advantages import kl_penalized_rewards
 from rlhfkit.ops.gae import gae
 from rlhfkit.ops.stats import masked_mean, masked_whiten
-from rlhfkit.rollout.generate import PolicySampler
-from rlhfkit.rollout.rewards import WeightedRewards
-from rlhfkit.rollout.rollout import (
-    OnlineConfig,
-    ReferencePolicy,
-    RLPrompt,
-    Rollout,
-    build_reward,
-    build_rollout,
-    load_prompts,
-    logprob_temperature,
-    loss_units,
-    mean_across,
-    micro_batches,
-    minibatch_rows,
-    pad_token_id,
-    policy_outputs,
-    prompts_for_step,
-    rollout_metrics,
-    schedule_per_rollout,
-    step_seed,
-)
-from rlhfkit.train.engine import Engine, set_training_attention
+from rlhfkit.recipes import online
+from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
+from rlhfkit.recipes.sft import encode_examples
+from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, rollout_metrics
 from rlhfkit.train.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.train.loop import MicroBatchStream
 
@@ -102,34 +87,22 @@ class PPOConfig(OnlineConfig):
         return "k1" if self.kl_estimator == "auto" else self.kl_estimator
 
 
-# ============================================================================ the run's pieces
+# ============================================================================ the run
 @dataclass
-class PPORun:
-    cfg: PPOConfig
-    engine: Engine
-    module: torch.nn.Module            # as prepared by the engine
-    policy: PolicyValueModel           # unwrapped
-    reference: ReferencePolicy
-    tokenizer: object
-    prompts: list[RLPrompt]
-    reward: WeightedRewards
+class PPORun(OnlineRun):
+    """The shared run, plus the KL controller (checkpointed with the critic) and the ptx data."""
+
     kl_controller: FixedKLController | AdaptiveKLController
     ptx: list[Encoded]
-    sampler: PolicySampler
-
-    @property
-    def pad_id(self) -> int:
-        return pad_token_id(self.tokenizer)
 
     def state(self) -> dict:
-        return {"kl_controller": self.kl_controller.state_dict(), "reward": self.reward.state_dict(),
+        return {"kl_controller": self.kl_controller.state_dict(), **super().state(),
                 "critic": self.policy.value_state_dict()}
 
     def load_state(self, state: dict) -> None:
+        super().load_state(state)
         if "kl_controller" in state:
             self.kl_controller.load_state_dict(state["kl_controller"])
-        if "reward" in state:
-            self.reward.load_state_dict(state["reward"])
         if "critic" in state:
             self.policy.load_value_state_dict(state["critic"])
 
@@ -137,9 +110,6 @@ class PPORun:
 def _ptx_examples(cfg: PPOConfig, tokenizer) -> list[Encoded]:
     if cfg.ptx_coef == 0:
         return []
-    from rlhfkit.data.readers import read_sft
-    from rlhfkit.recipes.sft import encode_examples
-
     skipped = SkipReport()
     examples = encode_examples(tokenizer, read_sft(cfg.ptx_data), cfg.max_length, skipped, cfg.ptx_data)
     if skipped.total:
@@ -150,38 +120,14 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list[Encoded]:
 
 
 def setup_run(cfg: PPOConfig) -> PPORun:
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(cfg, tokenizer)
-    reward = build_reward(cfg.reward, normalize=cfg.reward_normalize)
-    ptx = _ptx_examples(cfg, tokenizer)
-    lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
-    model = load_model(cfg.model, lora=lora, seed=cfg.seed)
-    engine = Engine(cfg, Path(cfg.output_dir), description="ppo")
-    set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
-    reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
-    module = engine.setup(PolicyValueModel(model, critic=cfg.critic, chunk_size=cfg.logprob_chunk), tokenizer)
-    schedule_per_rollout(engine, cfg.updates_per_step)
+    tokenizer, prompts, reward = load_inputs(cfg)
     controller = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
                   else FixedKLController(cfg.kl_coef))
-    policy = engine.unwrapped()
-    run = PPORun(cfg, engine, module, policy, reference, tokenizer, prompts, reward, controller, ptx,
-                 PolicySampler(policy.model, engine.compute_dtype))
-    run.load_state(engine.extra_state)
-    return run
+    return start_run(cfg, PPORun, tokenizer=tokenizer, prompts=prompts, reward=reward, critic=cfg.critic,
+                     description="ppo", kl_controller=controller, ptx=_ptx_examples(cfg, tokenizer))
 
 
 # ============================================================================ one step
-def collect(run: PPORun, step: int) -> Rollout:
-    """Steps 1–2: the rollout, with the critic's values."""
-    cfg = run.cfg
-    prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
-                               rank=run.engine.rank, world_size=run.engine.world_size)
-    with run.engine.autocast():
-        return build_rollout(run.policy, run.reference, run.tokenizer, prompts, run.reward,
-                             cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
-                             with_values=True, chunk_size=cfg.logprob_chunk, sampler=run.sampler)
-
-
 def advantages(run: PPORun, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
     """Steps 3–4: per-token rewards with the KL penalty, GAE, whitening."""
     cfg = run.cfg
@@ -201,67 +147,51 @@ def advantages(run: PPORun, rollout: Rollout) -> tuple[Rollout, dict[str, float]
     return dataclasses.replace(rollout, advantages=adv, returns=returns), metrics
 
 
-def update(run: PPORun, rollout: Rollout, step: int) -> dict[str, float]:
-    """Step 5: inner_epochs × minibatches optimizer steps; metrics averaged over them."""
-    cfg, engine = run.cfg, run.engine
-    temperature = logprob_temperature(cfg.sampling(0))
-    ptx_stream = (MicroBatchStream([len(e) for e in run.ptx], cfg.batch_size, cfg.seed, group_by_length=False)
-                  if run.ptx else None)
-    sums: dict[str, float] = {}
-    grad_norms = []
-    run.module.train()
-    for epoch in range(cfg.inner_epochs):
-        for k, rows in enumerate(minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch)):
-            parts = [rollout.select(g) for g in micro_batches(rollout, rows, cfg.batch_size)]
-            local_units = sum(loss_units(p, cfg.aggregation) for p in parts)
-            global_units = engine.sum_across(local_units)
-            for i, part in enumerate(parts):
-                share = loss_units(part, cfg.aggregation) * engine.world_size / global_units
-                last = i == len(parts) - 1 and ptx_stream is None
-                with engine.accumulate(last=last), engine.autocast():
-                    out = policy_outputs(run.module, part, run.pad_id, temperature=temperature,
-                                         with_entropy=cfg.ent_coef > 0, with_values=True)
-                    mask = part.response_mask
-                    policy_loss, pm = ppo_policy_loss(out.logprobs, part.old_logprobs, part.advantages, mask,
-                                                      clip_eps=cfg.clip_eps, aggregation=cfg.aggregation)
-                    v_loss, vm = value_loss(out.values, part.values, part.returns, mask,
-                                            clip_eps=cfg.cliprange_value, aggregation=cfg.aggregation)
-                    loss = policy_loss + cfg.vf_coef * v_loss
-                    metrics = {**pm, "value_loss": vm["value_loss"], "vf_clipfrac": vm["vf_clipfrac"]}
-                    if cfg.ent_coef > 0:
-                        ent_loss, em = entropy_bonus(out.entropy, mask, cfg.ent_coef, aggregation=cfg.aggregation)
-                        loss = loss + ent_loss
-                        metrics["entropy_update"] = em["entropy"]
-                engine.backward(loss * share)
-                weight = loss_units(part, cfg.aggregation) / local_units
-                for key, v in {"loss": loss, **metrics}.items():
-                    sums[key] = sums.get(key, 0.0) + float(v.detach()) * weight
-            if ptx_stream is not None:
-                # PPO-ptx: the SFT loss on fresh examples, so the policy keeps what SFT taught it.
-                update_index = step * cfg.updates_per_step + epoch * cfg.minibatches + k
-                batch = collate_padded([run.ptx[j] for j in ptx_stream[update_index * engine.world_size
-                                                                         + engine.rank]],
-                                       run.pad_id).to(engine.device)
-                with engine.accumulate(last=True), engine.autocast():
-                    ptx_out = run.module(batch, temperature=1.0)
-                    ptx_loss, _ = sft_loss(ptx_out.logprobs, batch.loss_mask)
-                # × 0 keeps the critic in this last backward: DDP syncs only parameters it reaches.
-                engine.backward(cfg.ptx_coef * ptx_loss + 0.0 * ptx_out.values.sum())
-                sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + float(ptx_loss.detach())
-            grad_norms.append(engine.optimizer_step())
-    out = {k: v / cfg.updates_per_step for k, v in sums.items()}
-    out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return out
+def loss(cfg: PPOConfig, part: Rollout, out: ResponseOutputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """Step 5's loss on one micro-batch, per token: ℓ = ℓ_clip(π) + c_v · ℓ_V^clip − c_H · H."""
+    mask = part.response_mask
+    policy, metrics = ppo_policy_loss(out.logprobs, part.old_logprobs, part.advantages, mask, clip_eps=cfg.clip_eps)
+    value, value_metrics = value_loss(out.values, part.values, part.returns, mask, clip_eps=cfg.cliprange_value)
+    per_token = policy + cfg.vf_coef * value
+    metrics.update(policy_loss=aggregate(policy.detach(), mask, cfg.aggregation),
+                   value_loss=aggregate(value.detach(), mask, cfg.aggregation),
+                   vf_clipfrac=value_metrics["vf_clipfrac"])
+    if cfg.ent_coef > 0:
+        bonus, entropy_metrics = entropy_bonus(out.entropy, mask, coef=cfg.ent_coef)
+        per_token = per_token + bonus
+        metrics["entropy_update"] = entropy_metrics["entropy"]
+    return per_token, metrics
+
+
+def ptx_update(run: PPORun, stream: MicroBatchStream, update_index: int) -> dict[str, float]:
+    """PPO-ptx: c_ptx · the SFT loss on fresh examples, added to the update's gradient, so the
+    policy keeps what SFT taught it."""
+    engine = run.engine
+    batch = collate_padded([run.ptx[j] for j in stream[update_index * engine.world_size + engine.rank]],
+                           run.pad_id).to(engine.device)
+    with engine.accumulate(last=True), engine.autocast():
+        out = run.module(batch, temperature=1.0)
+        ptx_loss, _ = sft_loss(out.logprobs, batch.loss_mask)
+    # × 0 keeps the critic in this last backward: DDP syncs only parameters it reaches.
+    engine.backward(run.cfg.ptx_coef * ptx_loss + 0.0 * out.values.sum())
+    return {"ptx_loss": float(ptx_loss.detach())}
 
 
 def train_step(run: PPORun, step: int) -> tuple[dict[str, float], int]:
     """One rollout step (steps 1–6 of the module docstring); returns (metrics, tokens)."""
+    cfg = run.cfg
     t0 = time.perf_counter()
-    rollout = collect(run, step)
+    rollout = online.collect(run, step, with_values=True)
     rollout, adv_metrics = advantages(run, rollout)
     t1 = time.perf_counter()
     metrics = {**rollout_metrics(rollout), **adv_metrics, "kl_coef": run.kl_controller.value}
-    metrics.update(update(run, rollout, step))
+    ptx = None
+    if run.ptx:
+        stream = MicroBatchStream([len(e) for e in run.ptx], cfg.batch_size, cfg.seed, group_by_length=False)
+        ptx = functools.partial(ptx_update, run, stream)
+    update_metrics, _ = online.update(run, rollout, step, functools.partial(loss, cfg), with_entropy=cfg.ent_coef > 0,
+                                      with_values=True, after_minibatch=ptx)
+    metrics.update(update_metrics)
     # Step 6: β follows the KL the reward was charged per response (the mean over all processes,
     # so every process keeps the same β), over this step's responses.
     kl_per_response = mean_across(run.engine, {"kl": metrics["kl_penalty"]})["kl"]
@@ -275,13 +205,7 @@ def run_ppo(cfg: PPOConfig) -> dict:
     """Train; returns {"final": path, "metrics": last step's metrics}. The critic is saved
     next to the final policy as value_head.safetensors."""
     run = setup_run(cfg)
-    engine = run.engine
-    metrics: dict[str, float] = {}
-    with engine.interruptible():
-        for step in range(engine.start_step, cfg.max_steps):
-            metrics, tokens = train_step(run, step)
-            engine.end_step(step + 1, metrics, tokens=tokens, extra_state=run.state())
-    final = engine.finish()
-    if engine.is_main:
+    final, metrics = online.train(run, lambda step: train_step(run, step))
+    if run.engine.is_main:
         save_value_model(run.policy, final)
     return {"final": str(final), "metrics": metrics}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,28 +27,23 @@ import torch
 from rlhfkit.config import check, param
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.preference import dedupe, split_by_prompt
+from rlhfkit.data.preference_batches import EncodedPair, PreferenceBatch, collate_pairs, encode_preference_pairs
 from rlhfkit.data.readers import read_preferences
-from rlhfkit.data.schemas import PreferencePair, is_tie, prompt_text
+from rlhfkit.data.schemas import PreferencePair, prompt_text
+from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.eval.reward import evaluate_reward_model, scalar_metrics
+from rlhfkit.io import atomic_write_text
 from rlhfkit.losses.reward import (
     ENSEMBLE_MODES,
     bradley_terry_loss,
     ensemble_reduce,
     ensemble_summary,
+    non_tie_accuracy,
     pairwise_metrics,
     reward_centering_penalty,
 )
 from rlhfkit.models.loading import LoraSettings, load_tokenizer
-from rlhfkit.models.reward import (
-    EncodedPair,
-    PairBatch,
-    as_ensemble,
-    collate_pairs,
-    encode_preference_pairs,
-    load_reward_model,
-    split_pair_rewards,
-)
-from rlhfkit.io import atomic_write_text
+from rlhfkit.models.reward import as_ensemble, load_reward_model, split_pair_rewards
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 
@@ -116,45 +110,47 @@ def read_splits(cfg: RewardConfig) -> tuple[list[PreferencePair], list[Preferenc
 def reward_task(cfg: RewardConfig, tokenizer, train: list[EncodedPair], held_out: list[EncodedPair],
                 latest_report: dict) -> SupervisedTask:
     """The SupervisedTask of reward modelling; `latest_report` receives each full eval report."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
 
-    def make_batch(indices: list[int]) -> PairBatch:
+    def make_batch(indices: list[int]) -> PreferenceBatch:
         return collate_pairs([train[i] for i in indices], pad_id, packed=cfg.packing)
 
-    def loss(module, batch: PairBatch, normalizer: float):
+    def loss(module, batch: PreferenceBatch, normalizer: float):
         num_pairs = batch.num_pairs
         rewards = as_ensemble(module(batch.sequences))                        # (E, 2B)
         chosen, rejected = split_pair_rewards(rewards, num_pairs)             # (E, B) each
-        margin = batch.margin if cfg.use_margin else None
-        bt_total = torch.zeros((), device=rewards.device)
-        centering_total = torch.zeros((), device=rewards.device)
-        for head in range(chosen.shape[0]):
-            bt, _ = bradley_terry_loss(chosen[head], rejected[head], label=batch.label, margin=margin,
-                                       noise=cfg.label_noise)
-            bt_total = bt_total + bt
-            if cfg.center_coef > 0:
-                penalty, _ = reward_centering_penalty(chosen[head], rejected[head], cfg.center_coef)
-                centering_total = centering_total + penalty
         heads = chosen.shape[0]
-        per_pair = (bt_total + centering_total) / heads                       # mean over pairs and heads
+        margin = batch.margin if cfg.use_margin else None
+        bradley_terry = torch.zeros(num_pairs, device=rewards.device)         # (B,) summed over heads
+        centering = torch.zeros(num_pairs, device=rewards.device)
+        centering_sq = torch.zeros(num_pairs, device=rewards.device)
+        for head in range(heads):
+            per_pair, _ = bradley_terry_loss(chosen[head], rejected[head], label=batch.label, margin=margin,
+                                             noise=cfg.label_noise)
+            bradley_terry = bradley_terry + per_pair
+            if cfg.center_coef > 0:
+                penalty, penalty_metrics = reward_centering_penalty(chosen[head], rejected[head], cfg.center_coef)
+                centering = centering + penalty
+                centering_sq = centering_sq + penalty_metrics["rewards/centering_sq"]
+        per_pair_loss = (bradley_terry + centering) / heads                   # (B,), mean over heads
         # fit divides every metric by the step's pair count, so metrics are sums over pairs.
-        # Accuracy is the micro-batch's non-tie accuracy weighted by its pairs: exact for one
-        # micro-batch per step; a micro-batch of ties only counts as 0.
-        reduced_c = ensemble_reduce(chosen.detach(), cfg.ensemble_mode)
-        reduced_r = ensemble_reduce(rejected.detach(), cfg.ensemble_mode)
-        pm = pairwise_metrics(reduced_c, reduced_r, batch.label)
-        sums = {"loss": per_pair.detach() * num_pairs,
-                "loss/bradley_terry": bt_total.detach() / heads * num_pairs,
-                "rewards/chosen": pm["rewards/chosen"] * num_pairs,
-                "rewards/rejected": pm["rewards/rejected"] * num_pairs,
-                "rewards/margin": pm["rewards/margin"] * num_pairs,
-                "rewards/accuracy": pm["rewards/accuracy"] * num_pairs}
+        pm = pairwise_metrics(ensemble_reduce(chosen.detach(), cfg.ensemble_mode),
+                              ensemble_reduce(rejected.detach(), cfg.ensemble_mode), batch.label)
+        sums = {"loss": per_pair_loss.detach().sum(),
+                "loss/bradley_terry": bradley_terry.detach().sum() / heads,
+                "rewards/chosen": pm["rewards/chosen"].sum(),
+                "rewards/rejected": pm["rewards/rejected"].sum(),
+                "rewards/margin": pm["rewards/margin"].sum(),
+                # The micro-batch's accuracy over its non-tie pairs, weighted by its pairs: exact
+                # for one micro-batch per step; a micro-batch of ties only counts as 0.
+                "rewards/accuracy": non_tie_accuracy(pm) * num_pairs}
         if cfg.center_coef > 0:
-            sums["rewards/centering_sq"] = centering_total.detach() / (heads * cfg.center_coef) * num_pairs
+            sums["rewards/centering_sq"] = centering_sq.sum() / heads
         if heads > 1:
-            spread = ensemble_summary(torch.cat([chosen, rejected], dim=1).detach())["std"].mean()
-            sums["rewards/ensemble_spread"] = spread * num_pairs
-        return per_pair * num_pairs / normalizer, sums
+            # the spread of the 2B rewards of B pairs, per pair: Σ over sequences / 2
+            spread = ensemble_summary(torch.cat([chosen, rejected], dim=1).detach())["std"]
+            sums["rewards/ensemble_spread"] = spread.sum() / 2
+        return per_pair_loss.sum() / normalizer, sums
 
     def evaluate(module) -> dict[str, float]:
         report = evaluate_reward_model(module, tokenizer, held_out, ensemble_mode=cfg.ensemble_mode,
@@ -176,10 +172,9 @@ def run_reward(cfg: RewardConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     train_pairs, held_out_pairs, counts = read_splits(cfg)
     skipped = SkipReport()
-    train = encode_preference_pairs(tokenizer, train_pairs, max_length=cfg.max_length, skipped=skipped,
-                                    where=cfg.train_data)
-    held_out = encode_preference_pairs(tokenizer, held_out_pairs, max_length=cfg.max_length, skipped=skipped,
-                                       where=cfg.eval_data or f"{cfg.train_data} (held out)")
+    train = encode_preference_pairs(tokenizer, train_pairs, cfg.max_length, skipped, f"{cfg.train_data}:")
+    held_out = encode_preference_pairs(tokenizer, held_out_pairs, cfg.max_length, skipped,
+                                       f"{cfg.eval_data or f'{cfg.train_data} (held out)'}:")
     if skipped.total:
         log.warning("%s (%s)", skipped.summary(), "; ".join(w for ws in skipped.examples.values() for w in ws))
     if not train:
@@ -190,8 +185,8 @@ def run_reward(cfg: RewardConfig) -> dict:
     engine = Engine(cfg, run_dir, description="rm")
     module = engine.setup(model, tokenizer)
     data_report = {**counts, "train_pairs": len(train), "eval_pairs": len(held_out),
-                   "train_ties": sum(is_tie(p.label) for p in train),
-                   "eval_ties": sum(is_tie(p.label) for p in held_out),
+                   "train_ties": sum(p.is_tie for p in train),
+                   "eval_ties": sum(p.is_tie for p in held_out),
                    "skipped": skipped.counts, "skipped_examples": skipped.examples}
     if engine.is_main:
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2))
@@ -205,16 +200,3 @@ def run_reward(cfg: RewardConfig) -> dict:
     return {"final": str(final), "metrics": metrics, "eval": latest_report, "skipped": skipped.counts,
             "data": data_report}
 
-
-def train_reward_model_from_jsonl(path: str | Path, *, tiny: bool = False, steps: int = 3,
-                                  output_dir: str | Path | None = None) -> dict:
-    """Train a reward model on an exported pairs file for a few steps (all pairs train).
-
-    tiny=True uses the tiny random model (seconds, for tests); otherwise the embedded model.
-    Without output_dir the run goes to a new temporary folder. Returns `run_reward`'s dict.
-    """
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="rlhfkit-rm-"))
-    cfg = RewardConfig(model="tiny" if tiny else "embedded", train_data=str(path), output_dir=str(out),
-                       max_steps=steps, batch_size=8, test_fraction=0.0, resume=False, progress=False,
-                       lr=1e-3 if tiny else 2e-5, precision="fp32" if tiny else "auto")
-    return run_reward(cfg)

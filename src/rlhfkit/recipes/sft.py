@@ -19,14 +19,14 @@ import torch
 
 from rlhfkit.config import check, param
 from rlhfkit.data.errors import DataError, SkipReport
-from rlhfkit.data.packing import collate_packed, collate_padded
+from rlhfkit.data.packing import collate, collate_packed
 from rlhfkit.data.readers import read_sft
 from rlhfkit.data.schemas import SFTExample
-from rlhfkit.data.tokenize import Encoded, encode_pair
+from rlhfkit.data.tokenize import Encoded, encode_pair, pad_token_id
+from rlhfkit.io import atomic_write_text
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
-from rlhfkit.io import atomic_write_text
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 
@@ -63,11 +63,10 @@ def encode_examples(tokenizer, examples: list[SFTExample], max_length: int,
 
 def sft_task(tokenizer, train: list[Encoded], eval_set: list[Encoded], *, packing: bool,
              eval_batch_size: int = 8) -> SupervisedTask:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
 
     def make_batch(idx):
-        exs = [train[i] for i in idx]
-        return collate_packed(exs, pad) if packing else collate_padded(exs, pad)
+        return collate([train[i] for i in idx], pad, packed=packing)
 
     def loss(module, batch, normalizer):
         logps = module(batch)
@@ -118,5 +117,6 @@ def run_sft(cfg: SFTConfig) -> dict:
     metrics = fit(engine, task)
     final = engine.finish()
     del module
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"final": str(final), "metrics": metrics, "skipped": skipped.counts}

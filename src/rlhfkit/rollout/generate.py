@@ -8,10 +8,14 @@ once and its KV cache copied to the rows that sample from it (`shared_prompt_cac
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import dataclass
 
 import torch
+from rich.progress import track
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -21,7 +25,8 @@ from transformers import (
 
 from rlhfkit.config import Config, check, param
 from rlhfkit.data.schemas import Conversation
-from rlhfkit.data.tokenize import encode_prompt
+from rlhfkit.data.tokenize import encode_prompt, pad_token_id
+from rlhfkit.ops.logprobs import split_causal_lm
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.n)]
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     stop_ids = _stop_ids(tokenizer)
     results: list[Generation | None] = [None] * len(jobs)
     was_training = model.training
@@ -79,8 +84,6 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
     batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
     iterator = batches
     if progress:
-        from rich.progress import track
-
         iterator = track(batches, description="generating", transient=True)
     for batch in iterator:
         seqs = [encoded[jobs[j][0]] for j in batch]
@@ -166,10 +169,6 @@ def sampling_processors(cfg: SamplingConfig, generator: torch.Generator) -> Logi
 def cache_argument(model) -> str:
     """The keyword a model's forward and `generate` take a KV cache by: `cache` from
     transformers 5.2x on, `past_key_values` before (still accepted, with a warning)."""
-    import inspect
-
-    from rlhfkit.ops.logprobs import split_causal_lm
-
     params = inspect.signature(split_causal_lm(model).backbone.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -185,10 +184,6 @@ def shared_prompt_cache(model, ids: torch.Tensor, attn: torch.Tensor, prompt_of_
     Position ids follow `generate`'s own rule for left padding (cumsum of the mask − 1).
     Returns None when no prompt repeats in the batch (nothing to share) or W < 2.
     """
-    from transformers import DynamicCache
-
-    from rlhfkit.ops.logprobs import split_causal_lm
-
     distinct = list(dict.fromkeys(prompt_of_row))
     if len(distinct) == len(prompt_of_row) or ids.shape[1] < 2:
         return None
@@ -221,8 +216,6 @@ class PolicySampler:
     """
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None, *, attention: str | None = "sdpa"):
-        import copy
-
         self.policy = model
         self.dtype = dtype
         self.model = model if dtype is None else copy.deepcopy(model).to(dtype).eval()

@@ -7,11 +7,9 @@ Every source maps a batch of (prompt, response, meta) samples to one float each:
 Sources here: `WeightedRewards` (several sources, weights, per-source running
 normalization), `ClassifierReward` (any Hugging Face sequence classifier, e.g. toxicity as
 a negative reward) and `FunctionReward` (any per-sample function, e.g. a task checker).
-Rule verifiers and sandboxed code execution live in `rlhfkit.rollout.verifiers`.
-
-`RewardModelSource` (a trained reward model, and ensembles of them) is written next to the
-reward model head by the lead; it implements the same protocol: `name` plus
-`score(samples)` returning the reward model's scalar for prompt + response.
+Rule verifiers and sandboxed code execution live in `rlhfkit.rollout.verifiers`; the gold
+check and a trained reward model (`GoldReward`, `RewardModelSource`), and the `--reward`
+spec that combines sources, in `rlhfkit.rollout.reward_spec`.
 """
 
 from __future__ import annotations

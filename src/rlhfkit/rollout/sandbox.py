@@ -41,13 +41,16 @@ file is also the child's `__main__`.
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import json
+import linecache
 import logging
 import math
 import os
 import pwd
 import random
+import resource
 import selectors
 import shutil
 import signal
@@ -55,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -413,10 +417,8 @@ _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
 
 
 def _child_main(config_json: str) -> None:
-    # Imported before the lock-down, while the whole standard library is reachable.
-    import linecache
-    import traceback
-
+    # Everything the child uses is imported at the top of this file, before the lock-down,
+    # while the whole standard library is reachable.
     cfg = json.loads(config_json)
     if cfg["report_fd"] != REPORT_FD:
         os.dup2(cfg["report_fd"], REPORT_FD, inheritable=False)
@@ -449,9 +451,6 @@ def _write_report_line(obj: dict) -> None:
 
 def _lock_down(cfg: dict) -> tuple[str, list[str]]:
     """Apply every layer that this machine permits; returns the code and the layers that held."""
-    import ctypes
-    import resource
-
     libc = ctypes.CDLL(None, use_errno=True)
     isolation: list[str] = []
     with open(cfg["code_path"], encoding="utf-8") as f:
@@ -605,8 +604,6 @@ def _mounts() -> list[tuple[str, list[str]]]:
 
 def _drop_capabilities(libc) -> None:
     """Clear every capability (inside a user namespace we would otherwise hold them all)."""
-    import ctypes
-
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 

@@ -24,6 +24,7 @@ from typing import Any
 from rlhfkit.data.errors import DataError
 from rlhfkit.rollout.rewards import Sample
 from rlhfkit.rollout.sandbox import SandboxResult, run_python
+from rlhfkit.tasks.check import NUMBER, WRAPPING, extract_final_answer
 
 
 def _gold(sample: Sample, index: int, key: str) -> Any:
@@ -38,25 +39,8 @@ def _gold(sample: Sample, index: int, key: str) -> Any:
 # Exact answers
 # --------------------------------------------------------------------------------------
 
-_ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
-# A number: thousands-separated ("1,000.5") or plain ("1000", "12.", ".5", "-3").
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SIMPLE_FRACTION = re.compile(r"[-+]?\d+\s*/\s*\d+")
-# Wrapping that models put around a final answer and that never changes it.
-_WRAPPING = " \t\n*`$"
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer in a response: the first line after the last "Answer:" (any case),
-    else the last number anywhere; None when there is neither."""
-    markers = list(_ANSWER_MARKER.finditer(text))
-    if markers:
-        rest = text[markers[-1].end():].strip(_WRAPPING)
-        line = rest.splitlines()[0] if rest else ""
-        return line.strip(_WRAPPING) or None
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
 
 
 def _as_number(text: str) -> Fraction | None:
@@ -64,7 +48,7 @@ def _as_number(text: str) -> Fraction | None:
     text = text.strip()
     if _THOUSANDS.fullmatch(text):
         text = text.replace(",", "")
-    elif not (_NUMBER.fullmatch(text) or _SIMPLE_FRACTION.fullmatch(text)):
+    elif not (NUMBER.fullmatch(text) or _SIMPLE_FRACTION.fullmatch(text)):
         return None
     try:
         return Fraction(text.replace(" ", ""))
@@ -75,9 +59,9 @@ def _as_number(text: str) -> Fraction | None:
 def normalize_answer(text: str) -> str:
     """Strip wrapping (`*`, `` ` ``, `$`, spaces) and a trailing period; collapse spaces;
     casefold."""
-    text = text.strip(_WRAPPING)
+    text = text.strip(WRAPPING)
     if text.endswith("."):
-        text = text[:-1].rstrip(_WRAPPING)
+        text = text[:-1].rstrip(WRAPPING)
     return " ".join(text.split()).casefold()
 
 

@@ -9,6 +9,7 @@ resume would pick up; `latest` names the newest complete one.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -89,8 +90,6 @@ def save_final(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
     """The run's final model, atomically; LoRA adapters merged so it loads as a plain model."""
     to_save = model
     if merge_lora and hasattr(model, "merge_and_unload"):
-        import copy
-
         to_save = copy.deepcopy(model).merge_and_unload()
     with atomic_dir(Path(out)) as tmp:
         save_model(to_save, tokenizer, tmp)

@@ -30,9 +30,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
+from safetensors.torch import load_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from rlhfkit.config import Config, check, param
+from rlhfkit.models import attention as fp32_attention
+from rlhfkit.models.device import resolve_precision
 from rlhfkit.train import checkpoint as ckpt
 from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress
 
@@ -87,22 +93,6 @@ class TrainConfig(Config):
         check(self.logprob_chunk >= 1, "logprob_chunk must be ≥ 1")
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str) -> str:
-    """'auto' → bf16 on GPUs and CPUs with native bf16 (AVX512-BF16/AMX), fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
 def resolve_attention(attention: str, device: torch.device) -> str | None:
     """The transformers attn_implementation to train with; None keeps the model's own.
 
@@ -114,9 +104,7 @@ def resolve_attention(attention: str, device: torch.device) -> str | None:
     if attention == "model":
         return None
     if attention == "fp32-matmul":
-        from rlhfkit.models.attention import register
-
-        return register()
+        return fp32_attention.register()
     return attention
 
 
@@ -133,27 +121,10 @@ def set_training_attention(module: nn.Module, cfg: TrainConfig, device: torch.de
         inner.set_attn_implementation(attention)
 
 
-def inference_device() -> torch.device:
-    """Where generation, evaluation and frozen scorers (reward models, judges) run: this
-    process's accelerator (its own GPU under `accelerate launch`), else the CPU."""
-    from accelerate import PartialState
-
-    return PartialState().device
-
-
-def inference_dtype(precision: str = "auto") -> torch.dtype:
-    """The weight dtype for generation and evaluation: bf16 where training would use bf16
-    (decoding with bf16 weights is ≈ 2× faster on CPU than fp32, and casting fp32 weights under
-    autocast at every decoding step is slower still), fp32 otherwise."""
-    return torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
-
-
 def _allow_new_precision(mixed_precision: str) -> None:
     """accelerate keeps one process-wide state and refuses a second Accelerator with another
     precision. A single (non-distributed) process may run several recipes in a row (the demo
     pipeline, tests), each with its own precision: reset that state between them."""
-    from accelerate.state import AcceleratorState, PartialState
-
     if not AcceleratorState._shared_state:
         return
     state = AcceleratorState()
@@ -180,13 +151,16 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 
 class Engine:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, total_steps: int | None = None,
-                 description: str = "train"):
-        from accelerate import Accelerator
+    """total_steps: the steps the lr schedule spans (default cfg.max_steps). updates_per_step:
+    optimizer updates per step (an online recipe makes several per rollout); the schedule,
+    warmup included, counts steps, so the updates of one step share its learning rate."""
 
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, total_steps: int | None = None,
+                 updates_per_step: int = 1, description: str = "train"):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps or cfg.max_steps
+        self.updates_per_step = updates_per_step
         self.precision = resolve_precision(cfg.precision)
         mp = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
         _allow_new_precision(mp)
@@ -243,9 +217,9 @@ class Engine:
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or self.cfg.lr,
                                       betas=(0.9, 0.95), eps=1e-8, fused=fused or None,
                                       foreach=None if fused else True)
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(
-            s, warmup=self.cfg.warmup_steps, total=self.total_steps, schedule=self.cfg.schedule,
-            min_ratio=self.cfg.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda update: lr_lambda(
+            update // self.updates_per_step, warmup=self.cfg.warmup_steps, total=self.total_steps,
+            schedule=self.cfg.schedule, min_ratio=self.cfg.min_lr_ratio))
         # The scheduler stays outside accelerate.prepare: a prepared scheduler steps once per
         # process, which would run the schedule N times too fast under N-process DDP.
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
@@ -369,10 +343,8 @@ class Engine:
 
 def inner_hf_model(module: nn.Module) -> nn.Module:
     """The transformers (or PEFT) model inside recipe wrappers such as TokenLogprobs."""
-    from transformers import PreTrainedModel
-
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # noqa: PLC0415 — peft is heavy to import and only LoRA runs need it
         kinds: tuple = (PreTrainedModel, PeftModel)
     except ImportError:
         kinds = (PreTrainedModel,)
@@ -383,12 +355,10 @@ def inner_hf_model(module: nn.Module) -> nn.Module:
 
 def load_weights(model: nn.Module, folder: Path) -> None:
     """Load a checkpoint's saved weights (full model or PEFT adapter) into `model` in place."""
-    from safetensors.torch import load_file
-
     target = model
     folder = Path(folder)
     if (folder / "adapter_model.safetensors").exists():
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # noqa: PLC0415 — peft is heavy; only LoRA checkpoints need it
 
         set_peft_model_state_dict(target, load_file(folder / "adapter_model.safetensors"))
         return

@@ -67,14 +67,6 @@ class AdaptiveKLController:
         self._coef = float(init_coef)
 
     @property
-    def target(self) -> float:
-        return self._target
-
-    @property
-    def horizon(self) -> int:
-        return self._horizon
-
-    @property
     def value(self) -> float:
         return self._coef
 

@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rlhfkit.data.readers import iter_records
+
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
 
@@ -49,13 +51,13 @@ class MetricsLogger:
             self.path.unlink()
         if tracker == "tensorboard":
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 — optional tracker
             except ImportError:
                 raise RuntimeError("tracker=tensorboard needs: pip install tensorboard") from None
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         elif tracker == "wandb":
             try:
-                import wandb
+                import wandb  # noqa: PLC0415 — optional tracker
             except ImportError:
                 raise RuntimeError("tracker=wandb needs: pip install wandb") from None
             self._wandb = wandb.init(project="rlhfkit", name=run_name, config=config, dir=str(run_dir),
@@ -82,10 +84,12 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of `run_dir/metrics.jsonl` ([] when there is none); a line that is not a JSON
+    object raises DataError naming the file and the line."""
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return [row for row, _ in iter_records(p)]
 
 
 class StepProgress:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from rlhfkit.cli.errors import fail
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.feedback.db import DEFAULT_DATABASE, open_database
 from rlhfkit.feedback.export import FORMATS, export_records, write_jsonl
@@ -27,11 +28,6 @@ PASSWORD_OPTION = typer.Option(..., "--password", prompt=True, hide_input=True, 
                                envvar="RLHFKIT_PASSWORD", help="Asked for when not given (min. 8 characters).")
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code=1)
-
-
 @label_app.command()
 def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the loopback default "
                                                      "unless a proxy with HTTPS is in front."),
@@ -43,9 +39,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
 
     Example: `rlhf label serve --db feedback.db --port 8000`, then open http://127.0.0.1:8000
     """
-    import uvicorn
+    import uvicorn  # noqa: PLC0415 — the server, only for this command
 
-    from rlhfkit.feedback.app import create_app
+    from rlhfkit.feedback.app import create_app  # noqa: PLC0415 — pulls in fastapi: +0.6 s on every `rlhf` start
 
     try:
         is_loopback = ipaddress.ip_address(host).is_loopback
@@ -65,7 +61,7 @@ def _add_user(db: str, username: str, password: str, role: str) -> None:
             create_user(session, username, password, role)
             session.commit()
     except DataError as e:
-        _fail(e.message)
+        fail(e.message, code=1)
     finally:
         database.close()
     typer.echo(f"created {role} {username!r}")
@@ -116,7 +112,7 @@ def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, response
             typer.echo(f"round {new_round.number}: {len(records)} items "
                        f"(model version {new_round.model_version or 'not given'})")
     except DataError as e:
-        _fail(str(e))
+        fail(str(e), code=1)
     finally:
         database.close()
 
@@ -136,13 +132,13 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
     (the file feeds the reward-model and DPO trainers as it is)
     """
     if format not in FORMATS:
-        _fail(f"unknown format {format!r} (use {', '.join(FORMATS)})")
+        fail(f"unknown format {format!r} (use {', '.join(FORMATS)})", code=1)
     database = open_database(db)
     try:
         with database.read() as session:
             target = find_project(session, project)
             if target is None:
-                _fail(f"no project named {project!r}")
+                fail(f"no project named {project!r}", code=1)
             excluded = flagged_annotators(session, target) if exclude_flagged else set()
             skips = SkipReport()
             records = export_records(session, target, format=format, rounds=round or None,
@@ -154,5 +150,5 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
     typer.echo(f"wrote {count} {format} records to {output} ({skips.summary()}{left_out})")
 
 
-if __name__ == "__main__":
-    label_app()
+def register(app: typer.Typer) -> None:
+    app.add_typer(label_app, name="label", help="Human feedback collection: the labeling web app.")

@@ -9,6 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlhfkit.cli.eval import interval
+from rlhfkit.demo.pipeline import DemoSettings, run_demo
+from rlhfkit.eval.runs import accuracy_stages
+from rlhfkit.models.loading import ModelNotFound
+
 console = Console()
 
 
@@ -35,10 +40,6 @@ def demo(
 
       rlhf demo --full --out runs/demo-full
     """
-    from rlhfkit.demo.pipeline import DemoSettings, run_demo
-    from rlhfkit.eval.report import model_rows
-    from rlhfkit.models.loading import ModelNotFound
-
     settings = (DemoSettings.quick if quick else DemoSettings.full)(out, model=model, seed=seed)
     t0 = time.perf_counter()
 
@@ -56,7 +57,7 @@ def demo(
     table = Table(title="held-out exact-match accuracy")
     for col in ("stage", "accuracy", "95% CI", "n"):
         table.add_column(col)
-    for key, label in model_rows(ctx.results):
+    for key, label in accuracy_stages(ctx.results):
         r = ctx.results[key]
         table.add_row(label, f"{r['accuracy']:.1%}", f"{r['ci_low']:.1%}–{r['ci_high']:.1%}", str(r["n"]))
     console.print(table)
@@ -66,7 +67,7 @@ def demo(
         for col in ("model", "gold (exact checker)", "LLM judge", "KL to SFT (nats)"):
             wins.add_column(col)
         for m in judged:
-            wins.add_row(m["name"], _rate(m.get("gold_win_rate")), _rate(m.get("win_rate")),
+            wins.add_row(m["name"], interval(m.get("gold_win_rate")), interval(m.get("win_rate")),
                          f"{m['kl']['mean']:.3f}" if m.get("kl") else "–")
         console.print(wins)
     timings = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in ctx.results.items()
@@ -75,7 +76,5 @@ def demo(
     console.print(f"total {time.perf_counter() - t0:.0f} s · report: [bold]{ctx.results['report']['path']}[/]")
 
 
-def _rate(block: dict | None) -> str:
-    if not block or block.get("mean") is None:
-        return "–"
-    return f"{block['mean']:.1%} [{block['ci_low']:.1%}, {block['ci_high']:.1%}]"
+def register(app: typer.Typer) -> None:
+    app.command("demo", short_help="Run the whole demo pipeline on the embedded model and write a report.")(demo)

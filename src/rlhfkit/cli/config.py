@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from rlhfkit.cli.errors import fail
 from rlhfkit.config import Config, ConfigError, _base_type
 
 
@@ -30,9 +31,10 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
                    help: str, examples: str) -> None:
     """Register `rlhf NAME [--config FILE] [--field value ...]` calling run(cfg)."""
     hints = typing.get_type_hints(cfg_cls)
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, "--config", "-c", help="YAML file with any of the fields below",
-                                                     show_default=False))]
+    config_option = typer.Option(None, "--config", "-c", help="YAML file with any of the fields below",
+                                 show_default=False)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                                default=config_option)]
     for f in fields(cfg_cls):
         tp = _option_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -46,7 +48,7 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
         text = f.metadata.get("help", "") + (f" [{'|'.join(choices)}]" if choices else "")
         text += f" (default: {default})"
         text = escape(text)  # rich markup would swallow "[cosine|linear|constant]" as a style tag
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, *decl, help=text, show_default=False)))
 
     def command(**kwargs):
@@ -54,8 +56,7 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
         try:
             cfg = cfg_cls.load(config_path, overrides={k: v for k, v in kwargs.items() if v is not None})
         except ConfigError as e:  # a user mistake: one clear line and exit 2, not a traceback
-            Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}")
-            raise typer.Exit(2) from None
+            fail(str(e))
         return run(cfg)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Demo tasks: deterministic, disjoint splits, and checkers that are exact and fair."""
+"""Checkable tasks: deterministic, disjoint splits, and checkers that are exact and fair."""
 
 import json
 import re
@@ -6,8 +6,9 @@ import re
 import pytest
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.demo.tasks import (FAMILIES, Task, check, extract_answer, gold_reward, load_task_records,
-                                make_tasks, read_jsonl, to_sft_record, write_jsonl)
+from rlhfkit.tasks.check import check, extract_answer, extract_final_answer, gold_reward
+from rlhfkit.tasks.generate import FAMILIES, Task, make_tasks
+from rlhfkit.tasks.records import load_task_records, read_jsonl, to_sft_record, write_jsonl
 
 CHECKABLE = tuple(f for f in FAMILIES if f != "open")
 
@@ -210,3 +211,13 @@ def test_bad_arguments_and_an_exhausted_family_raise():
         make_tasks("test", -1)
     with pytest.raises(ValueError, match="distinct 'open' test tasks"):
         make_tasks("test", 5000, families=("open",))
+
+
+def test_one_extractor_serves_the_verifiers_and_the_checkers():
+    # The verifiers strip `$` and markdown around an answer; the checkers strip whitespace only
+    # and normalize what they accept themselves, so "$12$" is not 12 for them.
+    assert extract_final_answer("Answer: $12$") == "12"
+    assert extract_final_answer("Answer: $12$", wrapping=None) == "$12$"
+    assert not check(_task("arithmetic", "12"), "Answer: $12$")
+    assert extract_final_answer("Answer:  \n\n 12 \n13", wrapping=None) == "12"
+    assert extract_final_answer("so, yes", fallback=lambda text: text.split()[-1]) == "yes"

@@ -1,0 +1,42 @@
+"""The `rlhf` command: thin — parses arguments and calls recipes.
+
+Each module of this package holds one group of commands and a `register(app)` that adds them.
+`rlhf --help` lists the commands in the order they are registered below, then the command
+groups (rm, label, judge) in theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from transformers.utils import logging as hf_logging
+
+from rlhfkit.cli import demo, eval, generate, judge, label, report, rm, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="rlhfkit — the whole RLHF loop: collect feedback, train, evaluate, collect again.")
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "transformers", "accelerate", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+train.register(app)
+generate.register(app)
+demo.register(app)
+eval.register(app)
+report.register(app)
+rm.register(app)
+label.register(app)
+judge.register(app)
