@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 NAME = "rlhfkit_fp32_matmul"
 # 64 M fp32 scores = 256 MB kept per layer for the backward (8 × 9 heads × 944²).
@@ -61,6 +59,11 @@ def fp32_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
 def register() -> str:
     """Make NAME a valid `attn_implementation` (idempotent); returns NAME."""
+    # Both registries live in transformers' modeling stack (~2 s to import): imported when a
+    # model is built, not when the CLI starts.
+    from transformers import AttentionInterface  # noqa: PLC0415 — see above
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: PLC0415 — see above
+
     AttentionInterface.register(NAME, fp32_matmul_attention)
     AttentionMaskInterface.register(NAME, eager_mask)
     return NAME

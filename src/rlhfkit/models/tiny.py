@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -43,6 +43,10 @@ def tiny_tokenizer():
 
 def tiny_config(vocab_size: int = 288, hidden_size: int = 32, layers: int = 2, heads: int = 4,
                 kv_heads: int = 2, max_positions: int = 1024):
+    # `transformers.LlamaConfig` loads the Llama modeling stack (~1 s), and this module is
+    # imported by the model loader on every CLI start: imported when a tiny model is built.
+    from transformers import LlamaConfig  # noqa: PLC0415 — see above
+
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=max_positions, tie_word_embeddings=True,

@@ -34,7 +34,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel
 
 from rlhfkit.config import Config, check, param
 from rlhfkit.models import attention as fp32_attention
@@ -343,6 +342,10 @@ class Engine:
 
 def inner_hf_model(module: nn.Module) -> nn.Module:
     """The transformers (or PEFT) model inside recipe wrappers such as TokenLogprobs."""
+    # transformers' modeling base pulls in its whole model-loading stack (~2 s): imported on
+    # first use so that `rlhf --help` and config-only imports stay fast.
+    from transformers import PreTrainedModel  # noqa: PLC0415 — see above
+
     try:
         from peft import PeftModel  # noqa: PLC0415 — peft is heavy to import and only LoRA runs need it
         kinds: tuple = (PreTrainedModel, PeftModel)
