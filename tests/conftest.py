@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from rlhfkit.ops.logprobs import IGNORE_INDEX  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -30,3 +32,20 @@ def train_reward_model_on_export(tmp_path):
         return run_reward(cfg)
 
     return train
+
+
+def _token_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[labels] from full-vocabulary logits, 0 where labels = IGNORE_INDEX.
+
+    logits: (B, T, V); labels: (B, T), already shifted. Returns (B, T) fp32."""
+    mask = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~mask, 0)
+    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return lp * mask
+
+
+@pytest.fixture(scope="session")
+def token_logprobs_from_logits():
+    """token_logprobs_from_logits(logits, labels) → (B, T): the plain, unchunked per-token
+    log-probs that tests compare the package's chunked `ops.logprobs` paths against."""
+    return _token_logprobs_from_logits

@@ -24,7 +24,6 @@ from rlhfkit.eval.kl import kl_from_logprobs, policy_reference_kl, response_batc
 from rlhfkit.eval.prompts import load_eval_prompts
 from rlhfkit.judge.backends import ScriptedBackend
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
-from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.rollout.generate import Generation, SamplingConfig, generate
 
 # ----------------------------------------------------------------------------- KL
@@ -72,7 +71,7 @@ def test_kl_of_a_model_to_itself_is_zero(tok, sampled):
     assert (est.mean, est.per_token, est.per_token_k3, est.ci_low, est.ci_high) == (0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def test_kl_between_two_models_matches_full_logits(tok, sampled):
+def test_kl_between_two_models_matches_full_logits(tok, sampled, token_logprobs_from_logits):
     model, gens = sampled
     reference = tiny_causal_lm(seed=5)
     est = policy_reference_kl(model, reference, [(g.prompt_ids, g.response_ids) for g in gens],

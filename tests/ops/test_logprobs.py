@@ -7,7 +7,7 @@ import torch
 
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.models.tiny import tiny_causal_lm
-from rlhfkit.ops.logprobs import gather_logprobs, sequence_logprobs, target_logprobs, token_logprobs_from_logits
+from rlhfkit.ops.logprobs import gather_logprobs, sequence_logprobs, target_logprobs
 from rlhfkit.ops.stats import masked_mean, masked_sum, masked_whiten
 
 
@@ -30,7 +30,7 @@ def test_target_logprobs_gradients_match_autograd():
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 512])
-def test_gather_logprobs_equals_full_logits(chunk):
+def test_gather_logprobs_equals_full_logits(chunk, token_logprobs_from_logits):
     model = tiny_causal_lm(seed=1)
     torch.manual_seed(0)
     ids = torch.randint(3, 200, (2, 7))

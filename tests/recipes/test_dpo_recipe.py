@@ -30,7 +30,6 @@ from rlhfkit.models.loading import LoraSettings, load_model
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
-from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.recipes import dpo
 from rlhfkit.recipes.dpo import DPOConfig, preference_task, run_dpo
 from rlhfkit.train.metrics import read_metrics
@@ -66,13 +65,19 @@ def tiny_dpo_config(tmp_path: Path, train_data: Path, **overrides) -> DPOConfig:
     return DPOConfig(**base)
 
 
-def direct_sum_logprob(model, enc) -> float:
-    """Σ log π over the response tokens from a plain full-logits forward of one sequence."""
-    ids = torch.tensor([enc.input_ids])
-    labels = torch.tensor([enc.labels])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    return float(token_logprobs_from_logits(logits, labels).sum())
+@pytest.fixture(scope="session")
+def direct_sum_logprob(token_logprobs_from_logits):
+    """direct_sum_logprob(model, enc) → Σ log π over the response tokens from a plain
+    full-logits forward of one sequence."""
+
+    def direct(model, enc) -> float:
+        ids = torch.tensor([enc.input_ids])
+        labels = torch.tensor([enc.labels])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        return float(token_logprobs_from_logits(logits, labels).sum())
+
+    return direct
 
 
 def encoded_pairs(path: Path):
@@ -261,7 +266,7 @@ def test_kto_step0_by_hand(tmp_path):
 # ----------------------------------------------------------------------------- one forward
 
 
-def test_packed_chosen_rejected_forward_equals_padded_and_is_one_backbone_call(tmp_path):
+def test_packed_chosen_rejected_forward_equals_padded_and_is_one_backbone_call(tmp_path, direct_sum_logprob):
     pairs = encoded_pairs(write_pairs(tmp_path / "p.jsonl", WORDS[:5]))
     model = tiny_causal_lm(seed=2)
     policy = TokenLogprobs(model)
@@ -285,7 +290,8 @@ def test_packed_chosen_rejected_forward_equals_padded_and_is_one_backbone_call(t
 # ----------------------------------------------------------------------------- reference cache
 
 
-def test_reference_cache_equals_direct_computation_and_is_reused_on_resume(tmp_path, count_calls):
+def test_reference_cache_equals_direct_computation_and_is_reused_on_resume(tmp_path, count_calls,
+                                                                           direct_sum_logprob):
     data = write_pairs(tmp_path / "p.jsonl", WORDS[:6])
     computed = count_calls(reference_cache, "compute_reference_logps")
     cfg = tiny_dpo_config(tmp_path, data, max_steps=3, save_every=2, batch_size=4)
@@ -314,7 +320,7 @@ def test_reference_key_changes_with_tokens_precision_and_model():
     assert key != reference_cache.reference_key("tiny(seed=1)", {"train": [a]}, "fp32")
 
 
-def test_reference_pass_in_bf16_autocast_matches_a_direct_bf16_forward(tmp_path):
+def test_reference_pass_in_bf16_autocast_matches_a_direct_bf16_forward(tmp_path, direct_sum_logprob):
     pairs = encoded_pairs(write_pairs(tmp_path / "p.jsonl", WORDS[:3]))
     model = tiny_causal_lm(seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -423,7 +429,7 @@ def test_mismatched_partners_never_share_a_prompt():
 
 
 @pytest.mark.parametrize("loss", ["simpo", "orpo"])
-def test_reference_free_losses_skip_the_reference(tmp_path, loss, count_calls):
+def test_reference_free_losses_skip_the_reference(tmp_path, loss, count_calls, direct_sum_logprob):
     data = write_pairs(tmp_path / "p.jsonl", WORDS[:8])
     loads = count_calls(dpo, "load_model")
     computed = count_calls(reference_cache, "compute_reference_logps")
@@ -452,7 +458,7 @@ def test_reference_free_losses_skip_the_reference(tmp_path, loss, count_calls):
 # ----------------------------------------------------------------------------- LoRA
 
 
-def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path, count_calls):
+def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path, count_calls, direct_sum_logprob):
     data = write_pairs(tmp_path / "p.jsonl", WORDS[:6])
     loads = count_calls(dpo, "load_model")
     cfg = tiny_dpo_config(tmp_path, data, lora_r=4, lr=1e-2, max_steps=2)

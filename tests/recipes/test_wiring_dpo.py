@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.data.tokenize import encode_pair
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
-from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.train.metrics import read_metrics
 
@@ -89,43 +88,45 @@ def response_tokens(enc) -> int:
     return sum(lab != -100 for lab in enc.labels)
 
 
-def sequence_logp(model, enc) -> torch.Tensor:
-    """Σ log π over the response tokens, plain full-logits forward (keeps the graph)."""
+def sequence_logp(model, enc, token_logprobs_from_logits) -> torch.Tensor:
+    """Σ log π over the response tokens, plain full-logits forward (keeps the graph);
+    `token_logprobs_from_logits` is the conftest fixture, passed down by the tests."""
     logits = model(input_ids=torch.tensor([enc.input_ids])).logits
     return token_logprobs_from_logits(logits, torch.tensor([enc.labels])).sum()
 
 
-def grad_norm_of(weighted: list[tuple[object, float]]) -> float:
+def grad_norm_of(weighted: list[tuple[object, float]], token_logprobs_from_logits) -> float:
     """‖∇_θ Σ_k w_k · π(seq_k)‖ at the starting model."""
     model = tiny_causal_lm(seed=SEED)
-    total = sum(w * sequence_logp(model, enc) for enc, w in weighted)
+    total = sum(w * sequence_logp(model, enc, token_logprobs_from_logits) for enc, w in weighted)
     total.backward()
     return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None))
 
 
-def pair_gradient(words) -> float:
+def pair_gradient(words, token_logprobs_from_logits) -> float:
     """G = ‖(1/N) Σ_i ∇(π_c,i − π_r,i)‖ over the pairs of `words`."""
     n = len(words)
     weighted = []
     for w in words:
         weighted += [(encode(f"Name {w}.", f"{w} +"), 1.0 / n), (encode(f"Name {w}.", w), -1.0 / n)]
-    return grad_norm_of(weighted)
+    return grad_norm_of(weighted, token_logprobs_from_logits)
 
 
 @pytest.fixture(scope="module")
-def G() -> float:
-    return pair_gradient(WORDS)
+def G(token_logprobs_from_logits) -> float:
+    return pair_gradient(WORDS, token_logprobs_from_logits)
 
 
 @pytest.fixture(scope="module")
-def start_logps():
+def start_logps(token_logprobs_from_logits):
     """(π_c, π_r, |y_c|, |y_r|) per pair of WORDS, float64, from the starting model."""
     model = tiny_causal_lm(seed=SEED)
     rows = []
     with torch.no_grad():
         for w in WORDS:
             c, r = encode(f"Name {w}.", f"{w} +"), encode(f"Name {w}.", w)
-            rows.append([float(sequence_logp(model, c)), float(sequence_logp(model, r)),
+            rows.append([float(sequence_logp(model, c, token_logprobs_from_logits)),
+                         float(sequence_logp(model, r, token_logprobs_from_logits)),
                          response_tokens(c), response_tokens(r)])
     t = torch.tensor(rows, dtype=torch.float64)
     return t[:, 0], t[:, 1], t[:, 2], t[:, 3]
@@ -176,13 +177,13 @@ def test_dpo_gradient_ratios_between_betas_and_smoothings_are_exact(tmp_path):
 
 
 @pytest.mark.parametrize("ties", ["keep", "drop"])
-def test_tied_pairs_reach_the_loss_as_label_one_half_or_are_dropped(tmp_path, ties):
+def test_tied_pairs_reach_the_loss_as_label_one_half_or_are_dropped(tmp_path, ties, token_logprobs_from_logits):
     # 4 clear pairs + 2 ties (label ½). A tie has t = ½, so ∂L/∂h(0) = −β(t − ½) = 0: it adds
     # no gradient but counts in the normalizer. With G4 = ‖(1/4) Σ_clear g_i‖:
     #   keep: 6 units, ‖∇‖ = (β/2)·(4/6)·G4        drop: 4 units, ‖∇‖ = (β/2)·G4
     clear, tied = WORDS[:4], WORDS[4:]
     row = run_step1(tmp_path, pair_records(WORDS, ties=tied), ties=ties, beta=0.2)
-    g4 = pair_gradient(clear)
+    g4 = pair_gradient(clear, token_logprobs_from_logits)
     units = 6 if ties == "keep" else 4
     assert row["units"] == units
     assert row["loss"] == pytest.approx(LN2, rel=1e-5)
@@ -243,7 +244,8 @@ KTO_RECORDS = [  # 4 desirable, 2 undesirable: unbalanced, so swapping λ_D and 
     ({}, 0.1, 1.0, 1.0),
     ({"beta": 0.3, "desirable_weight": 2.0, "undesirable_weight": 0.5}, 0.3, 2.0, 0.5),
 ], ids=["defaults", "beta=0.3-wD=2-wU=0.5"])
-def test_kto_beta_and_class_weights_reach_loss_and_gradient(tmp_path, hyper, beta, w_d, w_u):
+def test_kto_beta_and_class_weights_reach_loss_and_gradient(tmp_path, hyper, beta, w_d, w_u,
+                                                           token_logprobs_from_logits):
     # At step 1, r = π − ref = 0 and z0 = max(0, 0) = 0 (detached):
     #   desirable   ℓ = λ_D − λ_D σ(β(r − z0)):  ℓ(0) = λ_D/2,  ∂ℓ/∂r = −λ_D β/4
     #   undesirable ℓ = λ_U − λ_U σ(β(z0 − r)):  ℓ(0) = λ_U/2,  ∂ℓ/∂r = +λ_U β/4
@@ -253,4 +255,4 @@ def test_kto_beta_and_class_weights_reach_loss_and_gradient(tmp_path, hyper, bet
     assert row["loss"] == pytest.approx((4 * w_d / 2 + 2 * w_u / 2) / 6, rel=1e-5)
     weighted = [(encode(r["prompt"], r["completion"]), (-w_d if r["label"] else w_u) * beta / 4 / 6)
                 for r in KTO_RECORDS]
-    assert row["grad_norm"] == pytest.approx(grad_norm_of(weighted), rel=1e-3)
+    assert row["grad_norm"] == pytest.approx(grad_norm_of(weighted, token_logprobs_from_logits), rel=1e-3)

@@ -19,7 +19,6 @@ import torch
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.data.tokenize import encode_pair
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
-from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.recipes import online
 from rlhfkit.recipes.ppo import PPOConfig, advantages, loss, run_ppo, setup_run
 from rlhfkit.rollout.rollout import Rollout
@@ -95,7 +94,7 @@ PTX = [("Add 1 and 1.", "Answer: 2"), ("Add 2 and 5.", "Answer: 7")]
 
 
 @pytest.mark.parametrize("ptx_coef", [0.5, 2.0])
-def test_ptx_coef_weights_the_sft_gradient(tmp_path, ptx_coef):
+def test_ptx_coef_weights_the_sft_gradient(tmp_path, ptx_coef, token_logprobs_from_logits):
     # The gold reward of the demo tasks is 0 for a random model: scores, KL and V are all 0 at
     # step 1, so A = R = 0 and neither the policy nor the value loss has a gradient. The step's
     # only gradient is c_ptx·∇ L_SFT, L_SFT the per-token mean NLL of the ptx batch (both

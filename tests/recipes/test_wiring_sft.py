@@ -16,7 +16,6 @@ import torch
 from rlhfkit.data.schemas import as_conversation
 from rlhfkit.data.tokenize import encode_pair
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
-from rlhfkit.ops.logprobs import token_logprobs_from_logits
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.metrics import read_metrics
 
@@ -41,8 +40,9 @@ def write_sft(path: Path) -> Path:
     return path
 
 
-def hand_step0(seed: int) -> tuple[float, float, int]:
-    """(mean NLL per response token, ‖∇ of it‖, N) from a plain forward of the start model."""
+def hand_step0(seed: int, token_logprobs_from_logits) -> tuple[float, float, int]:
+    """(mean NLL per response token, ‖∇ of it‖, N) from a plain forward of the start model
+    (`token_logprobs_from_logits`: the conftest fixture)."""
     tok = tiny_tokenizer()
     model = tiny_causal_lm(seed=seed)
     count = 0
@@ -60,14 +60,15 @@ def hand_step0(seed: int) -> tuple[float, float, int]:
 
 
 @pytest.mark.parametrize("packing,batch_size,grad_accum", [(False, 2, 1), (True, 2, 1), (False, 1, 2)])
-def test_sft_step_loss_is_the_per_token_mean_nll_with_its_gradient(tmp_path, packing, batch_size, grad_accum):
+def test_sft_step_loss_is_the_per_token_mean_nll_with_its_gradient(tmp_path, packing, batch_size, grad_accum,
+                                                                   token_logprobs_from_logits):
     cfg = SFTConfig(model="tiny", train_data=str(write_sft(tmp_path / "sft.jsonl")),
                     output_dir=str(tmp_path / "run"), max_steps=2, batch_size=batch_size, grad_accum=grad_accum,
                     packing=packing, lr=1e-2, schedule="constant", max_grad_norm=1e9, precision="fp32",
                     progress=False, seed=4)
     run_sft(cfg)
     rows = [r for r in read_metrics(cfg.output_dir) if "loss" in r]
-    expected_loss, expected_norm, n = hand_step0(cfg.seed)
+    expected_loss, expected_norm, n = hand_step0(cfg.seed, token_logprobs_from_logits)
     assert n == sum(RESPONSE_TOKENS) == 17
     # Every step covers both examples (2 per step), normalized by the step's 17 tokens.
     assert rows[0]["units"] == 17

@@ -130,10 +130,6 @@ class Item(Base):
     def kind(self) -> str:
         return PAIRWISE if len(self.responses) == 2 else RANKING
 
-    @property
-    def is_gold(self) -> bool:
-        return self.gold_ranks is not None
-
 
 class Assignment(Base):
     """Item `item_id` is given to `user_id`, shown in `display_order`: position j on screen

@@ -108,17 +108,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Te
                                        _compute_dtype(hidden), temperature)
 
 
-def token_logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Reference (unchunked) version: log_softmax(logits)[labels], 0 where labels = IGNORE_INDEX.
-
-    logits: (B, T, V); labels: (B, T). Returns (B, T) fp32. Used by tests and small models.
-    """
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return lp * mask
-
-
 @dataclass(frozen=True)
 class ModelParts:
     """A causal LM split into backbone (tokens → hidden states) and output head."""
