@@ -77,7 +77,7 @@ def iter_records(source: str | Path, split: str = "train", *,
         for i, row in enumerate(ds):
             yield dict(row), Where(f"{p}[{split}]", i + 1)
         return
-    if _looks_like_hub_id(str(source)):
+    if looks_like_hub_id(str(source)):
         from datasets import load_dataset  # noqa: PLC0415 — 1.4 s to import, only for hub ids
 
         try:
@@ -93,9 +93,11 @@ def iter_records(source: str | Path, split: str = "train", *,
 _FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    # `owner/name`. A mistyped relative path such as `data/sft.jsonl` must be reported as a
-    # missing file, not sent to the hub (where it fails only after minutes of retries offline).
+def looks_like_hub_id(source: str) -> bool:
+    """Whether `source` reads as a hub id `owner/name` rather than a local path.
+
+    A mistyped relative path such as `data/sft.jsonl` must be reported as a missing file, not
+    sent to the hub (where it fails only after minutes of retries offline)."""
     return (source.count("/") == 1 and not source.startswith((".", "/", "~"))
             and not source.lower().endswith(_FILE_SUFFIXES))
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.config import Config, check, param
-from rlhfkit.data.readers import read_preferences
+from rlhfkit.data.readers import looks_like_hub_id, read_preferences
 from rlhfkit.data.schemas import prompt_text
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.eval.accuracy import AccuracyResult, exact_match
@@ -177,8 +177,7 @@ def check_model_paths(paths: Sequence[str]) -> None:
     """Fail before any model runs when a name is neither 'embedded'/'tiny', an existing folder,
     nor shaped like a Hugging Face id ('owner/name')."""
     for path in paths:
-        hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if path not in ("embedded", "tiny") and not Path(path).exists() and not hub_id:
+        if path not in ("embedded", "tiny") and not Path(path).exists() and not looks_like_hub_id(path):
             raise ModelNotFound(f"no such model folder: {path}")
 
 

@@ -31,6 +31,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.data.batches import LMBatch
 from rlhfkit.data.packing import collate_packed
 from rlhfkit.data.preference_batches import EncodedPair, collate_pairs
+from rlhfkit.data.readers import looks_like_hub_id
 from rlhfkit.data.schemas import Conversation
 from rlhfkit.data.tokenize import encode_pair, pad_token_id
 from rlhfkit.models.loading import TINY, LoraSettings, ModelNotFound, load_tokenizer, resolve_model_path
@@ -245,8 +246,7 @@ def load_trained_reward_model(name_or_path: str) -> tuple[RewardModel, object]:
     """(RewardModel, tokenizer) of a saved reward model folder, in eval mode."""
     if name_or_path == TINY:
         raise ModelNotFound("'tiny' is an untrained random model; pass a trained reward model folder")
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-    if not Path(name_or_path).exists() and not looks_like_hub_id:
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
         raise ModelNotFound(f"no such reward model folder: {name_or_path}")
     try:
         trained = is_reward_checkpoint(resolve_model_path(name_or_path))
