@@ -23,6 +23,7 @@ from rlhfkit.losses.policy import (
     entropy_bonus,
     explained_variance,
     grpo_loss,
+    loss_units,
     ppo_policy_loss,
     reinforce_loss,
     value_loss,
@@ -38,7 +39,7 @@ from rlhfkit.losses.preference import (
     robust_dpo_loss,
     simpo_loss,
 )
-from rlhfkit.losses.preference_registry import get_preference_loss
+from rlhfkit.losses.preference_registry import PairLogps, get_preference_loss
 from rlhfkit.losses.reward import (
     bradley_terry_loss,
     ensemble_reduce,
@@ -474,3 +475,81 @@ def test_sft_loss_gradient_is_minus_mask_over_count():
     lp = torch.zeros(1, 4, requires_grad=True)
     sft_loss(lp, torch.tensor([[0, 1, 1, 1]]))[0].backward()
     torch.testing.assert_close(lp.grad, torch.tensor([[0.0, -1 / 3, -1 / 3, -1 / 3]]))
+
+
+# =========================================================================== after the layering
+# Gaps in code restructured for the layering (issue #13), found by the run on that code.
+
+def test_loss_units_of_a_single_response_and_their_device():
+    # "sequence" and "seq-mean-token-sum" average over B responses, B = 1 here: units 1.
+    # per-token ℓ = [2, 4, 9], mask [1, 1, 0]: sequence (2 + 4)/2 / 1 = 3;
+    # seq-mean-token-sum (2 + 4) / 1 = 6 (a floor of 2 responses would halve both)
+    per_tok, mask = t([[2.0, 4.0, 9.0]]), torch.tensor([[1, 1, 0]])
+    assert loss_units(mask, "sequence").item() == 1.0
+    assert aggregate(per_tok, mask, "sequence").item() == 3.0
+    assert aggregate(per_tok, mask, "seq-mean-token-sum").item() == 6.0
+    # the count of responses is made on the mask's device, not the default one
+    with elsewhere():
+        units = loss_units(B2T3, "sequence")
+    assert units.device.type == "cpu" and units.item() == 2.0
+
+
+@pytest.mark.parametrize("argument", ["logp", "old_logp"])
+def test_grpo_shape_message_names_its_own_arguments(argument):
+    # A mis-shaped logp / old_logp is reported by GRPO with GRPO's arguments (ref_logp), not
+    # later by the PPO surrogate with its internal token advantages.
+    inputs = {a: per_token(-1.0) for a in ("logp", "old_logp", "ref_logp")}
+    inputs[argument] = inputs[argument][:1]
+    shapes = {a: tuple(v.shape) for a, v in inputs.items()} | {"mask": (2, 3)}
+    with pytest.raises(ValueError, match=exactly(f"these must share one (B, T) shape: {shapes}")):
+        grpo_loss(**inputs, advantages=t([1.0, -1.0]), mask=B2T3, clip_eps=0.2, kl_coef=0.1,
+                  kl_estimator="k3")
+
+
+def test_kto_accuracy_is_strict_and_measured_from_z0():
+    # z0 = 1; r = π − ref = [1, 1.5 | 1, 1.5, 0.5], desirable for the first two:
+    # r − z0 = [0, 0.5 | 0, 0.5, −0.5]. Desirable is right when r − z0 > 0, undesirable
+    # when < 0, so: [0, 1 | 0, 0, 1]. An example exactly at z0 is right for neither class
+    # (at step 0, π = ref and z0 = 0, no example counts as right).
+    policy = torch.tensor([-9.0, -8.5, -9.0, -8.5, -9.5])
+    ref = torch.full((5,), -10.0)
+    desirable = torch.tensor([True, True, False, False, False])
+    _, metrics = kto_loss(policy, ref, desirable, 1.0, beta=BETA)
+    assert metrics["rewards/accuracy"].tolist() == [0.0, 1.0, 0.0, 0.0, 1.0]
+    assert metrics["rewards/accuracy"].mean().item() == pytest.approx(0.4)
+
+
+# One pair whose rejected response is preferred (label 0), though the model favours the
+# chosen one. Policy: π_c = 4·log ½ over 4 tokens (p_c = ½), π_r = 3·log 0.2 over 3 tokens
+# (p_r = 0.2). Log-ratios π − ref: chosen 6, rejected −4 → h = 10.
+# a = log(1 + e⁻¹) = 0.3132617, and log(1 + e) = 1 + a.
+#   dpo    β = 0.1, ε = 0:  β·h = 1; label 0: −log σ(−1) = 1 + a               = 1.3132617
+#   ipo    β = 0.1:         (h − (0 − ½)/β)² = (10 + 5)²                     = 225
+#   hinge  β = 0.1:         max(0, 1 + β·h) = 2
+#   robust β = 0.1, ε = 0.1: R(−1) = [0.9·(1 + a) − 0.1·a]/0.8 = 1.125 + a    = 1.4382617
+#   simpo  β = 2, γ = 1:    s = β·π/|y| = 2·log ½, 2·log 0.2; gap = 2·log 2.5;
+#                           −log σ(−gap − γ) = log(1 + 6.25·e)              = 2.8897750
+#   orpo   λ = 0.1:         SFT term −π_c/|y_c| = log 2; o_c = 0, o_r = log(0.2/0.8) = −log 4;
+#                           −log σ(−log 4) = log 5; log 2 + 0.1·log 5        = 0.8540910
+# Ignoring the label would give a, 25, 0, a − 0.125, log(1 + e^(1 − gap)) and
+# log 2 + 0.1·log 1.25; every implicit reward ranks chosen first, so accuracy is 0 (1 without it).
+REGISTRY_PAIR = PairLogps(
+    policy_chosen=torch.tensor([4 * math.log(0.5)]), policy_rejected=torch.tensor([3 * math.log(0.2)]),
+    chosen_lengths=torch.tensor([4.0]), rejected_lengths=torch.tensor([3.0]), label=torch.tensor([0.0]),
+    ref_chosen=torch.tensor([4 * math.log(0.5) - 6.0]), ref_rejected=torch.tensor([3 * math.log(0.2) + 4.0]))
+SOFTPLUS_M1 = math.log1p(math.exp(-1.0))  # a above
+
+
+@pytest.mark.parametrize("name, hyperparameters, expected", [
+    ("dpo", {"beta": 0.1, "label_smoothing": 0.0}, 1.0 + SOFTPLUS_M1),
+    ("ipo", {"beta": 0.1}, 225.0),
+    ("hinge", {"beta": 0.1}, 2.0),
+    ("robust", {"beta": 0.1, "flip_rate": 0.1}, 1.125 + SOFTPLUS_M1),
+    ("simpo", {"beta": 2.0, "gamma": 1.0}, math.log(1.0 + 6.25 * math.e)),
+    ("orpo", {"odds_ratio_weight": 0.1}, math.log(2.0) + 0.1 * math.log(5.0)),
+])
+def test_registry_passes_the_label_and_orpo_sft_term_by_hand(name, hyperparameters, expected):
+    loss, metrics = get_preference_loss(name).compute(REGISTRY_PAIR, hyperparameters)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["rewards/accuracy"].tolist() == [0.0]
+
