@@ -40,14 +40,6 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon"]
 LN2 = math.log(2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 

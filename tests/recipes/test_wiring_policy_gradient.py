@@ -34,14 +34,6 @@ from rlhfkit.train.metrics import read_metrics
 REWARD = "format:[a-z]:1.0,format:[0-9]:0.5,format:[A-Z]:0.25"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(cls, tmp_path, **kw):
     base = dict(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
                 prompts_per_step=2, group_size=4, max_new_tokens=8, batch_size=16, precision="fp32",

@@ -27,14 +27,6 @@ from rlhfkit.train.metrics import read_metrics
 REWARD = "format:[a-z]:1.0,format:[0-9]:0.5,format:[A-Z]:0.25"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def config(tmp_path, **kw) -> PPOConfig:
     base = dict(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
                 prompts_per_step=2, group_size=2, max_new_tokens=3, batch_size=8, inner_epochs=1, minibatches=1,

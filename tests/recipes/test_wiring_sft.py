@@ -27,14 +27,6 @@ EXAMPLES = [("Say ab.", "ab"), ("Greet me.", "hello world")]
 RESPONSE_TOKENS = [4, 13]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_sft(path: Path) -> Path:
     path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in EXAMPLES))
     return path
