@@ -7,22 +7,31 @@ positions ≤ t) with IGNORE_INDEX where nothing counts, so a loss mask is `labe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 from torch import Tensor
 
 from rlhfkit.ops.logprobs import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "LMBatch", "pad_right"]
+__all__ = ["IGNORE_INDEX", "LMBatch", "pad_right", "to_device"]
 
 
-def _to(obj, device):
-    kw = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        kw[f.name] = v.to(device) if isinstance(v, Tensor) else v
-    return type(obj)(**kw)
+def _moved(value, device):
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if is_dataclass(value):
+        return to_device(value, device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+def to_device(obj, device):
+    """A copy of the frozen dataclass `obj` with every tensor on `device`: tensor fields,
+    nested batches (themselves moved this way) and dicts of tensors; other fields as they are.
+    The one `.to(device)` of every typed batch and rollout container."""
+    return replace(obj, **{f.name: _moved(getattr(obj, f.name), device) for f in fields(obj)})
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class LMBatch:
         return int(self.segment_ids.max().item()) + 1
 
     def to(self, device) -> LMBatch:
-        return _to(self, device)
+        return to_device(self, device)
 
     @property
     def loss_mask(self) -> Tensor:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhfkit.data.batches import IGNORE_INDEX, LMBatch
+from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, to_device
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.packing import collate
 from rlhfkit.data.schemas import PreferencePair, UnpairedFeedback, is_tie
@@ -174,8 +174,7 @@ class PreferenceBatch:
         return int(self.label.shape[0])
 
     def to(self, device) -> PreferenceBatch:
-        return PreferenceBatch(self.sequences.to(device), self.response_lengths.to(device), self.label.to(device),
-                               self.margin.to(device), None if self.ref_logps is None else self.ref_logps.to(device))
+        return to_device(self, device)
 
 
 @dataclass(frozen=True)
@@ -196,8 +195,7 @@ class FeedbackBatch:
         return int(self.desirable.shape[0])
 
     def to(self, device) -> FeedbackBatch:
-        return FeedbackBatch(self.completions.to(device), self.mismatched.to(device), self.desirable.to(device),
-                             None if self.ref_logps is None else self.ref_logps.to(device))
+        return to_device(self, device)
 
 
 def response_length(sequence: Encoded) -> int:

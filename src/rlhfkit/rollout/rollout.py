@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right
+from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right, to_device
 from rlhfkit.data.schemas import prompt_text
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.models.reference import ReferencePolicy
@@ -107,10 +107,7 @@ class Rollout:
         return Rollout(**changes)
 
     def to(self, device) -> Rollout:
-        changes = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                   if isinstance(getattr(self, f.name), Tensor)}
-        changes["source_scores"] = {k: v.to(device) for k, v in self.source_scores.items()}
-        return dataclasses.replace(self, **changes)
+        return to_device(self, device)
 
     def lm_batch(self, pad_id: int) -> LMBatch:
         """Rows prompt + response (no padding in between), right-padded; labels on the response.
