@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rlhfkit.data.schemas import as_conversation
 from rlhfkit.demo.pipeline import DemoSettings
 from rlhfkit.demo.preferences import pair_to_record, simulate_preferences
 from rlhfkit.eval.accuracy import exact_match
+from rlhfkit.eval.winrate import sign_test
 from rlhfkit.judge.loading import load_local_model
 from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.rollout.generate import SamplingConfig, generate
@@ -88,12 +88,6 @@ def evaluate(args) -> None:
         losses = sum(a < b for a, b in zip(o, base))
         print(f"{name:10s} {sum(o) / len(o):7.2%} ({sum(o)}/{len(o)})   vs {base_name}: +{wins} −{losses}   "
               f"sign test p = {sign_test(wins, losses):.4f}")
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Exact two-sided binomial test of wins vs losses (ties dropped), p under H0: P(win) = ½."""
-    n, k = wins + losses, min(wins, losses)
-    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from rlhfkit.eval.winrate import (
     bootstrap_means,
     fit_logistic,
     length_controlled_win_rate,
+    sign_test,
     win_rate,
 )
 
@@ -138,3 +139,13 @@ def test_length_inputs_are_validated():
         length_controlled_win_rate([1, 0, 1], [1, 2, 3], [1, 2])
     with pytest.raises(DataError, match=r"len_model\[1\]"):
         length_controlled_win_rate([1, 0], [1, -2], [1, 2])
+
+
+def test_sign_test_hand_values():
+    assert sign_test(9, 1) == pytest.approx(2 * (1 + 10) / 1024)      # 0.0215
+    assert sign_test(1, 9) == sign_test(9, 1)                          # two-sided
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0          # capped at 1; nothing decided
+    assert sign_test(27, 13) == pytest.approx(0.0385, abs=1e-4)      # the demo's bar: p < 0.05 on 40 discordant
+    with pytest.raises(ValueError):
+        sign_test(-1, 2)

@@ -189,12 +189,17 @@ def test_export_pairs(voted):
     session, project = voted
     out = export_records(session, project, format="pairs")
     p1 = [r for r in out if r["item_id"] == "p1"]
+    # Each record names the vote behind it (the loop's lineage lists them).
+    vote_of = {username: vote_id for vote_id, username in session.execute(
+        select(Vote.id, User.username).join(User, Vote.user_id == User.id).join(Item, Vote.item_id == Item.id)
+        .where(Item.external_id == "p1"))}
     assert p1 == [
         {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "label": 1.0, "margin": 2.0,
-         "both_bad": False, "annotator": "ann1", "item_id": "p1", **PROVENANCE},
+         "both_bad": False, "annotator": "ann1", "item_id": "p1", "vote_id": vote_of["ann1"], **PROVENANCE},
         {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "label": 0.5, "margin": None,
-         "both_bad": False, "annotator": "ann2", "item_id": "p1", **PROVENANCE},
+         "both_bad": False, "annotator": "ann2", "item_id": "p1", "vote_id": vote_of["ann2"], **PROVENANCE},
     ]
+    assert vote_of["ann1"] != vote_of["ann2"]
     ann1_r1 = [(r["chosen"], r["rejected"], r["label"]) for r in out
                if r["item_id"] == "r1" and r["annotator"] == "ann1"]
     # ranks (0, 0, 1, 2): the tie red=blue, then every better-worse pair, in index order.

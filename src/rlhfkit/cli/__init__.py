@@ -2,7 +2,7 @@
 
 Each module of this package holds one group of commands and a `register(app)` that adds them.
 `rlhf --help` lists the commands in the order they are registered below, then the command
-groups (rm, label, judge) in theirs.
+groups (loop, rm, label, judge) in theirs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from transformers.utils import logging as hf_logging
 
-from rlhfkit.cli import demo, eval, generate, judge, label, report, rm, train
+from rlhfkit.cli import demo, eval, generate, judge, label, loop, report, rm, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="rlhfkit — the whole RLHF loop: collect feedback, train, evaluate, collect again.")
@@ -37,6 +37,7 @@ generate.register(app)
 demo.register(app)
 eval.register(app)
 report.register(app)
+loop.register(app)
 rm.register(app)
 label.register(app)
 judge.register(app)

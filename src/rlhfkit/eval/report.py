@@ -12,95 +12,22 @@ embedded as base64; every piece of text that came from a user or a model is HTML
 
 from __future__ import annotations
 
-import base64
-import html
-import math
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.eval.html import ci_cell, esc, html_table, img, num, page, section
 from rlhfkit.eval.plots import (
     histogram_plot,
     interval_plot,
     over_optimization_keys,
     over_optimization_plot,
-    png,
     training_curves_plot,
 )
 from rlhfkit.eval.runs import ReportData, accuracy_stages, collect, reward_model_stages
 from rlhfkit.io import atomic_write_text
 
 REPORT_FILE = "report.html"
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _img(fig, alt: str) -> str:
-    data = base64.b64encode(png(fig)).decode("ascii")
-    return f'<img class="plot" src="data:image/png;base64,{data}" alt="{_e(alt)}">'
-
-
-# ----------------------------------------------------------------------------- HTML pieces
-
-CSS = """
-*{box-sizing:border-box}
-body{font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2937;background:#f3f4f6;margin:0}
-main{max-width:1180px;margin:0 auto;padding:28px 24px 48px}
-header h1{font-size:1.7em;margin:0 0 4px;color:#111827}
-header p{margin:2px 0;color:#6b7280}
-section{background:#fff;border:1px solid #e5e7eb;border-radius:10px;padding:16px 20px;margin:18px 0}
-section h2{font-size:1.15em;margin:0 0 10px;color:#111827}
-section h3{font-size:1em;margin:16px 0 6px;color:#374151}
-p.note{color:#6b7280;margin:4px 0 10px;font-size:.93em}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:.93em;width:auto}
-div.wide{overflow-x:auto}
-th,td{padding:5px 9px;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
-th{background:#f9fafb;font-weight:600;color:#374151}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-span.ci{color:#6b7280;font-size:.9em}
-table.samples{width:100%;table-layout:fixed}
-table.samples td{font-size:.9em}
-table.samples pre{white-space:pre-wrap;word-break:break-word;margin:0;
-  font:12.5px/1.45 ui-monospace,Menlo,Consolas,monospace}
-.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}
-img.plot{max-width:100%;height:auto;display:block;margin:6px 0}
-nav{margin:10px 0 0;font-size:.92em}
-nav a{color:#2563eb;text-decoration:none;margin-right:14px}
-"""
-
-
-def _ci(block: dict | None, *, pct: bool = True) -> str:
-    if not block or block.get("mean") is None:
-        return "–"
-    f = (lambda v: f"{v:.1%}") if pct else (lambda v: f"{v:.3f}")
-    low, high = block.get("ci_low"), block.get("ci_high")
-    interval = f' <span class="ci">[{f(low)}, {f(high)}]</span>' if low is not None and high is not None else ""
-    return f"{f(block['mean'])}{interval}"
-
-
-def _num(x: Any, fmt: str = "{:.3f}") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return fmt.format(x)
-
-
-def _table(head: Sequence[str], rows: Iterable[Sequence[str]], *, numeric_from: int = 1,
-           cls: str = "") -> str:
-    """An HTML table; `head` is escaped here, cells must already be HTML."""
-    # Non-breaking hyphens: a narrow column wraps "distinct-2" between words, never inside one.
-    th = "".join(f"<th>{_e(h).replace('-', chr(0x2011))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i >= numeric_from else f"<td>{c}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
-    klass = f' class="{cls}"' if cls else ""
-    return f'<div class="wide"><table{klass}><tr>{th}</tr>{body}</table></div>'
-
-
-def _section(anchor: str, title: str, body: str, note: str = "") -> str:
-    note_html = f'<p class="note">{note}</p>' if note else ""
-    return f'<section id="{anchor}"><h2>{_e(title)}</h2>{note_html}{body}</section>'
 
 
 def _eval_models(data: ReportData) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -126,26 +53,26 @@ def summary_section(data: ReportData) -> str:
         kl = m.get("kl")
         div = m.get("diversity") or {}
         reward = m.get("reward")
-        rows.append([_e(label) + (' <span class="ci">(reference)</span>' if m.get("is_reference") else ""),
-                     _ci({"mean": em["accuracy"], "ci_low": em["ci_low"], "ci_high": em["ci_high"]}) if em else "–",
-                     _ci(m.get("gold_win_rate")), _ci(m.get("win_rate")), _ci(m.get("lc_win_rate")),
-                     _num(kl["mean"]) if kl else "–", _num((m.get("length") or {}).get("mean_tokens"), "{:.1f}"),
-                     _num(div.get("distinct_2")), _num(div.get("within_prompt_self_similarity")),
-                     _num(reward["mean"]) if reward else "–"])
-    table = _table(["model", "exact match", f"gold win rate {vs}", f"judged win rate {vs}", "length-controlled",
+        rows.append([esc(label) + (' <span class="ci">(reference)</span>' if m.get("is_reference") else ""),
+                     ci_cell({"mean": em["accuracy"], "ci_low": em["ci_low"], "ci_high": em["ci_high"]}) if em else "–",
+                     ci_cell(m.get("gold_win_rate")), ci_cell(m.get("win_rate")), ci_cell(m.get("lc_win_rate")),
+                     num(kl["mean"]) if kl else "–", num((m.get("length") or {}).get("mean_tokens"), "{:.1f}"),
+                     num(div.get("distinct_2")), num(div.get("within_prompt_self_similarity")),
+                     num(reward["mean"]) if reward else "–"])
+    table = html_table(["model", "exact match", f"gold win rate {vs}", f"judged win rate {vs}", "length-controlled",
                     "KL (nats)", "mean tokens",
                     "distinct-2", "self-similarity", "RM score"], rows)
     plot = ""
     golden = [(label, m["gold_win_rate"]) for label, m, _ in models if m.get("gold_win_rate")]
     if golden:
         title = f"gold win rate {vs} on the checkable tasks (95% CI)"
-        plot += _img(interval_plot([(label, g["mean"], g["ci_low"], g["ci_high"]) for label, g in golden],
+        plot += img(interval_plot([(label, g["mean"], g["ci_low"], g["ci_high"]) for label, g in golden],
                                    title=title, xlabel="win rate (exact checker; both right or both wrong = ½)",
                                    reference_line=0.5), title)
     judged = [(label, m) for label, m, _ in models if m.get("win_rate")]
     if judged:
         title = f"judged win rate {vs} (95% CI; ◆ length-controlled)"
-        plot += _img(interval_plot([(label, m["win_rate"]["mean"], m["win_rate"]["ci_low"],
+        plot += img(interval_plot([(label, m["win_rate"]["mean"], m["win_rate"]["ci_low"],
                                      m["win_rate"]["ci_high"]) for label, m in judged],
                                    title=title, xlabel="win rate (tie = ½)", reference_line=0.5,
                                    second=[(m["lc_win_rate"]["mean"], m["lc_win_rate"]["ci_low"],
@@ -155,7 +82,7 @@ def summary_section(data: ReportData) -> str:
             "the reference's prompt by prompt by the exact checkers; judged win rates: an LLM judge, pairwise in "
             "both orders on held-out open prompts, tie = ½; KL on each model's own samples; self-similarity of "
             "several samples for one prompt (near 1 = mode collapse).")
-    return _section("summary", "Models at a glance", table + plot, _e(note))
+    return section("summary", "Models at a glance", table + plot, esc(note))
 
 
 def accuracy_section(data: ReportData) -> str:
@@ -170,15 +97,15 @@ def accuracy_section(data: ReportData) -> str:
     families = sorted({f for _, r in entries for f in r.get("per_family", {})})
     rows = []
     for label, r in entries:
-        fam = [_num(r.get("per_family", {}).get(f), "{:.0%}") for f in families]
-        rows.append([_e(label), f"<b>{r['accuracy']:.1%}</b>",
+        fam = [num(r.get("per_family", {}).get(f), "{:.0%}") for f in families]
+        rows.append([esc(label), f"<b>{r['accuracy']:.1%}</b>",
                      f'<span class="ci">[{r["ci_low"]:.1%}, {r["ci_high"]:.1%}]</span>', str(r["n"]), *fam,
-                     _num(r.get("mean_response_words"), "{:.1f}")])
-    table = _table(["model", "exact match", "95% CI", "test prompts", *families, "mean words"], rows)
+                     num(r.get("mean_response_words"), "{:.1f}")])
+    table = html_table(["model", "exact match", "95% CI", "test prompts", *families, "mean words"], rows)
     title = "held-out exact-match accuracy (95% CI)"
-    plot = _img(interval_plot([(label, r["accuracy"], r["ci_low"], r["ci_high"]) for label, r in entries],
+    plot = img(interval_plot([(label, r["accuracy"], r["ci_low"], r["ci_high"]) for label, r in entries],
                               title=title, xlabel="exact match"), title)
-    return _section("accuracy", "Gold accuracy per stage", table + plot,
+    return section("accuracy", "Gold accuracy per stage", table + plot,
                     "Greedy decoding on held-out prompts that no training stage saw, scored by exact checkers.")
 
 
@@ -188,8 +115,8 @@ def win_rate_section(data: ReportData) -> str:
         gold = m.get("gold_win_rate")
         if gold:
             ref = (result.get("reference") or {}).get("name", "–")
-            rows.append([_e(label), _e(ref), "exact checker (checkable tasks)", str(gold["n"]),
-                         f"{gold['wins']} / {gold['ties']} / {gold['losses']}", _ci(gold), "–", "–", "–", "–"])
+            rows.append([esc(label), esc(ref), "exact checker (checkable tasks)", str(gold["n"]),
+                         f"{gold['wins']} / {gold['ties']} / {gold['losses']}", ci_cell(gold), "–", "–", "–", "–"])
     for label, m, result in _eval_models(data):
         wr, lc = m.get("win_rate"), m.get("lc_win_rate")
         if not wr:
@@ -197,15 +124,15 @@ def win_rate_section(data: ReportData) -> str:
         ref = (result.get("reference") or {}).get("name", "–")
         judge_info = result.get("judge") or {}
         judge = judge_info.get("name", "–") + (f" ({judge_info['mode']})" if judge_info.get("mode") else "")
-        rows.append([_e(label), _e(ref), _e(judge), str(wr["n"]), f"{wr['wins']} / {wr['ties']} / {wr['losses']}",
-                     _ci(wr), _ci(lc), _num(lc.get("length_coef") if lc else None, "{:+.2f}"),
-                     str(wr.get("inconsistent", "–")), _num(wr.get("position_bias"), "{:.0%}")])
+        rows.append([esc(label), esc(ref), esc(judge), str(wr["n"]), f"{wr['wins']} / {wr['ties']} / {wr['losses']}",
+                     ci_cell(wr), ci_cell(lc), num(lc.get("length_coef") if lc else None, "{:+.2f}"),
+                     str(wr.get("inconsistent", "–")), num(wr.get("position_bias"), "{:.0%}")])
     if not rows:
         return ""
-    table = _table(["model", "vs", "judge", "prompts", "W / T / L", "win rate [95% CI]",
+    table = html_table(["model", "vs", "judge", "prompts", "W / T / L", "win rate [95% CI]",
                     "length-controlled", "length coef", "order flips", "bias to A"],
                    rows, numeric_from=3)
-    return _section("win-rates", "Win rates", table,
+    return section("win-rates", "Win rates", table,
                     "Exact-checker rows compare each model's greedy answer with the reference's on the same "
                     "checkable prompt: a win when only the model is right, a tie when both or neither are. "
                     "LLM-judge rows: each pair is judged twice, once in each order; if the two orders disagree "
@@ -223,22 +150,22 @@ def reward_model_section(data: ReportData) -> str:
     rows, plots = [], []
     for key, label in reward_model_stages(data.stages):
         rm = data.stages[key]
-        rows.append([_e(label), _num(rm.get("eval_accuracy"), "{:.1%}"), _num(rm.get("eval_ece")),
-                     _e(rm.get("eval_pairs", "–")), _e(rm.get("train_pairs", "–"))])
+        rows.append([esc(label), num(rm.get("eval_accuracy"), "{:.1%}"), num(rm.get("eval_ece")),
+                     esc(rm.get("eval_pairs", "–")), esc(rm.get("train_pairs", "–"))])
         title = "held-out rewards: chosen vs rejected"
         plot = histogram_plot(rm["histogram"], title) if rm.get("histogram") else None
         if plot is not None:
-            plots.append(_img(plot, title))
+            plots.append(img(plot, title))
     for source, result in data.evals:
         r = result.get("reward_model")
         if r:
-            rows.append([_e(r.get("path", source)), _num(r.get("accuracy"), "{:.1%}"), _num(r.get("ece")),
-                         _e(r.get("num_pairs", "–")), "–"])
+            rows.append([esc(r.get("path", source)), num(r.get("accuracy"), "{:.1%}"), num(r.get("ece")),
+                         esc(r.get("num_pairs", "–")), "–"])
     if not rows:
         return ""
-    table = _table(["reward model", "held-out accuracy (non-tie)", "calibration error (ECE)", "held-out pairs",
+    table = html_table(["reward model", "held-out accuracy (non-tie)", "calibration error (ECE)", "held-out pairs",
                     "training pairs"], rows)
-    return _section("reward-model", "Reward model", table + "".join(plots),
+    return section("reward-model", "Reward model", table + "".join(plots),
                     "Accuracy on held-out pairs the reward model never saw; ties reported apart.")
 
 
@@ -247,10 +174,10 @@ def over_optimization_section(data: ReportData) -> str:
     for run in data.training:
         keys = over_optimization_keys(run)
         if keys:
-            plots.append(_img(over_optimization_plot(run, *keys), f"over-optimization plot of {run.label}"))
+            plots.append(img(over_optimization_plot(run, *keys), f"over-optimization plot of {run.label}"))
     if not plots:
         return ""
-    return _section("over-optimization", "Reward over-optimization", "".join(plots),
+    return section("over-optimization", "Reward over-optimization", "".join(plots),
                     "The proxy (learned) reward the policy optimizes and the gold reward it stands for, against "
                     "the KL from the reference. When the proxy keeps rising while the gold reward falls, the "
                     "policy is exploiting the reward model.")
@@ -261,12 +188,12 @@ def training_section(data: ReportData) -> str:
     for run in data.training:
         plot = training_curves_plot(run)
         if plot is not None:
-            parts.append(f"<h3>{_e(run.label)}</h3>"
-                         f'<p class="note">{_e(str(run.path))} · {len(run.rows)} logged rows</p>'
-                         + _img(plot, f"training curves of {run.label}"))
+            parts.append(f"<h3>{esc(run.label)}</h3>"
+                         f'<p class="note">{esc(str(run.path))} · {len(run.rows)} logged rows</p>'
+                         + img(plot, f"training curves of {run.label}"))
     if not parts:
         return ""
-    return _section("training", "Training curves", "".join(parts),
+    return section("training", "Training curves", "".join(parts),
                     "From each run's metrics.jsonl; long noisy curves are drawn with a moving average over the "
                     "faint raw values.")
 
@@ -275,25 +202,25 @@ def diversity_section(data: ReportData) -> str:
     rows = []
     for label, m, _ in _eval_models(data):
         div, length, kl, cal = m.get("diversity") or {}, m.get("length") or {}, m.get("kl"), m.get("calibration")
-        rows.append([_e(label), _num(length.get("mean_words"), "{:.1f}"), _num(length.get("mean_tokens"), "{:.1f}"),
-                     _num(length.get("open_truncated"), "{:.0%}"),
-                     _num(div.get("distinct_1")), _num(div.get("distinct_2")),
-                     _num(div.get("within_prompt_self_similarity")), _num(div.get("across_prompt_self_similarity")),
-                     _ci(kl, pct=False) if kl else "–", _num(kl.get("per_token_k3") if kl else None, "{:.4f}"),
-                     f"{_num(cal['ece'])} (n={cal['n_stated']})" if cal else "–"])
+        rows.append([esc(label), num(length.get("mean_words"), "{:.1f}"), num(length.get("mean_tokens"), "{:.1f}"),
+                     num(length.get("open_truncated"), "{:.0%}"),
+                     num(div.get("distinct_1")), num(div.get("distinct_2")),
+                     num(div.get("within_prompt_self_similarity")), num(div.get("across_prompt_self_similarity")),
+                     ci_cell(kl, pct=False) if kl else "–", num(kl.get("per_token_k3") if kl else None, "{:.4f}"),
+                     f"{num(cal['ece'])} (n={cal['n_stated']})" if cal else "–"])
     if not rows:
         return ""
-    table = _table(["model", "mean words", "mean tokens", "truncated", "distinct-1", "distinct-2",
+    table = html_table(["model", "mean words", "mean tokens", "truncated", "distinct-1", "distinct-2",
                     "self-sim (same prompt)", "self-sim (across prompts)", "KL nats [95% CI]", "KL/token (k3)",
                     "stated-confidence ECE"], rows)
-    return _section("side-effects", "Length, diversity, KL", table,
+    return section("side-effects", "Length, diversity, KL", table,
                     "Side effects of preference optimization: answers growing longer, samples collapsing onto one "
                     "answer (self-similarity → 1, distinct-n → 0), drift from the reference (KL).")
 
 
 def _cell(text: str, correct: bool | None = None) -> str:
     mark = "" if correct is None else (' <span class="ok">✓</span>' if correct else ' <span class="bad">✗</span>')
-    return f"<pre>{_e(text)}</pre>{mark}"
+    return f"<pre>{esc(text)}</pre>{mark}"
 
 
 def samples_section(data: ReportData) -> str:
@@ -305,7 +232,7 @@ def samples_section(data: ReportData) -> str:
         head = ["prompt"] + ([f"reference: {ref['name']}"] if has_ref and ref else []) + names
         rows = []
         for s in result.get("samples", []):
-            prompt = _cell(s["prompt"]) + (f'<span class="ci">gold: {_e(s["answer"])}</span>'
+            prompt = _cell(s["prompt"]) + (f'<span class="ci">gold: {esc(s["answer"])}</span>'
                                            if s.get("answer") is not None else "")
             cells = [prompt] + ([_cell(s.get("reference", ""))] if has_ref and ref else [])
             for name in names:
@@ -314,8 +241,8 @@ def samples_section(data: ReportData) -> str:
             rows.append(cells)
         if rows:
             where = f" ({source})" if len(data.evals) > 1 else ""
-            parts.append(f"<h3>{_e('Held-out prompts, every model' + where)}</h3>"
-                         + _table(head, rows, numeric_from=len(head), cls="samples"))
+            parts.append(f"<h3>{esc('Held-out prompts, every model' + where)}</h3>"
+                         + html_table(head, rows, numeric_from=len(head), cls="samples"))
     stage_rows = [(key, label) for key, label in accuracy_stages(data.stages) if data.stages[key].get("samples")]
     if stage_rows:
         by_task: dict[str, dict[str, Any]] = {}
@@ -328,21 +255,21 @@ def samples_section(data: ReportData) -> str:
                                             if k in entry["by"] else "–" for k, _ in stage_rows]
                 for entry in by_task.values()]
         parts.append("<h3>Checkable prompts, stage by stage</h3>"
-                     + _table(head, rows, numeric_from=len(head), cls="samples"))
+                     + html_table(head, rows, numeric_from=len(head), cls="samples"))
     if not parts:
         return ""
-    return _section("samples", "Sample outputs", "".join(parts),
+    return section("samples", "Sample outputs", "".join(parts),
                     "The same held-out prompts answered by each model (greedy); ✓/✗ from the exact checker.")
 
 
 def timings_section(data: ReportData) -> str:
-    rows = [[_e(name), f"{r['wall_s']:.1f} s"] for name, r in data.stages.items()
+    rows = [[esc(name), f"{r['wall_s']:.1f} s"] for name, r in data.stages.items()
             if isinstance(r.get("wall_s"), (int, float))]
-    rows += [[_e(f"eval: {source}"), f"{r['wall_s']:.1f} s"] for source, r in data.evals
+    rows += [[esc(f"eval: {source}"), f"{r['wall_s']:.1f} s"] for source, r in data.evals
              if isinstance(r.get("wall_s"), (int, float))]
     if not rows:
         return ""
-    return _section("timings", "Wall time per stage", _table(["stage", "wall time"], rows))
+    return section("timings", "Wall time per stage", html_table(["stage", "wall time"], rows))
 
 
 SECTIONS = (("summary", "Summary", summary_section), ("accuracy", "Gold accuracy", accuracy_section),
@@ -358,13 +285,9 @@ def render_report(data: ReportData, *, title: str | None = None) -> str:
     title = title or "rlhfkit report: " + ", ".join(r.name or str(r) for r in data.runs)
     built = [(anchor, name, fn(data)) for anchor, name, fn in SECTIONS]
     built = [(anchor, name, body) for anchor, name, body in built if body]
-    nav = "".join(f'<a href="#{anchor}">{_e(name)}</a>' for anchor, name, _ in built)
-    header = (f"<header><h1>{_e(title)}</h1><p>runs: {_e(', '.join(str(r) for r in data.runs))}</p>"
-              f"<p>generated {_e(time.strftime('%Y-%m-%d %H:%M'))} by rlhfkit</p><nav>{nav}</nav></header>")
-    body = "".join(b for _, _, b in built)
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>{header}{body}</main></body></html>")
+    nav = "".join(f'<a href="#{anchor}">{esc(name)}</a>' for anchor, name, _ in built)
+    header = f"<p>runs: {esc(', '.join(str(r) for r in data.runs))}</p><nav>{nav}</nav>"
+    return page(title, header, "".join(b for _, _, b in built))
 
 
 def write_report(run_dirs: Sequence[str | Path], out_path: str | Path, *, title: str | None = None) -> Path:

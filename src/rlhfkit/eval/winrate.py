@@ -147,6 +147,19 @@ def win_rate(outcomes: Sequence[float], *, confidence: float = 0.95,
                    losses=int((values < 0.5).sum()), confidence=confidence, method=method)
 
 
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of paired outcomes (ties dropped): p = P(|W − n/2| ≥ |w − n/2|)
+    under H0: P(win) = ½, with n = wins + losses, W ~ Binomial(n, ½):
+
+        p = min(1, 2 · Σ_{i ≤ min(w, l)} C(n, i) / 2ⁿ)
+
+    e.g. 9 wins, 1 loss: 2 · (1 + 10) / 1024 = 0.0215. No pair decided (n = 0): p = 1."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be ≥ 0, got {wins} and {losses}")
+    n, k = wins + losses, min(wins, losses)
+    return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 def _sigmoid(z: np.ndarray | float) -> np.ndarray:
     # Clipped so a saturated fit (all wins) gives 1 - 2e-22, not an overflow warning.
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))

@@ -55,7 +55,7 @@ def _vote_rankings(session: Session, project: Project, rounds: Collection[int] |
             ranks=tuple(vote.ranks), both_bad=vote.both_bad,
             provenance=Provenance(annotator=username, source="human", rationale=vote.rationale,
                                   round=round_number, model_version=item.model_version),
-            meta={"item": item.id},
+            meta={"item": item.id, "vote": vote.id},
         )
         out.append((ranking, vote, item))
     return out
@@ -74,7 +74,7 @@ def _provenance_fields(p: Provenance) -> dict[str, Any]:
 def _pair_record(pair: PreferencePair, item: Item, project: Project) -> dict[str, Any]:
     return {"prompt": item.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
             "label": pair.label, "margin": pair.margin, "both_bad": pair.both_bad,
-            **_provenance_fields(pair.provenance), **_item_fields(item, project)}
+            **_provenance_fields(pair.provenance), **_item_fields(item, project), "vote_id": pair.meta["vote"]}
 
 
 def _vote_pairs(ranking: Ranking, vote: Vote, item: Item, skips: SkipReport | None) -> list[PreferencePair]:
@@ -98,8 +98,9 @@ def export_records(session: Session, project: Project, *, format: str = "pairs",
     votes = _vote_rankings(session, project, rounds, set(exclude_annotators), include_gold)
     if format == "rankings":
         return [{"prompt": item.prompt, "responses": list(r.responses), "ranks": list(r.ranks),
-                 "both_bad": r.both_bad, **_provenance_fields(r.provenance), **_item_fields(item, project)}
-                for r, _vote, item in votes]
+                 "both_bad": r.both_bad, **_provenance_fields(r.provenance), **_item_fields(item, project),
+                 "vote_id": vote.id}
+                for r, vote, item in votes]
 
     items = {item.id: item for _r, _v, item in votes}
     pairs = [pair for r, vote, item in votes for pair in _vote_pairs(r, vote, item, skips)]
@@ -111,6 +112,7 @@ def export_records(session: Session, project: Project, *, format: str = "pairs",
         voters = sorted({v["annotator"] for v in pooled.meta["provenance"]})
         record = _pair_record(pooled, items[pooled.meta["item"]], project)
         record.update(annotator=",".join(voters), source="human", num_votes=pooled.meta["num_votes"])
+        record.pop("vote_id")  # pooled over several votes: the ids are in the pairs export
         records.append(record)
     return records
 

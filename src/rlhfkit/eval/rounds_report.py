@@ -1,0 +1,113 @@
+"""The report across rounds of a loop (`rlhf loop`, `rlhf demo`): one self-contained HTML page.
+
+Input: the registry's round rows (`loop.registry.Registry.rounds()`, plain dicts) and the wall
+time of each step. Per round: the feedback (source, labels, how many decided, agreement of
+human votes, agreement of the labels with the exact checkers), the training, held-out
+accuracy with its interval, the paired comparison with the previous round and round 0
+(+/− prompts, sign test), KL to round 0 (k1 per response with an interval, k3 per token) and
+response length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.eval.html import esc, html_table, img, num, page, section
+from rlhfkit.eval.plots import interval_plot
+from rlhfkit.io import atomic_write_text
+
+Row = dict[str, Any]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
+
+
+def _paired(block: Row | None) -> str:
+    if not block:
+        return "–"
+    sign = "+" if block["delta"] >= 0 else "−"
+    return (f"{sign}{abs(block['delta']):.1%} (+{block['wins']} / −{block['losses']}, "
+            f"p = {block['p']:.3g})")
+
+
+def _kl(block: Row | None) -> str:
+    if not block:
+        return "–"
+    return (f"{block['mean']:.3f} <span class=\"ci\">[{block['ci_low']:.3f}, {block['ci_high']:.3f}]</span>"
+            f" · k3/token {block['per_token_k3']:.4f}")
+
+
+def _agreement(feedback: Row) -> str:
+    human = feedback.get("agreement")
+    parts = []
+    if human:
+        parts.append(f"{human['votes']} votes, {human['annotators']} annotators")
+        if human.get("percent_agreement") is not None:
+            parts.append(f"agreement {human['percent_agreement']:.0%}, Fleiss κ {num(human.get('fleiss_kappa'))}")
+    gold = feedback.get("gold_agreement") or {}
+    if gold.get("rate") is not None:
+        parts.append(f"labels agree with the exact checkers on {gold['agree']}/{gold['checked']} "
+                     f"({gold['rate']:.0%})")
+    return esc("; ".join(parts)) if parts else "–"
+
+
+def accuracy_rows(rounds: Sequence[Row]) -> list[list[str]]:
+    rows = []
+    for r in rounds:
+        ev = r["metrics"]["eval"]
+        fb = r["metrics"].get("feedback") or {}
+        tr = r["metrics"].get("train") or {}
+        rows.append([
+            f"round {r['round']}", esc(r["model"]),
+            f"{_pct(ev['accuracy'])} <span class=\"ci\">[{_pct(ev['ci_low'])}, {_pct(ev['ci_high'])}]</span>",
+            _paired(ev.get("vs_previous")), _paired(ev.get("vs_round0")),
+            "–" if not fb else f"{fb.get('decided', 0)} / {fb.get('labels', 0)}",
+            "–" if not tr else esc(tr.get("skipped") or f"{tr.get('pairs', 0)} pairs"),
+            _kl(ev.get("kl_to_round0")), num(ev.get("mean_response_tokens"), "{:.1f}"),
+        ])
+    return rows
+
+
+def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], *, title: str,
+                  notes: Sequence[str] = ()) -> str:
+    if not rounds:
+        body = section("rounds", "Rounds", "<p>No round is registered yet.</p>")
+        return page(title, "", body)
+    cfg = rounds[-1]["config"]
+    head = (f"<p>policy {esc(cfg['policy'])} · feedback {esc(', '.join(cfg['feedback']))} · trainer "
+            f"{esc(cfg['trainer'])} (init: {esc(cfg['init'])}) · {len(rounds) - 1} round(s) after round 0</p>")
+    notes_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+    table = html_table(["round", "model", "held-out accuracy [95% CI]", "vs previous round", "vs round 0",
+                        "decided / labels", "training", "KL to round 0 (nats/response) [95% CI]",
+                        "mean tokens"], accuracy_rows(rounds), numeric_from=2)
+    plot = img(interval_plot([(f"round {r['round']}", r["metrics"]["eval"]["accuracy"],
+                               r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in rounds],
+                             title="held-out exact match per round (95% CI)", xlabel="exact match",
+                             reference_line=rounds[0]["metrics"]["eval"]["accuracy"]), "accuracy per round")
+    body = section("rounds", "Accuracy per round", notes_html + table + plot,
+                   "Greedy exact match on the same held-out prompts every round. Paired comparisons count the "
+                   "prompts only the newer model gets right (+) and only the older one gets right (−); p is the "
+                   "exact two-sided sign test.")
+    fb_rows = [[f"round {r['round']}", esc(", ".join(f"{k} {v}" for k, v in
+                                                     (r["metrics"]["feedback"].get("decided_by") or {}).items())
+                                           or "human"), _agreement(r["metrics"]["feedback"])]
+               for r in rounds if r["metrics"].get("feedback")]
+    if fb_rows:
+        body += section("feedback", "Feedback per round", html_table(["round", "decided by", "agreement"], fb_rows),
+                        "Where a proxy (reward model, judge) and the gold checkers part ways, the labels' agreement "
+                        "with the checkers drops below the rules' own.")
+    steps = sorted({s for times in step_times.values() for s in times})
+    time_rows = [[f"round {k}", *[num(step_times[k].get(s), "{:.0f} s") for s in steps],
+                  num(sum(step_times[k].values()), "{:.0f} s")] for k in sorted(step_times)]
+    body += section("timings", "Wall time per step", html_table(["round", *steps, "total"], time_rows))
+    return page(title, head, body)
+
+
+def write_rounds_report(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], path: str | Path, *,
+                        title: str = "rlhfkit loop report", notes: Sequence[str] = ()) -> Path:
+    out = Path(path)
+    atomic_write_text(out, render_rounds(rounds, step_times, title=title, notes=notes))
+    return out
