@@ -71,3 +71,15 @@ def test_feedback_gets_a_mismatched_sequence_from_another_prompt():
     batch = collate_feedback(items, 0, packed=False)
     assert batch.num_examples == 4 and batch.desirable.tolist() == [True, False, True, False]
     assert batch.completions.input_ids.shape[0] == batch.mismatched.input_ids.shape[0] == 4
+
+
+def test_skip_report_names_each_place_once():
+    from rlhfkit.data.errors import SkipReport
+
+    report = SkipReport()
+    for _ in range(7):
+        report.add("tie (ties=drop)", "prefs.jsonl")        # a whole-file reason: no line number
+    report.add("too long", "prefs.jsonl:3")
+    assert report.counts == {"tie (ties=drop)": 7, "too long": 1}
+    assert report.describe() == "skipped 7 tie (ties=drop), 1 too long (prefs.jsonl; prefs.jsonl:3)"
+    assert SkipReport().describe() == "no records skipped"

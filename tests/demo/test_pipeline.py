@@ -1,27 +1,45 @@
-"""The demo pipeline end to end on the tiny model: stages, resumability, the report."""
+"""The demo pipeline end to end on the tiny model: stages, the loop, resumability, the reports."""
 
 import json
 
 from rlhfkit.demo.pipeline import DemoSettings, run_demo
+from rlhfkit.loop.registry import Registry
 
 
-def _settings(tmp_path):
+def _settings(tmp_path, **kw):
     return DemoSettings(out=tmp_path / "demo", model="tiny", train_per_family=4, test_per_family=2,
-                        sft_steps=2, sft_batch=2, max_new_tokens=4, precision="fp32",
+                        sft_steps=2, sft_batch=2, max_new_tokens=4, precision="fp32", rounds=1, loop_prompts=4,
+                        loop_samples=2, loop_pairs=1, loop_steps=2, loop_batch=2, kl_prompts=2,
                         pref_prompts=24, samples_per_prompt=2, rm_steps=2, rm_batch=2, dpo_steps=2, dpo_batch=2,
                         dpo_losses=("dpo",), rl_algorithms=("grpo",), rl_steps=1, rl_prompts_per_step=2,
-                        rl_group_size=2, overopt_steps=2)
+                        rl_group_size=2, overopt_steps=2, **kw)
 
 
-def test_demo_runs_all_stages_and_writes_a_report(tmp_path):
+def test_quick_demo_is_sft_then_the_loop_and_its_report(tmp_path):
     ctx = run_demo(_settings(tmp_path))
-    for stage in ("data", "eval_base", "sft", "eval_sft", "preferences", "rm", "dpo", "grpo", "overopt", "judge_eval"):
-        assert (tmp_path / "demo" / "stages" / f"{stage}.json").exists(), stage
+    stages = sorted(p.stem for p in (tmp_path / "demo" / "stages").glob("*.json"))
+    assert stages == ["data", "loop", "sft"]
     assert ctx.results["data"]["test_checkable"] == 8  # 4 checkable families × 2
-    assert ctx.results["eval_sft"]["n"] == 8
+    rounds = ctx.results["loop"]["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1] and rounds[0]["n"] == 8
+    with Registry(tmp_path / "demo" / "loop") as reg:
+        assert str(reg.model_of(0)).endswith("sft/final")
+        assert reg.rounds()[1]["config"]["feedback"] == ["rules"]
     report = (tmp_path / "demo" / "report.html").read_text()
-    assert "Gold accuracy per stage" in report and "after SFT" in report
-    assert "<script" not in report  # self-contained, static
+    assert "Round 0 is the SFT model" in report and "rlhf demo --full" in report and "<script" not in report
+    assert not (tmp_path / "demo" / "comparison.html").exists()
+    assert (tmp_path / "demo" / "sft" / "final").is_dir() and not (tmp_path / "demo" / "sft" / "checkpoints").exists()
+
+
+def test_full_demo_adds_the_base_model_and_the_algorithm_comparison(tmp_path):
+    ctx = run_demo(_settings(tmp_path, eval_base=True, compare_algorithms=True))
+    for stage in ("data", "eval_base", "sft", "loop", "eval_sft", "preferences", "rm", "dpo", "grpo", "overopt",
+                  "judge_eval"):
+        assert (tmp_path / "demo" / "stages" / f"{stage}.json").exists(), stage
+    assert ctx.results["eval_sft"]["n"] == 8
+    comparison = (tmp_path / "demo" / "comparison.html").read_text()
+    assert "Gold accuracy per stage" in comparison and "after SFT" in comparison and "<script" not in comparison
+    assert "before SFT" in (tmp_path / "demo" / "report.html").read_text()
     # Finished stages keep their final model, not their resume checkpoints.
     for stage in ("sft", "rm", "dpo", "grpo"):
         folder = tmp_path / "demo" / stage
@@ -32,6 +50,8 @@ def test_demo_rerun_skips_finished_stages(tmp_path):
     run_demo(_settings(tmp_path))
     marker = tmp_path / "demo" / "stages" / "sft.json"
     before = json.loads(marker.read_text())
+    loop_before = (tmp_path / "demo" / "stages" / "loop.json").read_text()
     ctx = run_demo(_settings(tmp_path))
     assert ctx.results["sft"] == before
     assert marker.read_text() == json.dumps(before, indent=2)
+    assert (tmp_path / "demo" / "stages" / "loop.json").read_text() == loop_before

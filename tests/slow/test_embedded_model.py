@@ -31,12 +31,14 @@ def test_embedded_checkpoint_loads_as_plain_transformers(embedded):
 def test_demo_pipeline_on_the_embedded_model(tmp_path, embedded):
     torch.set_num_threads(2)
     settings = DemoSettings(out=tmp_path / "demo", train_per_family=8, test_per_family=2, sft_steps=3,
-                            sft_batch=4, max_new_tokens=24, pref_prompts=12, samples_per_prompt=2, rm_steps=2,
-                            rm_batch=4, dpo_losses=("dpo",), dpo_steps=2, dpo_batch=4, rl_algorithms=("grpo",),
-                            rl_steps=1, rl_prompts_per_step=2, rl_group_size=2, overopt_steps=0,
-                            judge_max_new_tokens=16)
+                            sft_batch=4, max_new_tokens=24, rounds=1, loop_prompts=8, loop_samples=2, loop_pairs=1,
+                            loop_steps=2, loop_batch=2, kl_prompts=2, compare_algorithms=True, pref_prompts=12,
+                            samples_per_prompt=2, rm_steps=2, rm_batch=4, dpo_losses=("dpo",), dpo_steps=2,
+                            dpo_batch=4, rl_algorithms=("grpo",), rl_steps=1, rl_prompts_per_step=2,
+                            rl_group_size=2, overopt_steps=0, judge_max_new_tokens=16)
     ctx = run_demo(settings)
     assert ctx.results["eval_sft"]["n"] == 8
+    assert [r["round"] for r in ctx.results["loop"]["rounds"]] == [0, 1]
     assert {"preferences", "rm", "dpo", "grpo", "judge_eval"} <= set(ctx.results)
     assert ctx.results["sft"]["train_loss"] < 3.0  # a real model fine-tuning, not random init
     assert (tmp_path / "demo" / "sft" / "final" / "model.safetensors").exists()

@@ -105,25 +105,28 @@ def status(run_dir: Path = typer.Argument(..., help="the loop's run folder")) ->
             console.print(f"next: round {r} · {s}")
 
 
+def _pair(block: dict | None) -> str:
+    return f"+{block['wins']}/−{block['losses']} p={block['p']:.2g}" if block else "–"
+
+
 def print_history(run_dir: Path) -> None:
+    """One row of numbers per round, then each round's lineage (model, hash, parent)."""
     with _open_registry(run_dir) as reg:
         rounds = reg.rounds()
     table = Table(title=f"rounds of {run_dir}")
-    for col in ("round", "model", "parent", "labels (decided)", "held-out accuracy [95% CI]", "vs previous",
-                "vs round 0", "KL to round 0", "model sha256"):
+    for col in ("round", "labels (decided)", "accuracy [95% CI]", "vs previous", "vs round 0", "KL k3/token"):
         table.add_column(col)
     for r in rounds:
-        m = r["metrics"]
-        ev, fb = m["eval"], m.get("feedback") or {}
+        ev, fb = r["metrics"]["eval"], r["metrics"].get("feedback") or {}
         kl = ev.get("kl_to_round0")
-        pair = lambda b: f"+{b['wins']}/−{b['losses']} p={b['p']:.3g}" if b else "–"  # noqa: E731
-        table.add_row(str(r["round"]), escape(r["model"]), escape(r["parent_model"] or "–"),
-                      f"{fb.get('labels', '–')} ({fb.get('decided', '–')})" if fb else "–",
-                      f"{ev['accuracy']:.1%} [{ev['ci_low']:.1%}, {ev['ci_high']:.1%}] n={ev['n']}",
-                      pair(ev.get("vs_previous")), pair(ev.get("vs_round0")),
-                      f"{kl['mean']:.3f} [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]" if kl else "–",
-                      r["model_sha256"][:12])
+        table.add_row(str(r["round"]), f"{fb['labels']} ({fb['decided']})" if fb else "–",
+                      f"{ev['accuracy']:.1%} [{ev['ci_low']:.1%}, {ev['ci_high']:.1%}]",
+                      _pair(ev.get("vs_previous")), _pair(ev.get("vs_round0")),
+                      f"{kl['per_token_k3']:.4f}" if kl else "–")
     console.print(table)
+    for r in rounds:
+        console.print(f"round {r['round']}: {escape(r['model'])} (sha256 {r['model_sha256'][:12]}) "
+                      f"← {escape(r['parent_model'] or 'start')}")
 
 
 def history(run_dir: Path = typer.Argument(..., help="the loop's run folder")) -> None:

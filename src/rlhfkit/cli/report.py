@@ -10,6 +10,8 @@ from rich.markup import escape
 
 from rlhfkit.cli.errors import friendly
 from rlhfkit.eval.report import REPORT_FILE, write_report
+from rlhfkit.loop.registry import REGISTRY_FILE
+from rlhfkit.loop.runner import write_loop_report
 
 
 def report_command(
@@ -23,12 +25,15 @@ def report_command(
 
     [bold]Examples[/]
 
-      rlhf report runs/demo
+      rlhf report runs/demo/loop        (a loop folder: accuracy, tests and KL per round)
 
       rlhf report runs/sft runs/ppo runs/eval --out comparison.html
     """
     target = out or (runs[0] / REPORT_FILE if len(runs) == 1 else Path(REPORT_FILE))
-    path = friendly(write_report)(runs, target, title=title)
+    if len(runs) == 1 and (runs[0] / REGISTRY_FILE).exists():   # a loop folder: its rounds side by side
+        path = friendly(write_loop_report)(runs[0], target, title=title)
+    else:
+        path = friendly(write_report)(runs, target, title=title)
     Console().print(f"[green]report[/] → {escape(str(path))}")
 
 

@@ -38,9 +38,9 @@ class SkipReport:
     def add(self, reason: str, where: str | None = None) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if where is not None:
-            self.examples.setdefault(reason, [])
-            if len(self.examples[reason]) < 5:
-                self.examples[reason].append(where)
+            seen = self.examples.setdefault(reason, [])
+            if len(seen) < 5 and where not in seen:   # a file without line numbers is named once
+                seen.append(where)
 
     @property
     def total(self) -> int:
@@ -51,3 +51,8 @@ class SkipReport:
             return "no records skipped"
         parts = [f"{n} {reason}" for reason, n in sorted(self.counts.items())]
         return "skipped " + ", ".join(parts)
+
+    def describe(self) -> str:
+        """The summary and where the first skipped records are, for a log line."""
+        where = "; ".join(w for ws in self.examples.values() for w in ws)
+        return f"{self.summary()} ({where})" if where else self.summary()

@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,14 +267,19 @@ def _drop_checkpoints(run: LoopRun, r: int) -> None:
             shutil.rmtree(folder)
 
 
-def write_report(run: LoopRun, notes: tuple[str, ...] = ()) -> Path:
-    """report.html across the registered rounds (derived from the registry; rewritten each round)."""
-    times: dict[int, dict[str, float]] = {}
-    for s in run.registry.steps():
-        if s.wall_s is not None and s.status == DONE:
-            times.setdefault(s.round, {})[s.step] = s.wall_s
-    return write_rounds_report(run.registry.rounds(), times, run.root / "report.html",
-                               title=f"rlhfkit loop: {run.root.name}", notes=notes)
+def write_loop_report(run_dir: str | Path, path: str | Path | None = None, *, title: str | None = None,
+                      notes: Sequence[str] = ()) -> Path:
+    """The report across the registered rounds of `run_dir` (derived from its registry) at `path`
+    (default: run_dir/report.html)."""
+    run_dir = Path(run_dir)
+    with Registry(run_dir) as registry:
+        times: dict[int, dict[str, float]] = {}
+        for s in registry.steps():
+            if s.wall_s is not None and s.status == DONE:
+                times.setdefault(s.round, {})[s.step] = s.wall_s
+        rounds = registry.rounds()
+    return write_rounds_report(rounds, times, path or run_dir / "report.html",
+                               title=title or f"rlhfkit loop: {run_dir.resolve().name}", notes=notes)
 
 
 def run_rounds(run: LoopRun) -> None:
@@ -282,7 +287,7 @@ def run_rounds(run: LoopRun) -> None:
     start = run.cfg.policy
     _run_step(run, 0, "evaluate", lambda: step_evaluate(run, 0, start))
     _run_step(run, 0, "register", lambda: step_register(run, 0, start, None))
-    write_report(run)
+    write_loop_report(run.root)
     for r in range(1, run.cfg.rounds + 1):
         _run_step(run, r, "sample", lambda r=r: step_sample(run, r))
         _run_step(run, r, "compare", lambda r=r: step_compare(run, r))
@@ -292,7 +297,7 @@ def run_rounds(run: LoopRun) -> None:
         _run_step(run, r, "evaluate", lambda r=r, m=model: step_evaluate(run, r, m))
         _run_step(run, r, "register", lambda r=r, m=model: step_register(run, r, m, run.model_of(r - 1)))
         _drop_checkpoints(run, r)
-        write_report(run)
+        write_loop_report(run.root)
 
 
 def run_loop(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:

@@ -385,7 +385,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         eval_set = load_items(cfg.eval_data, spec, tokenizer, cfg, skipped, limit=cfg.max_eval_examples,
                               pairs_for_eval=True)
     if skipped.total:
-        log.warning("%s (%s)", skipped.summary(), "; ".join(w for ws in skipped.examples.values() for w in ws))
+        log.warning("%s", skipped.describe())
     if not train:
         raise DataError(f"every training record was skipped: {skipped.summary()}", path=cfg.train_data)
     if not spec.paired:

@@ -176,7 +176,7 @@ def run_reward(cfg: RewardConfig) -> dict:
     held_out = encode_preference_pairs(tokenizer, held_out_pairs, cfg.max_length, skipped,
                                        f"{cfg.eval_data or f'{cfg.train_data} (held out)'}:")
     if skipped.total:
-        log.warning("%s (%s)", skipped.summary(), "; ".join(w for ws in skipped.examples.values() for w in ws))
+        log.warning("%s", skipped.describe())
     if not train:
         raise DataError(f"every training pair was skipped: {skipped.summary()}", path=cfg.train_data)
 

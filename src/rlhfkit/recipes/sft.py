@@ -101,7 +101,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         ev = read_sft(cfg.eval_data)[: cfg.max_eval_examples]
         eval_set = encode_examples(tokenizer, ev, cfg.max_length, skipped, cfg.eval_data)
     if skipped.total:
-        log.warning("%s (%s)", skipped.summary(), "; ".join(sum(skipped.examples.values(), [])))
+        log.warning("%s", skipped.describe())
     if not train:
         raise DataError(f"every training example was skipped: {skipped.summary()}", path=cfg.train_data)
 

@@ -99,7 +99,7 @@ def prompts_that_fit(prompts: Sequence[RLPrompt], tokenizer, *, room: int, sourc
         else:
             kept.append(p)
     if skipped.total:
-        log.warning("%s (%s)", skipped.summary(), "; ".join(sum(skipped.examples.values(), [])))
+        log.warning("%s", skipped.describe())
     if not kept:
         raise DataError(f"every prompt was skipped: {skipped.summary()}", path=source or "demo tasks")
     return kept
