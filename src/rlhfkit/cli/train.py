@@ -11,6 +11,7 @@ from rlhfkit.cli.errors import friendly
 from rlhfkit.config import ConfigError
 from rlhfkit.recipes.best_of_n import BestOfNConfig, ExpertIterationConfig, run_best_of_n, run_expert_iteration
 from rlhfkit.recipes.dpo import DPOConfig, run_dpo
+from rlhfkit.recipes.online_dpo import OnlineDPOConfig, run_online_dpo
 from rlhfkit.recipes.policy_gradient import (
     GRPOConfig,
     ReinforceConfig,
@@ -78,6 +79,12 @@ def _dpo(cfg):
                   + ", ".join(f"{k} {result['metrics'][k]:.4f}" for k in shown) + ")")
 
 
+def _online_dpo(cfg):
+    result = run_online_dpo(cfg)
+    console.print(f"[green]online {cfg.loss.upper()} done[/] → {result['final']}  "
+                  f"({format_metrics(result['metrics'])})")
+
+
 def register(app: typer.Typer) -> None:
     config_command(app, "sft", SFTConfig, friendly(_sft),
                    help="Supervised fine-tuning: completion-only loss on chat-formatted examples.",
@@ -116,3 +123,9 @@ def register(app: typer.Typer) -> None:
                             "  rlhf dpo --model runs/sft/final --train-data pairs.jsonl --max-steps 200\n\n"
                             "  rlhf dpo --loss ipo --beta 0.5 --train-data pairs.jsonl --eval-data test.jsonl\n\n"
                             "  rlhf dpo --loss kto --train-data thumbs.jsonl --lora-r 16")
+    config_command(app, "online-dpo", OnlineDPOConfig, friendly(_online_dpo),
+                   help="Online DPO (OAIF): each step pairs the best and worst of k fresh samples per prompt, "
+                        "labeled by the reward (checkers, a reward model), and takes a DPO-family step.",
+                   examples="[bold]Examples[/]\n\n"
+                            f"  rlhf online-dpo --model runs/sft/final {DEMO} --max-steps 32 --nll-weight 1\n\n"
+                            "  rlhf online-dpo --prompts prompts.jsonl --reward rm:runs/rm/final --loss ipo")
