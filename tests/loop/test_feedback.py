@@ -48,3 +48,14 @@ def test_sources_in_order_each_pair_labeled_by_the_first_that_decides(loop_files
     only_rules, counts = machine_labels(LoopConfig(feedback=("rules",)), pool, _pairs(pool), round=1)
     assert [lab["label"] for lab in only_rules] == [1.0, 1.0, 0.5, 0.5] and counts["undecided"] == 2
     assert only_rules[3]["source"] == "none"
+
+
+def test_sample_gold_accuracy_counts_checkable_prompts_only():
+    from rlhfkit.loop.runner import sample_gold_accuracy
+
+    pool = _pool()
+    right = pool[0].meta["task"].reference
+    samples = [{"index": 0, "responses": [right, WRONG, right, right]},
+               {"index": 4, "responses": ["a haiku", "another"]}]          # open prompt: not counted
+    assert sample_gold_accuracy(pool, samples) == 0.75
+    assert sample_gold_accuracy(pool, samples[1:]) is None

@@ -48,6 +48,7 @@ from rlhfkit.tasks.records import read_jsonl, to_sft_record, write_jsonl
 from rlhfkit.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
+EXACT_MATCH_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def load_for_inference(ctx: DemoContext, model_path: str):
 def evaluate_checkpoint(ctx: DemoContext, model_path: str, label: str) -> dict[str, Any]:
     """Exact-match accuracy on the test tasks; `label` names the model in the report."""
     tok, model = load_for_inference(ctx, model_path)
-    res = exact_match(model, tok, _test_tasks(ctx), max_new_tokens=ctx.settings.max_new_tokens, progress=True)
+    res = exact_match(model, tok, _test_tasks(ctx), max_new_tokens=ctx.settings.max_new_tokens,
+                      batch_size=EXACT_MATCH_BATCH, progress=True)
     return {"label": label, **res.to_dict(), "samples": res.samples}
 
 
@@ -343,7 +345,10 @@ def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
                      judge=s.model, judge_cache=str(ctx.path("eval", "judge_cache.sqlite")),
                      judge_max_new_tokens=s.judge_max_new_tokens, max_new_tokens=s.max_new_tokens,
                      n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed,
-                     precision=s.precision)
+                     precision=s.precision,
+                     # the stages' exact-match batches: in bf16 a greedy answer can depend on which
+                     # prompts share its batch, and one model must show one accuracy in the report
+                     batch_size=EXACT_MATCH_BATCH)
     result = evaluate(cfg)
     return {"models": [{"name": m["name"], "gold_win_rate": m.get("gold_win_rate"), "win_rate": m.get("win_rate"),
                         "lc_win_rate": m.get("lc_win_rate"),

@@ -29,8 +29,9 @@ def _paired(block: Row | None) -> str:
     if not block:
         return "–"
     sign = "+" if block["delta"] >= 0 else "−"
-    return (f"{sign}{abs(block['delta']):.1%} (+{block['wins']} / −{block['losses']}, "
-            f"p = {block['p']:.3g})")
+    low, high = block["win_rate_ci"]
+    return (f"{sign}{abs(block['delta']):.1%} (+{block['wins']} / −{block['losses']}, p = {block['p']:.3g}); "
+            f"win rate {block['win_rate']:.1%} <span class=\"ci\">[{low:.1%}, {high:.1%}]</span>")
 
 
 def _kl(block: Row | None) -> str:
@@ -65,6 +66,7 @@ def accuracy_rows(rounds: Sequence[Row]) -> list[list[str]]:
             f"{_pct(ev['accuracy'])} <span class=\"ci\">[{_pct(ev['ci_low'])}, {_pct(ev['ci_high'])}]</span>",
             _paired(ev.get("vs_previous")), _paired(ev.get("vs_round0")),
             "–" if not fb else f"{fb.get('decided', 0)} / {fb.get('labels', 0)}",
+            _pct((r["metrics"].get("sample") or {}).get("sample_gold_accuracy")),
             "–" if not tr else esc(tr.get("skipped") or f"{tr.get('pairs', 0)} pairs"),
             _kl(ev.get("kl_to_round0")), num(ev.get("mean_response_tokens"), "{:.1f}"),
         ])
@@ -81,7 +83,7 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
             f"{esc(cfg['trainer'])} (init: {esc(cfg['init'])}) · {len(rounds) - 1} round(s) after round 0</p>")
     notes_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     table = html_table(["round", "model", "held-out accuracy [95% CI]", "vs previous round", "vs round 0",
-                        "decided / labels", "training", "KL to round 0 (nats/response) [95% CI]",
+                        "decided / labels", "samples correct", "training", "KL to round 0 (nats/response) [95% CI]",
                         "mean tokens"], accuracy_rows(rounds), numeric_from=2)
     plot = img(interval_plot([(f"round {r['round']}", r["metrics"]["eval"]["accuracy"],
                                r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in rounds],
@@ -90,7 +92,9 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
     body = section("rounds", "Accuracy per round", notes_html + table + plot,
                    "Greedy exact match on the same held-out prompts every round. Paired comparisons count the "
                    "prompts only the newer model gets right (+) and only the older one gets right (−); p is the "
-                   "exact two-sided sign test.")
+                   "exact two-sided sign test; the gold win rate counts a prompt both or neither get right as ½. "
+                   "Samples correct: the share of the round's sampled training responses the checkers accept "
+                   "(the gold reward of the policy it sampled from).")
     fb_rows = [[f"round {r['round']}", esc(", ".join(f"{k} {v}" for k, v in
                                                      (r["metrics"]["feedback"].get("decided_by") or {}).items())
                                            or "human"), _agreement(r["metrics"]["feedback"])]

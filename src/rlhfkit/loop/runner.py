@@ -146,7 +146,16 @@ def step_sample(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + r)
     arts = [write_jsonl(out / "prompts.jsonl", prompts), write_jsonl(out / "samples.jsonl", samples)]
     return {"prompts": len(prompts), "samples": len(samples) * cfg.samples_per_prompt,
+            "sample_gold_accuracy": sample_gold_accuracy(run.pool, samples),
             "parent": run.registry.relative(parent) if Path(parent).exists() else parent}, arts
+
+
+def sample_gold_accuracy(pool: list[RLPrompt], samples: list[Record]) -> float | None:
+    """The share of the round's sampled responses the exact checkers accept (checkable prompts only):
+    the gold reward of the policy's samples, round by round."""
+    rows = [{"index": s["index"], "a": r, "b": r} for s in samples if checkable(pool[s["index"]])
+            for r in s["responses"]]
+    return sum(a for a, _b in gold_scores(pool, rows)) / len(rows) if rows else None
 
 
 def step_compare(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
@@ -232,6 +241,7 @@ def step_evaluate(run: LoopRun, r: int, model: str) -> tuple[dict[str, Any], lis
 def _round_metrics(run: LoopRun, r: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {"eval": run.registry.step(r, "evaluate").outputs}
     if r:
+        metrics["sample"] = run.registry.step(r, "sample").outputs
         metrics["feedback"] = run.registry.step(r, "feedback").outputs
         metrics["train"] = run.registry.step(r, "train").outputs
     return metrics
