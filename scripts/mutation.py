@@ -27,7 +27,7 @@ directory, mutants/<folder>/, holding links to src/ and tests/, a copy of pyproj
     folder    mutated                   tests run against its mutants
     losses    src/rlhfkit/losses/*.py   tests/losses tests/ops
     ops       src/rlhfkit/ops/*.py      tests/losses tests/ops
-    recipes   src/rlhfkit/recipes/*.py  tests/recipes
+    recipes   src/rlhfkit/recipes/*.py  tests/recipes tests/test_config.py
 
 mutmut copies src/ to mutants/<folder>/mutants/src/ and puts that first on sys.path, so
 the tests import the mutated copy, not the (editable) installed package; its "forced
@@ -57,7 +57,8 @@ WORK = ROOT / "mutants"
 FOLDERS = {
     "losses": ("src/rlhfkit/losses", ["tests/losses", "tests/ops"]),
     "ops": ("src/rlhfkit/ops", ["tests/losses", "tests/ops"]),
-    "recipes": ("src/rlhfkit/recipes", ["tests/recipes"]),
+    # tests/test_config.py: the TrainConfig range checks every recipe config inherits (fast, no model).
+    "recipes": ("src/rlhfkit/recipes", ["tests/recipes", "tests/test_config.py"]),
 }
 
 # mutmut 3.8's exit-code -> outcome table (mutmut/stats.py: status_by_exit_code).
@@ -138,6 +139,9 @@ def env() -> dict[str, str]:
     e.pop("PYTHONPATH", None)  # mutmut puts mutants/src first; nothing else should shadow it
     e.setdefault("OMP_NUM_THREADS", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The tests use the tiny built-in model; a mutant that names another model (None, say) fails
+    # at once instead of retrying the Hub for a minute and ending as a timeout.
+    e.setdefault("HF_HUB_OFFLINE", "1")
     return e
 
 
