@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -181,3 +183,58 @@ def csrf():
 @pytest.fixture
 def api_headers():
     return api_csrf
+
+
+# ---------------------------------------------------------------------------- headless Chromium
+CHROMIUM = Path("/usr/bin/chromium")   # Debian's; Playwright never downloads a browser here
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """`with chromium() as browser:` headless Chromium driven by Playwright (each launch with a
+    fresh temporary --user-data-dir of its own); skips the test without Chromium or Playwright."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (.ci/install-browser.sh installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python (pip install playwright)")
+
+    @contextmanager
+    def launch():
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    return launch
+
+
+def new_page(browser, **context):
+    """A page in a new browser context (its own cookies), 1280×860, with the tests' timeout."""
+    page = browser.new_context(viewport={"width": 1280, "height": 860}, **context).new_page()
+    page.set_default_timeout(BROWSER_TIMEOUT_MS)
+    return page
+
+
+def browser_log_in(page, base: str, username: str, password: str = PASSWORD) -> None:
+    page.goto(f"{base}/login")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")
+
+
+@pytest.fixture(scope="session")
+def browser_page():
+    """new_page(browser, **context_options) as a fixture."""
+    return new_page
+
+
+@pytest.fixture(scope="session")
+def log_in():
+    """browser_log_in(page, base_url, username) as a fixture: the login form, by keyboard."""
+    return browser_log_in
+

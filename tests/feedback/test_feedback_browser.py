@@ -15,13 +15,7 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs Debian's chromium at /usr/bin/chromium (.ci/install-browser.sh installs it)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python (pip install playwright)")
+pytestmark = pytest.mark.browser      # the `chromium` fixture skips without Chromium or Playwright
 
 from sqlalchemy import select  # noqa: E402
 
@@ -30,12 +24,9 @@ from rlhfkit.feedback.models import ADMIN, Item, User, Vote  # noqa: E402
 from rlhfkit.feedback.users import create_user  # noqa: E402
 from rlhfkit.feedback.votes import to_item_order  # noqa: E402
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PASSWORD = "correct horse battery"
 SCREENSHOTS = (Path(__file__).resolve().parents[2] / "docs" / "screenshots"
                if os.environ.get("RLHFKIT_UPDATE_SCREENSHOTS") == "1" else None)
-TIMEOUT_MS = 15_000
 
 ROUND = [
     {"id": "rm-1", "prompt": "Explain in one sentence what a reward model is.",
@@ -64,14 +55,6 @@ def shot(page, tmp_dir: Path, name: str, full_page: bool = False) -> Path:
     return path
 
 
-def log_in(page, base: str, username: str) -> None:
-    page.goto(f"{base}/login")
-    page.fill("#username", username)
-    page.fill("#password", PASSWORD)
-    with page.expect_navigation():
-        page.keyboard.press("Enter")
-
-
 def press(page, *keys: str) -> None:
     for key in keys:
         page.keyboard.press(key)
@@ -93,7 +76,7 @@ def current_item(page) -> tuple[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def labeled_round(tmp_path_factory, server_process):
+def labeled_round(tmp_path_factory, server_process, chromium, browser_page, log_in):
     """Run the whole browser session once; what it produced, for the tests below."""
     tmp = tmp_path_factory.mktemp("browser")
     db_path = tmp / "feedback.db"
@@ -108,11 +91,8 @@ def labeled_round(tmp_path_factory, server_process):
     server = server_process(db_path)
     expected: dict[tuple[str, str], dict] = {}
     try:
-        with sync_api.sync_playwright() as playwright:
-            # launch() runs Chromium with a fresh temporary --user-data-dir of its own.
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            admin = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True).new_page()
-            admin.set_default_timeout(TIMEOUT_MS)
+        with chromium() as browser:
+            admin = browser_page(browser, accept_downloads=True)
 
             # 1. The admin creates two annotators and a project with its first round.
             log_in(admin, server.url, "admin")
@@ -135,8 +115,7 @@ def labeled_round(tmp_path_factory, server_process):
             # 2. Two annotators, each in their own browser context, label by keyboard only.
             pages = {}
             for name in ("ann1", "ann2"):
-                page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
-                page.set_default_timeout(TIMEOUT_MS)
+                page = browser_page(browser)
                 log_in(page, server.url, name)
                 page.goto(f"{project_url}/label")
                 pages[name] = page
@@ -208,7 +187,6 @@ def labeled_round(tmp_path_factory, server_process):
                     admin.click("#export-button")
                 exports[fmt] = tmp / f"{fmt}.jsonl"
                 download.value.save_as(str(exports[fmt]))
-            browser.close()
     finally:
         server.stop()
     return {"db": db_path, "expected": expected, "exports": exports, "shots": SCREENSHOTS or tmp}
@@ -286,7 +264,8 @@ def test_the_export_trains_a_reward_model(labeled_round, train_reward_model_on_e
     assert result["data"]["train_pairs"] == len(read_jsonl(pairs)) == 16
 
 
-def test_dashboard_shows_progress_agreement_and_an_outlier(tmp_path, database, seed, server_process):
+def test_dashboard_shows_progress_agreement_and_an_outlier(tmp_path, database, seed, server_process, chromium,
+                                                           browser_page, log_in):
     """Two rounds from two model versions, five annotators, one of whom answers against
     everyone else: the dashboard flags them."""
     from rlhfkit.feedback.assignment import next_assignment
@@ -324,10 +303,8 @@ def test_dashboard_shows_progress_agreement_and_an_outlier(tmp_path, database, s
 
     server = server_process(database.engine.url.render_as_string(hide_password=False))
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
-            page.set_default_timeout(TIMEOUT_MS)
+        with chromium() as browser:
+            page = browser_page(browser)
             log_in(page, server.url, "admin")
             page.goto(f"{server.url}/admin/p/{project_id}")
             flagged = page.inner_text("#annotators tr.flagged")
@@ -335,6 +312,5 @@ def test_dashboard_shows_progress_agreement_and_an_outlier(tmp_path, database, s
             assert page.locator("#annotators tr.flagged").count() == 1
             assert "ppo-step-2000" in page.inner_text("#rounds")
             shot(page, tmp_path, "dashboard-outliers.png", full_page=True)
-            browser.close()
     finally:
         server.stop()

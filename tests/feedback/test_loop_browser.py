@@ -8,28 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(),
-                       reason="needs Debian's chromium at /usr/bin/chromium (.ci/install-browser.sh installs it)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python (pip install playwright)")
+from rlhfkit.feedback.db import open_database
+from rlhfkit.feedback.models import ANNOTATOR, Project, Vote
+from rlhfkit.feedback.users import create_user
+from rlhfkit.loop.config import LoopConfig
+from rlhfkit.loop.registry import Registry
+from rlhfkit.loop.runner import WaitingForLabels, run_loop
 
-from sqlalchemy import select  # noqa: E402
-
-from rlhfkit.feedback.db import open_database  # noqa: E402
-from rlhfkit.feedback.models import ANNOTATOR, Project, Vote  # noqa: E402
-from rlhfkit.feedback.users import create_user  # noqa: E402
-from rlhfkit.loop.config import LoopConfig  # noqa: E402
-from rlhfkit.loop.registry import Registry  # noqa: E402
-from rlhfkit.loop.runner import WaitingForLabels, run_loop  # noqa: E402
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.browser      # the `chromium` fixture skips without Chromium or Playwright
 PASSWORD = "correct horse battery"
-TIMEOUT_MS = 15_000
 
 
 def _jsonl(path: Path, rows) -> str:
@@ -37,7 +26,7 @@ def _jsonl(path: Path, rows) -> str:
     return str(path)
 
 
-def test_a_loop_round_labeled_in_chromium(tmp_path, server_process):
+def test_a_loop_round_labeled_in_chromium(tmp_path, server_process, chromium, browser_page, log_in):
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {a} plus 1?", "answer": str(a + 1)}
                                                   for a in range(4)])
     evals = _jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 2 times 2?", "answer": "4"}])
@@ -59,15 +48,9 @@ def test_a_loop_round_labeled_in_chromium(tmp_path, server_process):
     server = server_process(db_path)
     chosen_texts = []
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(f"{server.url}/login")
-            page.fill("#username", "ann1")
-            page.fill("#password", PASSWORD)
-            with page.expect_navigation():
-                page.keyboard.press("Enter")
+        with chromium() as browser:
+            page = browser_page(browser)
+            log_in(page, server.url, "ann1")
             page.goto(f"{server.url}/p/{project_id}/label")
             for _ in range(2):
                 page.wait_for_selector("#vote-form")
@@ -79,7 +62,6 @@ def test_a_loop_round_labeled_in_chromium(tmp_path, server_process):
                 with page.expect_navigation():
                     page.keyboard.press("Enter")
             assert "Nothing left to label" in page.inner_text("main")
-            browser.close()
     finally:
         server.stop()
 
