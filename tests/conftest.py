@@ -49,3 +49,28 @@ def token_logprobs_from_logits():
     """token_logprobs_from_logits(logits, labels) → (B, T): the plain, unchunked per-token
     log-probs that tests compare the package's chunked `ops.logprobs` paths against."""
     return _token_logprobs_from_logits
+
+
+LABELING_PASSWORD = "correct horse battery"
+
+
+def _labeling_accounts(path, accounts: dict[str, str], password: str = LABELING_PASSWORD):
+    """Create (or open) the labeling-app database at `path` with these accounts (name → role)."""
+    from rlhfkit.feedback.db import open_database
+    from rlhfkit.feedback.users import create_user
+
+    database = open_database(str(path))
+    with database.write() as session:
+        for name, role in accounts.items():
+            create_user(session, name, password, role)
+        session.commit()
+    database.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def labeling_accounts():
+    """labeling_accounts(db_path, {"ann1": "annotator", "admin": "admin"}) → db_path, every account
+    with the password "correct horse battery"."""
+    return _labeling_accounts
+

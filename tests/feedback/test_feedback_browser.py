@@ -21,7 +21,6 @@ from sqlalchemy import select  # noqa: E402
 
 from rlhfkit.feedback.db import open_database  # noqa: E402
 from rlhfkit.feedback.models import ADMIN, Item, User, Vote  # noqa: E402
-from rlhfkit.feedback.users import create_user  # noqa: E402
 from rlhfkit.feedback.votes import to_item_order  # noqa: E402
 
 PASSWORD = "correct horse battery"
@@ -76,15 +75,11 @@ def current_item(page) -> tuple[str, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def labeled_round(tmp_path_factory, server_process, chromium, browser_page, log_in):
+def labeled_round(tmp_path_factory, server_process, chromium, browser_page, log_in, labeling_accounts):
     """Run the whole browser session once; what it produced, for the tests below."""
     tmp = tmp_path_factory.mktemp("browser")
     db_path = tmp / "feedback.db"
-    database = open_database(str(db_path))
-    with database.write() as session:
-        create_user(session, "admin", PASSWORD, ADMIN)
-        session.commit()
-    database.close()
+    labeling_accounts(db_path, {"admin": ADMIN})
     candidates = tmp / "round1.jsonl"
     candidates.write_text("".join(json.dumps(r) + "\n" for r in ROUND), encoding="utf-8")
 

@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import ANNOTATOR, Project, Vote
-from rlhfkit.feedback.users import create_user
 from rlhfkit.loop.config import LoopConfig
 from rlhfkit.loop.registry import Registry
 from rlhfkit.loop.runner import WaitingForLabels, run_loop
@@ -26,16 +25,12 @@ def _jsonl(path: Path, rows) -> str:
     return str(path)
 
 
-def test_a_loop_round_labeled_in_chromium(tmp_path, server_process, chromium, browser_page, log_in):
+def test_a_loop_round_labeled_in_chromium(tmp_path, server_process, chromium, browser_page, log_in,
+                                          labeling_accounts):
     prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"What is {a} plus 1?", "answer": str(a + 1)}
                                                   for a in range(4)])
     evals = _jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 2 times 2?", "answer": "4"}])
-    db_path = tmp_path / "labels.db"
-    database = open_database(str(db_path))
-    with database.write() as session:
-        create_user(session, "ann1", PASSWORD, ANNOTATOR)
-        session.commit()
-    database.close()
+    db_path = labeling_accounts(tmp_path / "labels.db", {"ann1": ANNOTATOR})
     cfg = LoopConfig(out=str(tmp_path / "loop"), policy="tiny", rounds=1, prompts=prompts, eval_tasks=evals,
                      prompts_per_round=2, samples_per_prompt=2, pairs_per_prompt=1, feedback=("human",),
                      label_db=str(db_path), label_project="browser-round", overlap=1, steps=2, batch_size=2,

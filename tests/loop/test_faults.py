@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 from rlhfkit.feedback.assignment import next_assignment
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import ANNOTATOR, Item, Project, Round, User
-from rlhfkit.feedback.users import create_user
 from rlhfkit.feedback.votes import VoteInput, save_vote, to_shown_order
 from rlhfkit.loop.config import LoopConfig
 from rlhfkit.loop.registry import Registry
@@ -69,14 +68,6 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_loop_module, re
     assert snapshot(cfg.out) == reference
 
 
-def _with_annotators(db: Path) -> None:
-    database = open_database(str(db))
-    with database.write() as session:
-        create_user(session, "ann1", "correct horse battery", ANNOTATOR)
-        session.commit()
-    database.close()
-
-
 def _vote_everything(db: Path, project: str) -> None:
     """ann1 prefers the first response of every item (as imported), straight into the app's database."""
     database = open_database(str(db))
@@ -89,14 +80,15 @@ def _vote_everything(db: Path, project: str) -> None:
     database.close()
 
 
-def test_sigkill_while_sending_a_human_round_to_the_app_loses_and_duplicates_nothing(tiny_loop_module):
+def test_sigkill_while_sending_a_human_round_to_the_app_loses_and_duplicates_nothing(tiny_loop_module,
+                                                                                     labeling_accounts):
     snaps = []
     for point in ("none", "labeling"):
         cfg = tiny_loop_module(f"human-{point}", feedback=("human",), rounds=1, overlap=1, steps=2,
                                label_project="faults")
         db = Path(cfg.out) / "labels.db"          # the default labeling database of the loop
         db.parent.mkdir(parents=True)
-        _with_annotators(db)
+        labeling_accounts(db, {"ann1": ANNOTATOR})
         first = run_harness(cfg, point)
         assert first == (3 if point == "none" else -signal.SIGKILL)
         if point == "labeling":

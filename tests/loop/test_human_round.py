@@ -16,7 +16,6 @@ from rlhfkit.cli import app as cli_app
 from rlhfkit.feedback.app import create_app
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import ANNOTATOR, Project, Vote
-from rlhfkit.feedback.users import create_user
 from rlhfkit.loop.registry import WAITING, Registry
 from rlhfkit.loop.runner import WaitingForLabels, run_loop
 
@@ -47,14 +46,8 @@ def longer_first(texts):   # a deterministic annotator: the longer response (by 
     return "A" if (len(texts[0]), texts[0]) > (len(texts[1]), texts[1]) else "B"
 
 
-def test_human_round_waits_for_votes_then_trains_on_exactly_them(tiny_loop, tmp_path):
-    db_path = tmp_path / "labels.db"
-    database = open_database(str(db_path))
-    with database.write() as session:
-        for name in ("ann1", "ann2"):
-            create_user(session, name, PASSWORD, ANNOTATOR)
-        session.commit()
-    database.close()
+def test_human_round_waits_for_votes_then_trains_on_exactly_them(tiny_loop, tmp_path, labeling_accounts):
+    db_path = labeling_accounts(tmp_path / "labels.db", {"ann1": ANNOTATOR, "ann2": ANNOTATOR})
     cfg = tiny_loop(feedback=("human",), label_db=str(db_path), label_project="loop-test", overlap=2, kl_prompts=0)
 
     with pytest.raises(WaitingForLabels, match=r"0 of 4 votes"):
