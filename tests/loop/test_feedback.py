@@ -59,3 +59,26 @@ def test_sample_gold_accuracy_counts_checkable_prompts_only():
                {"index": 4, "responses": ["a haiku", "another"]}]          # open prompt: not counted
     assert sample_gold_accuracy(pool, samples) == 0.75
     assert sample_gold_accuracy(pool, samples[1:]) is None
+
+
+def test_a_judge_labels_only_the_pairs_it_decides_in_both_orders(monkeypatch):
+    from rlhfkit.judge.backends import ScriptedBackend
+    from rlhfkit.loop import feedback
+
+    def prefers_good(conversation):     # a consistent judge: the answer containing "good" wins
+        text = conversation[-1].content
+        a = text.split("[Answer A]")[1].split("[Answer B]")[0]
+        b = text.split("[Answer B]")[1]
+        if ("good" in a) == ("good" in b):
+            return "Verdict: tie"
+        return "Verdict: A" if "good" in a else "Verdict: B"
+
+    monkeypatch.setattr(feedback, "backend_from_spec", lambda spec, **kw: ScriptedBackend(prefers_good, name=spec))
+    pairs = [{"id": "c0", "index": 4, "task_id": None, "prompt": [{"role": "user", "content": "Hi"}],
+              "a": "bad", "b": "good"},
+             {"id": "c1", "index": 4, "task_id": None, "prompt": [{"role": "user", "content": "Hi"}],
+              "a": "meh", "b": "bad"}]
+    labels, counts = machine_labels(LoopConfig(feedback=("judge:local:some/model",)), _pool(), pairs, round=1)
+    assert counts == {"judge": 1, "undecided": 1}
+    assert (labels[0]["chosen"], labels[0]["source"], labels[0]["annotator"]) == ("good", "judge", "local:some/model")
+    assert labels[1]["label"] == 0.5 and labels[1]["source"] == "none"
