@@ -29,7 +29,7 @@ def demo(
 
     Stages: demo tasks → SFT → the loop from the SFT model: each round samples from the newest
     policy, labels pairs with the exact checkers acting as an annotator with mis-clicks, trains
-    (DPO + NLL) and measures held-out accuracy on 200 prompts, paired against the SFT model
+    (DPO + NLL) and measures held-out accuracy on 400 prompts, paired against the SFT model
     (sign test) → report.html. --full adds rounds, the base model's accuracy, and the algorithm
     comparison (reward model, DPO/IPO/KTO, GRPO/RLOO/ReMax/PPO, over-optimization, judge win
     rates: comparison.html). Rerunning skips finished stages and rounds; a killed run resumes.

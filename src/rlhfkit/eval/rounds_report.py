@@ -30,15 +30,14 @@ def _paired(block: Row | None) -> str:
         return "–"
     sign = "+" if block["delta"] >= 0 else "−"
     low, high = block["win_rate_ci"]
-    return (f"{sign}{abs(block['delta']):.1%} (+{block['wins']} / −{block['losses']}, p = {block['p']:.3g}); "
+    return (f"{sign}{abs(block['delta']):.1%} (+{block['wins']} / −{block['losses']}, p = {block['p']:.3g})<br>"
             f"win rate {block['win_rate']:.1%} <span class=\"ci\">[{low:.1%}, {high:.1%}]</span>")
 
 
 def _kl(block: Row | None) -> str:
     if not block:
         return "–"
-    return (f"{block['mean']:.3f} <span class=\"ci\">[{block['ci_low']:.3f}, {block['ci_high']:.3f}]</span>"
-            f" · k3/token {block['per_token_k3']:.4f}")
+    return f"{block['mean']:.3f} <span class=\"ci\">[{block['ci_low']:.3f}, {block['ci_high']:.3f}]</span>"
 
 
 def _agreement(feedback: Row) -> str:
@@ -68,13 +67,23 @@ def accuracy_rows(rounds: Sequence[Row]) -> list[list[str]]:
             "–" if not fb else f"{fb.get('decided', 0)} / {fb.get('labels', 0)}",
             _pct((r["metrics"].get("sample") or {}).get("sample_gold_accuracy")),
             "–" if not tr else esc(tr.get("skipped") or f"{tr.get('pairs', 0)} pairs"),
-            _kl(ev.get("kl_to_round0")), num(ev.get("mean_response_tokens"), "{:.1f}"),
         ])
     return rows
 
 
+def side_effect_rows(rounds: Sequence[Row]) -> list[list[str]]:
+    rows = []
+    for r in rounds:
+        ev = r["metrics"]["eval"]
+        kl = ev.get("kl_to_round0")
+        rows.append([f"round {r['round']}", _kl(kl), num(kl and kl["per_token_k3"], "{:.4f}"),
+                     num(kl and kl["n_responses"], "{:d}"), num(ev.get("mean_response_tokens"), "{:.1f}"),
+                     num(ev.get("truncated"), "{:d}")])
+    return rows
+
+
 def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], *, title: str,
-                  notes: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), step_order: Sequence[str] = ()) -> str:
     if not rounds:
         body = section("rounds", "Rounds", "<p>No round is registered yet.</p>")
         return page(title, "", body)
@@ -83,8 +92,7 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
             f"{esc(cfg['trainer'])} (init: {esc(cfg['init'])}) · {len(rounds) - 1} round(s) after round 0</p>")
     notes_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     table = html_table(["round", "model", "held-out accuracy [95% CI]", "vs previous round", "vs round 0",
-                        "decided / labels", "samples correct", "training", "KL to round 0 (nats/response) [95% CI]",
-                        "mean tokens"], accuracy_rows(rounds), numeric_from=2)
+                        "decided / labels", "samples correct", "training"], accuracy_rows(rounds), numeric_from=2)
     plot = img(interval_plot([(f"round {r['round']}", r["metrics"]["eval"]["accuracy"],
                                r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in rounds],
                              title="held-out exact match per round (95% CI)", xlabel="exact match",
@@ -103,7 +111,14 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
         body += section("feedback", "Feedback per round", html_table(["round", "decided by", "agreement"], fb_rows),
                         "Where a proxy (reward model, judge) and the gold checkers part ways, the labels' agreement "
                         "with the checkers drops below the rules' own.")
-    steps = sorted({s for times in step_times.values() for s in times})
+    seen = {s for times in step_times.values() for s in times}
+    steps = [s for s in step_order if s in seen] + sorted(seen - set(step_order))
+    body += section("side-effects", "KL and length", html_table(
+        ["round", "KL to round 0, nats per response [95% CI]", "KL per token (k3)", "responses", "mean tokens",
+         "truncated"], side_effect_rows(rounds)),
+        "KL(π_round ‖ π_0) on responses sampled from each round's policy: k1 summed over a response with a "
+        "bootstrap interval (a single-sample estimate, it can dip below 0 when π barely moved), and k3 per token, "
+        "which is never negative. Length and truncation are of the greedy evaluation answers.")
     time_rows = [[f"round {k}", *[num(step_times[k].get(s), "{:.0f} s") for s in steps],
                   num(sum(step_times[k].values()), "{:.0f} s")] for k in sorted(step_times)]
     body += section("timings", "Wall time per step", html_table(["round", *steps, "total"], time_rows))
@@ -111,7 +126,8 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
 
 
 def write_rounds_report(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], path: str | Path, *,
-                        title: str = "rlhfkit loop report", notes: Sequence[str] = ()) -> Path:
+                        title: str = "rlhfkit loop report", notes: Sequence[str] = (),
+                        step_order: Sequence[str] = ()) -> Path:
     out = Path(path)
-    atomic_write_text(out, render_rounds(rounds, step_times, title=title, notes=notes))
+    atomic_write_text(out, render_rounds(rounds, step_times, title=title, notes=notes, step_order=step_order))
     return out

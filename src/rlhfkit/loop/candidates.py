@@ -41,12 +41,12 @@ def conversation_dicts(prompt: Conversation) -> list[dict[str, str]]:
 
 
 def sample_candidates(model, tokenizer, pool: Sequence[RLPrompt], indices: Sequence[int], *, k: int,
-                      temperature: float, max_new_tokens: int, seed: int, progress: bool = True
-                      ) -> list[dict[str, Any]]:
+                      temperature: float, max_new_tokens: int, seed: int, batch_size: int = 32,
+                      progress: bool = True) -> list[dict[str, Any]]:
     """k responses per prompt (temperature sampling, KV-cached batched decoding)."""
     gens = generate(model, tokenizer, [pool[i].prompt for i in indices],
-                    SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=k, seed=seed),
-                    progress=progress)
+                    SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=k, seed=seed,
+                                   batch_size=batch_size), progress=progress)
     return [{"index": i, "task_id": pool[i].id, "prompt": conversation_dicts(pool[i].prompt),
              "responses": [g.text for g in gens[j * k:(j + 1) * k]]} for j, i in enumerate(indices)]
 

@@ -53,6 +53,8 @@ class LoopConfig(Config):
     uncertainty_model: str = param("", "reward model (ensemble) used by pair_selection: uncertain")
     temperature: float = param(1.0, "sampling temperature")
     max_new_tokens: int = param(40, "longest response in tokens")
+    gen_batch_size: int = param(128, "sequences decoded together (sampling and evaluation); on a 2-core CPU "
+                                     "128 decodes 400 prompts 18% faster than 32")
     # feedback
     feedback: tuple[str, ...] = param(("rules",), "feedback sources, tried in order for each pair until one "
                                                   "decides it: rules (exact checkers), rm:PATH (a reward model), "
@@ -96,6 +98,7 @@ class LoopConfig(Config):
         check(0 <= self.label_noise < 0.5, "label_noise must be in [0, 0.5)")
         check(self.overlap >= 1, "overlap must be ≥ 1")
         check(self.kl_prompts >= 0, "kl_prompts must be ≥ 0")
+        check(self.gen_batch_size >= 1, "gen_batch_size must be ≥ 1")
         check(bool(self.feedback), "feedback needs at least one source")
         for spec in self.feedback:
             check(source_kind(spec) in SOURCES, f"feedback source {spec!r} is not one of {', '.join(SOURCES)}")

@@ -28,11 +28,13 @@ from rlhfkit.rollout.rewards import Sample
 KEEP_SAMPLES = 8
 
 
-def gold_accuracy(model, tokenizer, prompts: Sequence[RLPrompt], *, max_new_tokens: int) -> dict[str, Any]:
+def gold_accuracy(model, tokenizer, prompts: Sequence[RLPrompt], *, max_new_tokens: int, batch_size: int = 32
+                  ) -> dict[str, Any]:
     """Greedy answers to `prompts`, scored by their checkers: accuracy [95% CI], per family,
     mean length, and the per-prompt outcomes the paired comparisons need."""
     gens = generate(model, tokenizer, [p.prompt for p in prompts],
-                    SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), progress=True)
+                    SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size),
+                    progress=True)
     samples = [Sample(prompt=p.prompt[-1].content, response=g.text, meta=p.meta) for p, g in zip(prompts, gens)]
     outcomes = [int(v >= 0.5) for v in GoldReward().score(samples)]
     ci = win_rate(outcomes)
@@ -66,7 +68,8 @@ def kl_to_start(cfg: LoopConfig, model, tokenizer, start_model: str, prompts: Se
         return None
     chosen = list(prompts[: cfg.kl_prompts])
     gens = generate(model, tokenizer, [p.prompt for p in chosen],
-                    SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 1000 + round))
+                    SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0, seed=cfg.seed + 1000 + round,
+                                   batch_size=cfg.gen_batch_size))
     _, reference = load_local_model(start_model, cfg.precision)
     est = kl_of_generations(model, reference, gens, pad_id=pad_token_id(tokenizer), seed=cfg.seed)
     return est.to_dict()
@@ -77,7 +80,8 @@ def evaluate_round(cfg: LoopConfig, model_path: str, start_model: str, prompts: 
     """Accuracy of the round's model, paired against the previous round and round 0 (their
     outcomes in `earlier`), and its KL to round 0."""
     tokenizer, model = load_local_model(model_path, cfg.precision)
-    result = gold_accuracy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+    result = gold_accuracy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.gen_batch_size)
     if round > 0:
         result["vs_previous"] = paired(result["outcomes"], earlier[round - 1])
         result["vs_round0"] = paired(result["outcomes"], earlier[0])

@@ -143,7 +143,8 @@ def step_sample(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
     parent = run.model_of(r - 1)
     tokenizer, model = load_local_model(parent, cfg.precision)
     samples = sample_candidates(model, tokenizer, run.pool, indices, k=cfg.samples_per_prompt,
-                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + r)
+                                temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + r,
+                                batch_size=cfg.gen_batch_size)
     arts = [write_jsonl(out / "prompts.jsonl", prompts), write_jsonl(out / "samples.jsonl", samples)]
     return {"prompts": len(prompts), "samples": len(samples) * cfg.samples_per_prompt,
             "sample_gold_accuracy": sample_gold_accuracy(run.pool, samples),
@@ -289,7 +290,8 @@ def write_loop_report(run_dir: str | Path, path: str | Path | None = None, *, ti
                 times.setdefault(s.round, {})[s.step] = s.wall_s
         rounds = registry.rounds()
     return write_rounds_report(rounds, times, path or run_dir / "report.html",
-                               title=title or f"rlhfkit loop: {run_dir.resolve().name}", notes=notes)
+                               title=title or f"rlhfkit loop: {run_dir.resolve().name}", notes=notes,
+                               step_order=STEPS)
 
 
 def run_rounds(run: LoopRun) -> None:
