@@ -47,6 +47,7 @@ def test_two_rounds_register_lineage_and_report(tiny_loop, tmp_path):
     assert round_json["parent_model"] == "rounds/r1/model/final" and round_json["artifacts"]
     page = (out / "report.html").read_text()
     assert "round 2" in page and "sign test" in page and "<script" not in page
+    assert "round 2 vs round 1" in page          # every later round against every earlier one
 
 
 def test_a_rerun_skips_recorded_steps_and_a_crash_resumes_at_its_step(tiny_loop, monkeypatch):

@@ -83,7 +83,8 @@ def side_effect_rows(rounds: Sequence[Row]) -> list[list[str]]:
 
 
 def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], *, title: str,
-                  notes: Sequence[str] = (), step_order: Sequence[str] = ()) -> str:
+                  notes: Sequence[str] = (), step_order: Sequence[str] = (),
+                  pairwise: dict[tuple[int, int], Row] | None = None) -> str:
     if not rounds:
         body = section("rounds", "Rounds", "<p>No round is registered yet.</p>")
         return page(title, "", body)
@@ -97,6 +98,9 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
                                r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in rounds],
                              title="held-out exact match per round (95% CI)", xlabel="exact match",
                              reference_line=rounds[0]["metrics"]["eval"]["accuracy"]), "accuracy per round")
+    if pairwise and len(rounds) > 2:
+        rows = [[f"round {j} vs round {i}", _paired(block)] for (i, j), block in sorted(pairwise.items())]
+        plot += "<h3>Every round against every earlier one</h3>" + html_table(["comparison", "paired result"], rows)
     body = section("rounds", "Accuracy per round", notes_html + table + plot,
                    "Greedy exact match on the same held-out prompts every round. Paired comparisons count the "
                    "prompts only the newer model gets right (+) and only the older one gets right (−); p is the "
@@ -127,7 +131,8 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
 
 def write_rounds_report(rounds: Sequence[Row], step_times: dict[int, dict[str, float]], path: str | Path, *,
                         title: str = "rlhfkit loop report", notes: Sequence[str] = (),
-                        step_order: Sequence[str] = ()) -> Path:
+                        step_order: Sequence[str] = (), pairwise: dict[tuple[int, int], Row] | None = None) -> Path:
     out = Path(path)
-    atomic_write_text(out, render_rounds(rounds, step_times, title=title, notes=notes, step_order=step_order))
+    atomic_write_text(out, render_rounds(rounds, step_times, title=title, notes=notes, step_order=step_order,
+                                         pairwise=pairwise))
     return out

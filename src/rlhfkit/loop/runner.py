@@ -34,7 +34,7 @@ from rlhfkit.io import atomic_write_text
 from rlhfkit.judge.loading import load_local_model
 from rlhfkit.loop.candidates import ensemble_disagreement, round_prompts, sample_candidates, select_pairs
 from rlhfkit.loop.config import LoopConfig
-from rlhfkit.loop.evaluate import evaluate_round
+from rlhfkit.loop.evaluate import evaluate_round, paired
 from rlhfkit.loop.feedback import (
     LabelStatus,
     checkable,
@@ -289,9 +289,13 @@ def write_loop_report(run_dir: str | Path, path: str | Path | None = None, *, ti
             if s.wall_s is not None and s.status == DONE:
                 times.setdefault(s.round, {})[s.step] = s.wall_s
         rounds = registry.rounds()
+        outcomes = {r["round"]: json.loads(registry.artifact_path(r["round"], "evaluate", "eval").read_text())
+                    ["outcomes"] for r in rounds}
+    # every later round against every earlier one, prompt by prompt
+    pairwise = {(i, j): paired(outcomes[j], outcomes[i]) for i in outcomes for j in outcomes if i < j}
     return write_rounds_report(rounds, times, path or run_dir / "report.html",
                                title=title or f"rlhfkit loop: {run_dir.resolve().name}", notes=notes,
-                               step_order=STEPS)
+                               step_order=STEPS, pairwise=pairwise)
 
 
 def run_rounds(run: LoopRun) -> None:
