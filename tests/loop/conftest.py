@@ -8,6 +8,7 @@ import json
 import pytest
 
 from rlhfkit.loop.config import LoopConfig
+from rlhfkit.loop.registry import Registry
 from rlhfkit.recipes.reward import RewardConfig, run_reward
 
 
@@ -43,3 +44,17 @@ def tiny_loop(loop_files, tmp_path):
         fields.update(overrides)
         return LoopConfig(**fields)
     return make
+
+
+def registry_snapshot(run_dir) -> dict:
+    """Everything in a loop's registry but times: what two runs of the same loop must agree on."""
+    with Registry(run_dir) as reg:
+        return {"steps": [(s.round, s.step, s.status, s.outputs) for s in reg.steps()],
+                "artifacts": reg.artifacts(), "rounds": reg.rounds()}
+
+
+@pytest.fixture(scope="session")
+def snapshot():
+    """registry_snapshot(run_dir) as a fixture."""
+    return registry_snapshot
+

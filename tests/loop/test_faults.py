@@ -17,7 +17,6 @@ from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import ANNOTATOR, Item, Project, Round, User
 from rlhfkit.feedback.votes import VoteInput, save_vote, to_shown_order
 from rlhfkit.loop.config import LoopConfig
-from rlhfkit.loop.registry import Registry
 from rlhfkit.loop.runner import run_loop
 
 HARNESS = Path(__file__).with_name("kill_harness.py")
@@ -30,13 +29,8 @@ def run_harness(cfg, point: str) -> int:
     return proc.returncode
 
 
-def snapshot(out) -> dict:
-    with Registry(out) as reg:
-        return reg.snapshot()
-
-
 @pytest.fixture(scope="module")
-def reference(tiny_loop_module):
+def reference(tiny_loop_module, snapshot):
     cfg = tiny_loop_module("reference")
     run_loop(cfg)
     return snapshot(cfg.out)
@@ -57,7 +51,7 @@ def tiny_loop_module(loop_files, tmp_path_factory):
 
 
 @pytest.mark.parametrize("point", ["sampling", "training", "registration"])
-def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_loop_module, reference, point):
+def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_loop_module, reference, snapshot, point):
     cfg = tiny_loop_module(point)
     assert run_harness(cfg, point) == -signal.SIGKILL
     interrupted = snapshot(cfg.out)
@@ -81,7 +75,7 @@ def _vote_everything(db: Path, project: str) -> None:
 
 
 def test_sigkill_while_sending_a_human_round_to_the_app_loses_and_duplicates_nothing(tiny_loop_module,
-                                                                                     labeling_accounts):
+                                                                                     labeling_accounts, snapshot):
     snaps = []
     for point in ("none", "labeling"):
         cfg = tiny_loop_module(f"human-{point}", feedback=("human",), rounds=1, overlap=1, steps=2,

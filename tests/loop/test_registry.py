@@ -60,13 +60,13 @@ def test_rounds_keep_hub_ids_and_store_folders_relative(tmp_path):
         assert reg.model_of(1) == model.resolve() and reg.model_of(0) == "embedded"
 
 
-def test_snapshot_ignores_times_only(tmp_path):
+def test_snapshot_ignores_times_only(tmp_path, snapshot):
     snaps = []
     for name in ("a", "b"):
         with Registry(tmp_path / name / "run") as reg:
             reg.record_step(0, "evaluate", {"accuracy": 0.25}, started=float(len(name)))
-            snaps.append(reg.snapshot())
+        snaps.append(snapshot(tmp_path / name / "run"))
     assert snaps[0] == snaps[1]
     with Registry(tmp_path / "a" / "run") as reg:
         reg.record_step(0, "evaluate", {"accuracy": 0.5})
-        assert reg.snapshot() != snaps[1]
+    assert snapshot(tmp_path / "a" / "run") != snaps[1]

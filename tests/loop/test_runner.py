@@ -13,11 +13,6 @@ from rlhfkit.loop.registry import Registry, sha256_of
 from rlhfkit.loop.runner import STEPS, run_loop
 
 
-def _snapshot(out):
-    with Registry(out) as reg:
-        return reg.snapshot()
-
-
 def test_two_rounds_register_lineage_and_report(tiny_loop, tmp_path):
     cfg = tiny_loop(rounds=2)
     events = []
@@ -74,13 +69,13 @@ def test_a_rerun_skips_recorded_steps_and_a_crash_resumes_at_its_step(tiny_loop,
         assert [r["round"] for r in reg.rounds()] == [0, 1]
 
 
-def test_another_config_in_the_same_folder_is_refused_but_more_rounds_are_fine(tiny_loop):
+def test_another_config_in_the_same_folder_is_refused_but_more_rounds_are_fine(tiny_loop, snapshot):
     run_loop(tiny_loop())
     with pytest.raises(ConfigError, match=r"changed: lr"):
         run_loop(tiny_loop(lr=1.0))
-    before = _snapshot(tiny_loop().out)
+    before = snapshot(tiny_loop().out)
     run_loop(tiny_loop(rounds=2))
-    after = _snapshot(tiny_loop().out)
+    after = snapshot(tiny_loop().out)
     assert after["steps"][: len(before["steps"])] == before["steps"]
     assert [r["round"] for r in after["rounds"]] == [0, 1, 2]
 

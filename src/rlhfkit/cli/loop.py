@@ -13,9 +13,9 @@ from rich.table import Table
 from rlhfkit.cli.config import config_command
 from rlhfkit.cli.errors import USER_ERRORS, fail
 from rlhfkit.loop.config import LoopConfig
-from rlhfkit.loop.feedback import send_to_labeling_app
+from rlhfkit.loop.feedback import labeling_progress
 from rlhfkit.loop.registry import REGISTRY_FILE, WAITING, Registry
-from rlhfkit.loop.runner import STEPS, WaitingForLabels, load_config, read_jsonl, run_loop
+from rlhfkit.loop.runner import STEPS, WaitingForLabels, load_config, run_loop
 
 console = Console()
 WAITING_EXIT = 3
@@ -95,9 +95,9 @@ def status(run_dir: Path = typer.Argument(..., help="the loop's run folder")) ->
             return
         r, s = pending
         row = done.get((r, s))
-        if row is not None and row.status == WAITING and cfg is not None:
-            comparisons = read_jsonl(run_dir / "rounds" / f"r{r}" / "comparisons.jsonl")
-            st = send_to_labeling_app(cfg, run_dir.resolve(), r, comparisons)
+        waiting = row is not None and row.status == WAITING and cfg is not None
+        st = labeling_progress(cfg, run_dir.resolve(), r) if waiting else None
+        if st is not None:
             console.print(f"round {r} is waiting for labels: {st.votes} of {st.needed} votes in project "
                           f"'{escape(st.project)}' ({escape(st.db)}); `rlhf loop resume {run_dir}` continues "
                           "once they are all in")

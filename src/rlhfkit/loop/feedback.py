@@ -156,6 +156,17 @@ def _round_tag(run_dir: Path, round: int) -> str:
     return f"loop:{run_dir.name}/round-{round}"
 
 
+def _find_round(session, project, tag: str) -> Round | None:
+    return session.scalar(select(Round).where(Round.project_id == project.id, Round.model_version == tag))
+
+
+def _status(session, db_url: str, project, target: Round) -> LabelStatus:
+    items = session.scalar(select(func.count(Item.id)).where(Item.round_id == target.id))
+    votes = session.scalar(select(func.count(Vote.id)).join(Item, Vote.item_id == Item.id)
+                           .where(Item.round_id == target.id))
+    return LabelStatus(db_url, project.name, target.number, items, votes, items * project.overlap)
+
+
 def send_to_labeling_app(cfg: LoopConfig, run_dir: Path, round: int, comparisons: Sequence[Record]) -> LabelStatus:
     """Put the round's pairs into the labeling app (once: a rerun finds the round by its tag)
     and count the votes in so far."""
@@ -166,16 +177,27 @@ def send_to_labeling_app(cfg: LoopConfig, run_dir: Path, round: int, comparisons
             project = find_project(session, name) or create_project(
                 session, name, overlap=cfg.overlap,
                 guidelines_md="Pick the better response: correct, helpful, and no longer than needed.")
-            target = session.scalar(select(Round).where(Round.project_id == project.id, Round.model_version == tag))
+            target = _find_round(session, project, tag)
             if target is None:
                 records = [{"prompt": c["prompt"], "responses": [c["a"], c["b"]], "id": c["id"],
                             "model_version": tag} for c in comparisons]
                 target = add_round(session, project, records, tag)
             session.commit()
-            items = session.scalar(select(func.count(Item.id)).where(Item.round_id == target.id))
-            votes = session.scalar(select(func.count(Vote.id)).join(Item, Vote.item_id == Item.id)
-                                   .where(Item.round_id == target.id))
-            return LabelStatus(db_url, name, target.number, items, votes, items * project.overlap)
+            return _status(session, db_url, project, target)
+    finally:
+        database.close()
+
+
+def labeling_progress(cfg: LoopConfig, run_dir: Path, round: int) -> LabelStatus | None:
+    """The votes in so far for a round already in the labeling app (None if it is not there);
+    reads only."""
+    db_url = label_db(cfg, run_dir)
+    database = open_database(db_url, upgrade=False)
+    try:
+        with database.read() as session:
+            project = find_project(session, label_project(cfg, run_dir))
+            target = project and _find_round(session, project, _round_tag(run_dir, round))
+            return None if target is None else _status(session, db_url, project, target)
     finally:
         database.close()
 

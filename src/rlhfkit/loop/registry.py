@@ -201,12 +201,6 @@ class Registry:
         p = self.absolute(stored)
         return p if p.exists() else stored
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything but times: what two runs of the same loop must agree on."""
-        return {"steps": [(s.round, s.step, s.status, s.outputs) for s in self.steps()],
-                "artifacts": self.artifacts(),
-                "rounds": self.rounds()}
-
 
 def round_s(x: float) -> float:
     return float(f"{x:.1f}")
