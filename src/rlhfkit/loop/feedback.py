@@ -36,13 +36,22 @@ from rlhfkit.rollout.rewards import Sample
 Record = dict[str, Any]
 
 
+def _sample(prompt: RLPrompt, response: str) -> Sample:
+    return Sample(prompt=prompt.prompt[-1].content, response=response,
+                  meta={**prompt.meta, "conversation": prompt.prompt})
+
+
 def _samples(pool: Sequence[RLPrompt], comparisons: Sequence[Record], side: str) -> list[Sample]:
-    return [Sample(prompt=pool[c["index"]].prompt[-1].content, response=c[side],
-                   meta={**pool[c["index"]].meta, "conversation": pool[c["index"]].prompt}) for c in comparisons]
+    return [_sample(pool[c["index"]], c[side]) for c in comparisons]
 
 
 def checkable(prompt: RLPrompt) -> bool:
     return any(prompt.meta.get(k) is not None for k in ("task", "answer", "tests"))
+
+
+def gold_of(pool: Sequence[RLPrompt], responses: Sequence[tuple[int, str]]) -> list[float]:
+    """The exact checkers' score of each (pool index, response)."""
+    return GoldReward().score([_sample(pool[i], text) for i, text in responses])
 
 
 def gold_scores(pool: Sequence[RLPrompt], comparisons: Sequence[Record]) -> list[tuple[float, float]]:

@@ -38,6 +38,7 @@ from rlhfkit.loop.evaluate import evaluate_round, paired
 from rlhfkit.loop.feedback import (
     LabelStatus,
     checkable,
+    gold_of,
     gold_scores,
     human_labels,
     machine_labels,
@@ -154,9 +155,8 @@ def step_sample(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
 def sample_gold_accuracy(pool: list[RLPrompt], samples: list[Record]) -> float | None:
     """The share of the round's sampled responses the exact checkers accept (checkable prompts only):
     the gold reward of the policy's samples, round by round."""
-    rows = [{"index": s["index"], "a": r, "b": r} for s in samples if checkable(pool[s["index"]])
-            for r in s["responses"]]
-    return sum(a for a, _b in gold_scores(pool, rows)) / len(rows) if rows else None
+    rows = [(s["index"], r) for s in samples if checkable(pool[s["index"]]) for r in s["responses"]]
+    return sum(gold_of(pool, rows)) / len(rows) if rows else None
 
 
 def step_compare(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
