@@ -57,3 +57,11 @@ def test_loop_mistakes_are_one_line_errors(tmp_path):
     assert result.exit_code == 2 and "not a loop folder" in result.output
     result = invoke("loop", "history", tmp_path / "nothing")
     assert result.exit_code == 2 and "not a loop folder" in result.output
+
+
+def test_a_bad_prompt_file_is_one_line_naming_file_line_and_field(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "What is 1 plus 1?", "answer": "2"}\n{"answer": "3"}\n')
+    result = invoke("loop", "run", "--out", tmp_path / "x", "--policy", "tiny", "--prompts", bad)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "prompts.jsonl:2" in result.output and "prompt" in result.output
