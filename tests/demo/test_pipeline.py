@@ -26,9 +26,21 @@ def test_quick_demo_is_sft_then_the_loop_and_its_report(tmp_path):
         assert str(reg.model_of(0)).endswith("sft/final")
         assert reg.rounds()[1]["config"]["feedback"] == ["rules"]
     report = (tmp_path / "demo" / "report.html").read_text()
-    assert "Round 0 is the SFT model" in report and "rlhf demo --full" in report and "<script" not in report
+    assert "Round 0 is the SFT model" in report and "rlhf demo --compare" in report and "<script" not in report
     assert not (tmp_path / "demo" / "comparison.html").exists()
     assert (tmp_path / "demo" / "sft" / "final").is_dir() and not (tmp_path / "demo" / "sft" / "checkpoints").exists()
+
+
+def test_presets_full_is_a_larger_loop_and_compare_adds_the_algorithms(tmp_path):
+    quick, full = DemoSettings.quick(tmp_path), DemoSettings.full(tmp_path)
+    assert (quick.rounds, quick.test_per_family, quick.eval_base, quick.compare_algorithms) == (2, 100, False, False)
+    assert (full.rounds, full.loop_prompts, full.loop_steps, full.test_per_family) == (5, 128, 32, 200)
+    assert full.eval_base and not full.compare_algorithms
+    both = DemoSettings.full(tmp_path, compare=True)
+    assert both.compare_algorithms and both.rounds == 5 and both.dpo_losses == ("dpo", "ipo", "kto")
+    compare = DemoSettings.compare(tmp_path)
+    assert compare.compare_algorithms and compare.rounds == 2 and compare.rl_steps == 16
+    assert DemoSettings.full(tmp_path, rounds=3).rounds == 3  # a keyword overrides the preset
 
 
 def test_full_demo_adds_the_base_model_and_the_algorithm_comparison(tmp_path):

@@ -3,9 +3,10 @@
 Stages run in order: the demo tasks → SFT → `rlhf loop` from the SFT model (round 0), whose
 rounds sample from the newest policy, label pairs with the exact checkers acting as an
 annotator with mis-clicks, train (DPO with the NLL term by default) and evaluate on the same
-400 held-out checkable prompts, paired against round 0 with a sign test. `--full` adds rounds
-and, after the loop, the algorithm comparison: reward model, the DPO family on a fixed
-dataset, GRPO/RLOO/ReMax/PPO, the over-optimization run and LLM-judge win rates.
+400 held-out checkable prompts, paired against round 0 with a sign test. `--full` runs more
+and larger rounds on 800 prompts; `--compare` adds, after the loop, the algorithm comparison:
+reward model, the DPO family on a fixed dataset, GRPO/RLOO/ReMax/PPO, the over-optimization run
+and LLM-judge win rates.
 
 Each stage writes `stages/<name>.json` with its results and wall time (and the `label` the
 comparison report shows for the model it measured: the format `eval.runs` reads), so a rerun
@@ -49,6 +50,10 @@ from rlhfkit.train.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 EXACT_MATCH_BATCH = 32
+# `rlhf demo --compare`: the sizes of the algorithm comparison after the loop
+COMPARISON: dict[str, Any] = dict(compare_algorithms=True, pref_prompts=400, rm_steps=40, dpo_steps=60, dpo_batch=8,
+                                  dpo_losses=("dpo", "ipo", "kto"), rl_algorithms=("grpo", "rloo", "remax", "ppo"),
+                                  rl_steps=16, rl_prompts_per_step=8, rl_lr=2e-5, overopt_steps=16, overopt_lr=2e-5)
 
 
 @dataclass(frozen=True)
@@ -112,16 +117,23 @@ class DemoSettings:
         return cls(out=out, **kw)
 
     @classmethod
-    def full(cls, out: Path, **kw) -> DemoSettings:
-        """The quick run's data and SFT, the base model's accuracy, 4 rounds of twice the quick
-        loop's prompts, then the algorithm comparison: 10× the preference prompts (400 × 8
-        samples), DPO/IPO/KTO for 60 steps, GRPO/RLOO/ReMax/PPO for 16 steps each, the
-        over-optimization run and the judge's win rates."""
-        return cls(out=out, **{**dict(eval_base=True, rounds=4, loop_prompts=128, loop_steps=32,
-                                      compare_algorithms=True, pref_prompts=400, rm_steps=40, dpo_steps=60,
-                                      dpo_batch=8, dpo_losses=("dpo", "ipo", "kto"),
-                                      rl_algorithms=("grpo", "rloo", "remax", "ppo"), rl_steps=16,
-                                      rl_prompts_per_step=8, rl_lr=2e-5, overopt_steps=16, overopt_lr=2e-5), **kw})
+    def full(cls, out: Path, *, compare: bool = False, **kw) -> DemoSettings:
+        """The quick run's data and SFT, the base model's accuracy, then 5 rounds of twice the
+        quick loop's prompts (128 a round, 32 steps), each evaluated on 800 held-out prompts: the
+        rounds after the first add 1–2 points each, which 400 prompts cannot tell from noise.
+
+        `compare` adds the algorithm comparison after the loop: 10× the preference prompts
+        (400 × 8 samples), a reward model, DPO/IPO/KTO for 60 steps, GRPO/RLOO/ReMax/PPO for 16
+        steps each, the over-optimization run and the judge's win rates (about an hour more)."""
+        sizes = dict(eval_base=True, rounds=5, loop_prompts=128, loop_steps=32, test_per_family=200)
+        if compare:
+            sizes |= COMPARISON
+        return cls(out=out, **{**sizes, **kw})
+
+    @classmethod
+    def compare(cls, out: Path, **kw) -> DemoSettings:
+        """The quick loop, then the algorithm comparison at the sizes `full(compare=True)` uses."""
+        return cls(out=out, **{**COMPARISON, **kw})
 
     def loop_config(self, policy: str) -> LoopConfig:
         """The demo's loop: the exact checkers as an annotator with mis-clicks, on pairs with one
@@ -410,7 +422,7 @@ def report_notes(ctx: DemoContext) -> list[str]:
     if not s.compare_algorithms:
         notes.append("The quick demo spends its time on the loop. The reward model, the DPO family on a fixed "
                      "dataset, GRPO/RLOO/ReMax/PPO, the over-optimization run and the LLM-judge win rates run in "
-                     "`rlhf demo --full`: at the quick sizes they moved nothing measurable, and the embedded "
+                     "`rlhf demo --compare`: at the quick sizes they moved nothing measurable, and the embedded "
                      "135M judge's verdicts flip with the answer order on almost every pair, so its win rate (50%) "
                      "would say nothing.")
     return notes
