@@ -73,6 +73,7 @@ Item = EncodedPair | EncodedFeedback
 @dataclass(frozen=True)
 class DPOConfig(TrainConfig):
     kind = "dpo"
+    output_dir: str = param("runs/dpo", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
     loss: str = param("dpo", f"preference loss: {', '.join(PREFERENCE_LOSSES)}")
     beta: float | None = param(None, "β: KL strength toward the reference (SimPO: reward scale); "
                                      "None = per loss: 0.1, simpo 2.0")

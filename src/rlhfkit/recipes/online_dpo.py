@@ -42,6 +42,7 @@ PAIRED_LOSSES = tuple(name for name, spec in PREFERENCE_LOSSES.items() if spec.p
 @dataclass(frozen=True)
 class OnlineDPOConfig(OnlineConfig):
     kind = "online_dpo"
+    output_dir: str = param("runs/online-dpo", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
     loss: str = param("dpo", "paired preference loss", choices=PAIRED_LOSSES)
     beta: float | None = param(None, "β of the loss; None = its default (0.1 for DPO)")
     nll_weight: float = param(0.0, "α ≥ 0: add α × the chosen response's mean per-token NLL (RPO)")

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SFTConfig(TrainConfig):
     kind = "sft"
+    output_dir: str = param("runs/sft", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
     train_data: str = param("", "training examples: .jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out examples for the eval loss (optional)")
     packing: bool = param(False, "pack each micro-batch into one padding-free row (attention confined per "
