@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.loop.candidates import ensemble_disagreement, round_prompts, select_pairs
+from rlhfkit.loop.candidates import ensemble_disagreement, prompt_window, select_pairs
 from rlhfkit.rollout.prompts import RLPrompt
 
 
 def test_rounds_take_fresh_prompts_until_the_pool_is_used_up():
     pool = [RLPrompt(()) for _ in range(10)]
-    r1, r2, r3 = (round_prompts(pool, r, 4, seed=0) for r in (1, 2, 3))
-    assert len(r1) == len(r2) == 4 and not set(r1) & set(r2)
+    r1, r2, r3 = (prompt_window(pool, start, 4, seed=0) for start in (0, 4, 8))
+    assert len(r1) == len(r2) == len(r3) == 4 and not set(r1) & set(r2)
     assert set(r1) | set(r2) | set(r3[:2]) == set(range(10))      # one full pass before any repeat
-    assert round_prompts(pool, 2, 4, seed=0) == r2                 # deterministic
-    assert round_prompts(pool, 1, 4, seed=1) != r1                 # the seed shuffles
+    assert r3[2:] == prompt_window(pool, 10, 2, seed=0)            # then the second pass begins
+    assert prompt_window(pool, 4, 4, seed=0) == r2                 # deterministic
+    assert prompt_window(pool, 0, 4, seed=1) != r1                 # the seed shuffles
+    assert prompt_window(pool, 2, 5, seed=0) == (r1 + r2)[2:7]     # any window of the same order
 
 
 def _samples():

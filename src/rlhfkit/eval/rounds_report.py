@@ -54,6 +54,11 @@ def _agreement(feedback: Row) -> str:
     return esc("; ".join(parts)) if parts else "–"
 
 
+def _setup(cfg: Row) -> str:
+    """'feedback rules, judge · trainer dpo' of a round's config."""
+    return f"feedback {', '.join(cfg['feedback'])} · trainer {cfg['trainer']}"
+
+
 def accuracy_rows(rounds: Sequence[Row]) -> list[list[str]]:
     rows = []
     for r in rounds:
@@ -89,8 +94,10 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
         body = section("rounds", "Rounds", "<p>No round is registered yet.</p>")
         return page(title, "", body)
     cfg = rounds[-1]["config"]
-    head = (f"<p>policy {esc(cfg['policy'])} · feedback {esc(', '.join(cfg['feedback']))} · trainer "
-            f"{esc(cfg['trainer'])} (init: {esc(cfg['init'])}) · {len(rounds) - 1} round(s) after round 0</p>")
+    setups = {_setup(r["config"]) for r in rounds[1:]} or {_setup(cfg)}
+    setup = setups.pop() if len(setups) == 1 else "feedback and trainer vary per round (see Feedback per round)"
+    head = (f"<p>policy {esc(cfg['policy'])} · {esc(setup)} (init: {esc(cfg['init'])}) · "
+            f"{len(rounds) - 1} round(s) after round 0</p>")
     notes_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     table = html_table(["round", "model", "held-out accuracy [95% CI]", "vs previous round", "vs round 0",
                         "decided / labels", "samples correct", "training"], accuracy_rows(rounds), numeric_from=2)
@@ -107,12 +114,13 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
                    "exact two-sided sign test; the gold win rate counts a prompt both or neither get right as ½. "
                    "Samples correct: the share of the round's sampled training responses the checkers accept "
                    "(the gold reward of the policy it sampled from).")
-    fb_rows = [[f"round {r['round']}", esc(", ".join(f"{k} {v}" for k, v in
+    fb_rows = [[f"round {r['round']}", esc(_setup(r["config"])), esc(", ".join(f"{k} {v}" for k, v in
                                                      (r["metrics"]["feedback"].get("decided_by") or {}).items())
                                            or "human"), _agreement(r["metrics"]["feedback"])]
                for r in rounds if r["metrics"].get("feedback")]
     if fb_rows:
-        body += section("feedback", "Feedback per round", html_table(["round", "decided by", "agreement"], fb_rows),
+        body += section("feedback", "Feedback per round", html_table(["round", "setup", "decided by", "agreement"],
+                                                                     fb_rows),
                         "Where a proxy (reward model, judge) and the gold checkers part ways, the labels' agreement "
                         "with the checkers drops below the rules' own.")
     seen = {s for times in step_times.values() for s in times}

@@ -23,17 +23,17 @@ from rlhfkit.rollout.generate import SamplingConfig, generate
 from rlhfkit.rollout.prompts import RLPrompt
 
 
-def round_prompts(pool: Sequence[RLPrompt], round: int, per_round: int, seed: int) -> list[int]:
-    """Indices into `pool` for `round` (1-based): one shuffled pass over the pool, `per_round` at a
-    time, so every round sees fresh prompts until the pool is used up (then a new pass)."""
+def prompt_window(pool: Sequence[RLPrompt], start: int, count: int, seed: int) -> list[int]:
+    """Indices into `pool` at positions [start, start + count) of its shuffled passes: rounds that
+    take consecutive windows see fresh prompts until the pool is used up (then a new pass)."""
     order: list[int] = []
     passes = 0
-    while len(order) < round * per_round:
+    while len(order) < start + count:
         idx = list(range(len(pool)))
         random.Random(f"loop-prompts/{seed}/{passes}").shuffle(idx)
         order += idx
         passes += 1
-    return order[(round - 1) * per_round: round * per_round]
+    return order[start: start + count]
 
 
 def conversation_dicts(prompt: Conversation) -> list[dict[str, str]]:

@@ -10,9 +10,12 @@ round 0 → register the round in the lineage registry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from rlhfkit.config import Config, check, param
+import yaml
+
+from rlhfkit.config import Config, ConfigError, check, param
 from rlhfkit.losses.preference_registry import PREFERENCE_LOSSES
 from rlhfkit.train.engine import PRECISIONS
 
@@ -20,6 +23,10 @@ RL_TRAINERS = ("rm+grpo", "rm+rloo", "rm+remax", "rm+reinforce", "rm+ppo")
 TRAINERS = (*PREFERENCE_LOSSES, "expert_iteration", *RL_TRAINERS)
 PAIR_SELECTIONS = ("random", "decided_first", "uncertain")
 SOURCES = ("rules", "rm", "judge", "human")
+# the fields a round may set for itself in `per_round` (everything else is the loop's)
+ROUND_FIELDS = ("prompts", "prompts_per_round", "samples_per_prompt", "pairs_per_prompt", "pair_selection",
+                "uncertainty_model", "temperature", "feedback", "label_noise", "overlap", "trainer", "steps",
+                "lr", "beta", "nll_weight")
 
 
 def source_kind(spec: str) -> str:
@@ -85,6 +92,23 @@ class LoopConfig(Config):
     rm_steps: int = param(16, "rm+ALGO: reward-model steps per round")
     seed: int = param(0, "seed of prompt order, sampling, labels and training")
     precision: str = param("auto", "auto, bf16, fp16 or fp32", choices=PRECISIONS)
+    per_round: dict[str, Any] = field(default_factory=dict, metadata={"help": (
+        "settings of single rounds over the ones above, e.g. {3: {feedback: [human], prompts: hard.jsonl}} "
+        f"(YAML; on the command line as inline YAML); a round may set {', '.join(ROUND_FIELDS)}")})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "per_round", _normalize_per_round(self.per_round))
+        super().__post_init__()
+
+    def for_round(self, round: int) -> LoopConfig:
+        """This config with round `round`'s `per_round` settings applied (validated)."""
+        changes = self.per_round.get(str(round))
+        if not changes:
+            return self
+        try:
+            return self.replace(**changes, per_round={})
+        except ConfigError as e:
+            raise ConfigError(f"per_round {round}: {e}") from None
 
     def validate(self) -> None:
         check(self.rounds >= 1, "rounds must be ≥ 1")
@@ -107,3 +131,33 @@ class LoopConfig(Config):
               "human feedback cannot be mixed with other sources (its round waits for votes)")
         check(self.pair_selection != "uncertain" or bool(self.uncertainty_model),
               "pair_selection uncertain needs uncertainty_model (a reward model, ideally an ensemble)")
+        for r in self.per_round:
+            self.for_round(int(r))  # each round's settings must make a valid loop too
+
+
+def _normalize_per_round(value: Any) -> dict[str, Any]:
+    """{round: {field: value}} with round numbers as strings (as JSON and the registry keep them) and
+    lists for tuples, so a saved config compares equal to the one it was loaded from."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"'per_round' is not valid YAML: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"'per_round' must map round numbers to settings, got {value!r}")
+    out: dict[str, Any] = {}
+    for r, changes in value.items():
+        try:
+            n = int(r)
+        except (TypeError, ValueError):
+            raise ConfigError(f"per_round: {r!r} is not a round number") from None
+        if n < 1:
+            raise ConfigError(f"per_round: round {n} — rounds with settings of their own start at 1")
+        if not isinstance(changes, dict):
+            raise ConfigError(f"per_round {n}: expected a mapping of settings, got {changes!r}")
+        for key in changes:
+            if key not in ROUND_FIELDS:
+                raise ConfigError(f"per_round {n}: '{key}' cannot change per round; a round may set "
+                                  f"{', '.join(ROUND_FIELDS)}")
+        out[str(n)] = {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}
+    return out

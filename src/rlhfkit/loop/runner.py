@@ -32,7 +32,7 @@ from rlhfkit.data.readers import iter_records
 from rlhfkit.eval.rounds_report import write_rounds_report
 from rlhfkit.io import atomic_write_text
 from rlhfkit.judge.loading import load_local_model
-from rlhfkit.loop.candidates import ensemble_disagreement, round_prompts, sample_candidates, select_pairs
+from rlhfkit.loop.candidates import ensemble_disagreement, prompt_window, sample_candidates, select_pairs
 from rlhfkit.loop.config import LoopConfig
 from rlhfkit.loop.evaluate import evaluate_round, paired
 from rlhfkit.loop.feedback import (
@@ -81,10 +81,16 @@ def _load_pool(spec: str, split: str, per_family: int, seed: int) -> list[RLProm
     return demo_prompts(split, per_family, seed=seed) if spec == "demo" else read_prompts(spec)
 
 
-def config_changes(saved: dict[str, Any], cfg: LoopConfig) -> list[str]:
-    """Fields that differ from the run folder's saved config (`rounds` may grow: more rounds)."""
+def config_changes(saved: dict[str, Any], cfg: LoopConfig, started: int = 0) -> list[str]:
+    """Fields that differ from the run folder's saved config. `rounds` may grow (more rounds), and
+    the `per_round` settings of rounds after `started` (the last round begun) may change."""
     now = cfg.to_dict()
-    return [k for k in sorted(set(saved) | set(now)) if k != "rounds" and saved.get(k) != now.get(k)]
+    changed = [k for k in sorted(set(saved) | set(now))
+               if k not in ("rounds", "per_round") and saved.get(k) != now.get(k)]
+    before, after = saved.get("per_round") or {}, now.get("per_round") or {}
+    changed += [f"per_round {r}" for r in sorted(set(before) | set(after), key=int)
+                if int(r) <= started and before.get(r) != after.get(r)]
+    return changed
 
 
 @dataclass
@@ -92,9 +98,22 @@ class LoopRun:
     cfg: LoopConfig
     root: Path
     registry: Registry
-    pool: list[RLPrompt]
+    pools: dict[str, list[RLPrompt]]
     eval_prompts: list[RLPrompt]
     on_event: Event | None = None
+
+    def cfg_of(self, round: int) -> LoopConfig:
+        """The settings of `round`: the loop's, with the round's own `per_round` ones on top."""
+        return self.cfg.for_round(round)
+
+    def pool_of(self, round: int) -> list[RLPrompt]:
+        """The prompt pool `round` samples from (its `prompts`); `index` fields point into it."""
+        return self.pools[self.cfg_of(round).prompts]
+
+    def prompt_start(self, round: int) -> int:
+        """How many prompts earlier rounds drew from `round`'s pool: where its fresh prompts begin."""
+        spec = self.cfg_of(round).prompts
+        return sum(c.prompts_per_round for c in map(self.cfg_of, range(1, round)) if c.prompts == spec)
 
     def round_dir(self, round: int) -> Path:
         return self.root / "rounds" / f"r{round}"
@@ -116,7 +135,8 @@ def open_run(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:
     registry = Registry(root)
     saved = registry.get_meta("config")
     if saved is not None:
-        changed = config_changes(json.loads(saved), cfg)
+        begun = [s.round for s in registry.steps()]
+        changed = config_changes(json.loads(saved), cfg, max(begun, default=0))
         if changed:
             registry.close()
             raise ConfigError(f"{root} holds a loop with another config (changed: {', '.join(changed)}); resume it "
@@ -125,30 +145,31 @@ def open_run(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:
     registry.set_meta("package_version", __version__)
     cfg.save(root / "config.yaml")
     # the eval split never overlaps the prompt pool: the demo tasks' train/test split is by content
-    pool = _load_pool(cfg.prompts, "train", cfg.demo_per_family, cfg.seed + 1)
+    specs = dict.fromkeys([cfg.prompts, *(cfg.for_round(int(r)).prompts for r in cfg.per_round)])
+    pools = {spec: _load_pool(spec, "train", cfg.demo_per_family, cfg.seed + 1) for spec in specs}
     eval_prompts = [p for p in _load_pool(cfg.eval_tasks, "test", cfg.eval_per_family, cfg.seed) if checkable(p)]
     if not eval_prompts:
         registry.close()
         raise ConfigError(f"eval_tasks {cfg.eval_tasks!r} has no checkable prompt (each needs an 'answer' or "
                           "'tests'); judge-only evaluation inside the loop is not supported yet")
-    return LoopRun(cfg, root, registry, pool, eval_prompts, on_event)
+    return LoopRun(cfg, root, registry, pools, eval_prompts, on_event)
 
 
 # ------------------------------------------------------------------------------------ steps
 def step_sample(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
-    cfg, out = run.cfg, run.round_dir(r)
-    indices = round_prompts(run.pool, r, cfg.prompts_per_round, cfg.seed)
-    prompts = [{"index": i, "task_id": run.pool[i].id, "prompt": [m.to_dict() for m in run.pool[i].prompt],
-                **({"answer": run.pool[i].meta["answer"]} if run.pool[i].meta.get("answer") is not None else {})}
+    cfg, out, pool = run.cfg_of(r), run.round_dir(r), run.pool_of(r)
+    indices = prompt_window(pool, run.prompt_start(r), cfg.prompts_per_round, cfg.seed)
+    prompts = [{"index": i, "task_id": pool[i].id, "prompt": [m.to_dict() for m in pool[i].prompt],
+                **({"answer": pool[i].meta["answer"]} if pool[i].meta.get("answer") is not None else {})}
                for i in indices]
     parent = run.model_of(r - 1)
     tokenizer, model = load_local_model(parent, cfg.precision)
-    samples = sample_candidates(model, tokenizer, run.pool, indices, k=cfg.samples_per_prompt,
+    samples = sample_candidates(model, tokenizer, pool, indices, k=cfg.samples_per_prompt,
                                 temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + r,
                                 batch_size=cfg.gen_batch_size)
     arts = [write_jsonl(out / "prompts.jsonl", prompts), write_jsonl(out / "samples.jsonl", samples)]
     return {"prompts": len(prompts), "samples": len(samples) * cfg.samples_per_prompt,
-            "sample_gold_accuracy": sample_gold_accuracy(run.pool, samples),
+            "sample_gold_accuracy": sample_gold_accuracy(pool, samples),
             "parent": run.registry.relative(parent) if Path(parent).exists() else parent}, arts
 
 
@@ -160,18 +181,18 @@ def sample_gold_accuracy(pool: list[RLPrompt], samples: list[Record]) -> float |
 
 
 def step_compare(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
-    cfg, out = run.cfg, run.round_dir(r)
+    cfg, out, pool = run.cfg_of(r), run.round_dir(r), run.pool_of(r)
     samples = read_jsonl(out / "samples.jsonl")
 
     def decided(s: Record, a: str, b: str) -> bool:
-        if not checkable(run.pool[s["index"]]):
+        if not checkable(pool[s["index"]]):
             return False
-        (sa, sb), = gold_scores(run.pool, [{"index": s["index"], "a": a, "b": b}])
+        (sa, sb), = gold_scores(pool, [{"index": s["index"], "a": a, "b": b}])
         return sa != sb
 
     def uncertainty(triples: list[tuple[Record, str, str]]) -> list[float]:
         model, tokenizer = load_trained_reward_model(cfg.uncertainty_model)
-        prompts = [run.pool[s["index"]].prompt for s, _a, _b in triples]
+        prompts = [pool[s["index"]].prompt for s, _a, _b in triples]
         sa = score_responses(model, tokenizer, prompts, [a for _s, a, _b in triples])
         sb = score_responses(model, tokenizer, prompts, [b for _s, _a, b in triples])
         return ensemble_disagreement(sa, sb)
@@ -182,12 +203,12 @@ def step_compare(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
         write_jsonl(out / "comparisons.jsonl", comparisons)]
 
 
-def _gold_agreement(run: LoopRun, labels: list[Record]) -> dict[str, Any]:
+def _gold_agreement(pool: list[RLPrompt], labels: list[Record]) -> dict[str, Any]:
     """How often the decided labels agree with the exact checkers, on pairs the checkers decide:
     where a proxy (reward model, judge) and the gold part ways."""
     rows = [lab for lab in labels if lab["label"] != 0.5 and lab.get("index") is not None
-            and checkable(run.pool[lab["index"]])]
-    scores = gold_scores(run.pool, [{"index": lab["index"], "a": lab["chosen"], "b": lab["rejected"]}
+            and checkable(pool[lab["index"]])]
+    scores = gold_scores(pool, [{"index": lab["index"], "a": lab["chosen"], "b": lab["rejected"]}
                                     for lab in rows])
     decided = [(sa > sb) for sa, sb in scores if sa != sb]
     return {"checked": len(decided), "agree": sum(decided),
@@ -195,7 +216,7 @@ def _gold_agreement(run: LoopRun, labels: list[Record]) -> dict[str, Any]:
 
 
 def step_feedback(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
-    cfg, out = run.cfg, run.round_dir(r)
+    cfg, out, pool = run.cfg_of(r), run.round_dir(r), run.pool_of(r)
     comparisons = read_jsonl(out / "comparisons.jsonl")
     index_of = {c["id"]: c["index"] for c in comparisons}
     if cfg.feedback == ("human",):
@@ -207,17 +228,17 @@ def step_feedback(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]
         info: dict[str, Any] = {"labeling_round": status.labeling_round, "project": status.project,
                                 "vote_ids": sorted(lab["vote_id"] for lab in labels), "agreement": agreement}
     else:
-        labels, counts = machine_labels(cfg, run.pool, comparisons, r)
+        labels, counts = machine_labels(cfg, pool, comparisons, r)
         info = {"decided_by": counts}
     for lab in labels:
         lab["index"] = index_of[lab["comparison"]]
     info.update(labels=len(labels), decided=sum(lab["label"] != 0.5 for lab in labels),
-                gold_agreement=_gold_agreement(run, labels))
+                gold_agreement=_gold_agreement(pool, labels))
     return info, [write_jsonl(out / "labels.jsonl", labels)]
 
 
 def step_train(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
-    cfg, out = run.cfg, run.round_dir(r)
+    cfg, out = run.cfg_of(r), run.round_dir(r)
     rounds = [r] if cfg.init == "previous" else list(range(1, r + 1))
     label_files = [run.round_dir(k) / "labels.jsonl" for k in rounds]
     result = train_round(cfg, parent=run.model_of(r - 1), start=run.model_of(0), label_files=label_files,
@@ -250,8 +271,8 @@ def _round_metrics(run: LoopRun, r: int) -> dict[str, Any]:
 
 def step_register(run: LoopRun, r: int, model: str, parent: str | None) -> tuple[dict[str, Any], list[Artifact]]:
     metrics = _round_metrics(run, r)
-    # the config without `out`: lineage is relative to the run folder, which may move
-    config = {k: v for k, v in run.cfg.to_dict().items() if k != "out"}
+    # the round's own settings, without `out`: lineage is relative to the run folder, which may move
+    config = {k: v for k, v in run.cfg_of(r).to_dict().items() if k not in ("out", "per_round")}
     run.registry.register_round(r, parent_model=parent, model=model, config=config,
                                 package_version=__version__, metrics=metrics)
     row = next(x for x in run.registry.rounds() if x["round"] == r)
