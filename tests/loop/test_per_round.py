@@ -32,9 +32,11 @@ def test_a_round_can_change_its_prompts_feedback_and_trainer(tiny_loop, tmp_path
     # … while rounds 1 and 3 kept the loop's own settings, round 3 taking the next fresh prompts of the pool
     for r in (1, 3):
         assert rounds[r]["config"]["feedback"] == [tiny_loop().feedback[0]] and rounds[r]["config"]["trainer"] == "dpo"
-    ids = [{json.loads(line)["task_id"] for line in (out / "rounds" / f"r{r}" / "prompts.jsonl").read_text().splitlines()}
-           for r in (1, 3)]
-    assert len(ids[0]) == len(ids[1]) == 2 and not ids[0] & ids[1] and all(i.startswith("add-") for i in ids[0] | ids[1])
+    def task_ids(r):
+        return {json.loads(line)["task_id"] for line in (out / "rounds" / f"r{r}" / "prompts.jsonl").open()}
+    first, third = task_ids(1), task_ids(3)
+    assert len(first) == len(third) == 2 and not first & third
+    assert all(i.startswith("add-") for i in first | third)
     page = (out / "report.html").read_text()
     assert "vary per round" in page and "feedback rules · trainer ipo" in page
 

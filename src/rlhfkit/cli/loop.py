@@ -31,7 +31,8 @@ def _describe(info: dict) -> str:
         v = info.get(k)
         if v is not None:
             parts.append(f"{k} {v:.1%}" if k == "accuracy" else f"{k} {v}")
-    for key, label in (("vs_previous", "vs previous"), ("vs_round0", "vs round 0")):
+    for key, label in (("vs_previous", "vs previous"), ("vs_round0", "vs round 0"),
+                       ("judge_vs_round0", "judged vs round 0")):
         b = info.get(key)
         if b:
             parts.append(f"{label} +{b['wins']}/−{b['losses']} p={b['p']:.3g}")
@@ -113,15 +114,20 @@ def print_history(run_dir: Path) -> None:
     """One row of numbers per round, then each round's lineage (model, hash, parent)."""
     with _open_registry(run_dir) as reg:
         rounds = reg.rounds()
+    judged = any("judge_vs_round0" in r["metrics"]["eval"] for r in rounds)
     table = Table(title=f"rounds of {run_dir}")
-    for col in ("round", "labels (decided)", "accuracy [95% CI]", "vs previous", "vs round 0", "KL k3/token"):
+    for col in ("round", "labels (decided)", "accuracy [95% CI]", "vs previous", "vs round 0",
+                *(["judge vs round 0 (open prompts)"] if judged else []), "KL k3/token"):
         table.add_column(col)
     for r in rounds:
         ev, fb = r["metrics"]["eval"], r["metrics"].get("feedback") or {}
-        kl = ev.get("kl_to_round0")
+        kl, jr = ev.get("kl_to_round0"), ev.get("judge_vs_round0")
+        judge_cell = ([f"{jr['win_rate']:.1%} [{jr['win_rate_ci'][0]:.1%}, {jr['win_rate_ci'][1]:.1%}] "
+                       f"{_pair(jr)}" if jr else "–"] if judged else [])
         table.add_row(str(r["round"]), f"{fb['labels']} ({fb['decided']})" if fb else "–",
+                      "–" if ev["accuracy"] is None else
                       f"{ev['accuracy']:.1%} [{ev['ci_low']:.1%}, {ev['ci_high']:.1%}]",
-                      _pair(ev.get("vs_previous")), _pair(ev.get("vs_round0")),
+                      _pair(ev.get("vs_previous")), _pair(ev.get("vs_round0")), *judge_cell,
                       f"{kl['per_token_k3']:.4f}" if kl else "–")
     console.print(table)
     for r in rounds:

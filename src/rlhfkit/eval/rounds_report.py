@@ -67,12 +67,32 @@ def accuracy_rows(rounds: Sequence[Row]) -> list[list[str]]:
         tr = r["metrics"].get("train") or {}
         rows.append([
             f"round {r['round']}", esc(r["model"]),
+            "–" if ev["accuracy"] is None else
             f"{_pct(ev['accuracy'])} <span class=\"ci\">[{_pct(ev['ci_low'])}, {_pct(ev['ci_high'])}]</span>",
             _paired(ev.get("vs_previous")), _paired(ev.get("vs_round0")),
             "–" if not fb else f"{fb.get('decided', 0)} / {fb.get('labels', 0)}",
             _pct((r["metrics"].get("sample") or {}).get("sample_gold_accuracy")),
             "–" if not tr else esc(tr.get("skipped") or f"{tr.get('pairs', 0)} pairs"),
         ])
+    return rows
+
+
+def _judged(block: Row | None) -> str:
+    if not block:
+        return "–"
+    return (f"{_pct(block['win_rate'])} <span class=\"ci\">[{_pct(block['win_rate_ci'][0])}, "
+            f"{_pct(block['win_rate_ci'][1])}]</span> +{block['wins']} / −{block['losses']} / ={block['ties']}, "
+            f"p = {block['p']:.2g}")
+
+
+def judge_rows_of(rounds: Sequence[Row]) -> list[list[str]]:
+    rows = []
+    for r in rounds:
+        ev = r["metrics"]["eval"]
+        now = ev.get("judge_vs_round0")
+        if now:
+            rows.append([f"round {r['round']}", _judged(ev.get("judge_vs_previous")), _judged(now),
+                         _pct(now["orders_agree"]), esc(now["judge"])])
     return rows
 
 
@@ -101,10 +121,12 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
     notes_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     table = html_table(["round", "model", "held-out accuracy [95% CI]", "vs previous round", "vs round 0",
                         "decided / labels", "samples correct", "training"], accuracy_rows(rounds), numeric_from=2)
+    scored = [r for r in rounds if r["metrics"]["eval"]["accuracy"] is not None]
     plot = img(interval_plot([(f"round {r['round']}", r["metrics"]["eval"]["accuracy"],
-                               r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in rounds],
+                               r["metrics"]["eval"]["ci_low"], r["metrics"]["eval"]["ci_high"]) for r in scored],
                              title="held-out exact match per round (95% CI)", xlabel="exact match",
-                             reference_line=rounds[0]["metrics"]["eval"]["accuracy"]), "accuracy per round")
+                             reference_line=scored[0]["metrics"]["eval"]["accuracy"]),
+               "accuracy per round") if scored else ""
     if pairwise and len(rounds) > 2:
         rows = [[f"round {j} vs round {i}", _paired(block)] for (i, j), block in sorted(pairwise.items())]
         plot += "<h3>Every round against every earlier one</h3>" + html_table(["comparison", "paired result"], rows)
@@ -114,6 +136,15 @@ def render_rounds(rounds: Sequence[Row], step_times: dict[int, dict[str, float]]
                    "exact two-sided sign test; the gold win rate counts a prompt both or neither get right as ½. "
                    "Samples correct: the share of the round's sampled training responses the checkers accept "
                    "(the gold reward of the policy it sampled from).")
+    judge_rows = judge_rows_of(rounds)
+    if judge_rows:
+        body += section("judge", "Open prompts, judged", html_table(
+            ["round", "vs previous round", "vs round 0", "orders agree", "judge"], judge_rows),
+            "Evaluation prompts without a checker: the round's greedy answer against the earlier round's, judged in "
+            "both orders; a verdict that flips with the order counts as a tie, and identical answers tie without a "
+            "call. Win rate of the newer round (tie = ½) with a bootstrap 95% interval; + / − / ties and the sign "
+            "test p. Orders agree: the share of judged pairs whose two verdicts named the same answer — far below "
+            "100% means the judge's preferences are mostly position noise.")
     fb_rows = [[f"round {r['round']}", esc(_setup(r["config"])), esc(", ".join(f"{k} {v}" for k, v in
                                                      (r["metrics"]["feedback"].get("decided_by") or {}).items())
                                            or "human"), _agreement(r["metrics"]["feedback"])]

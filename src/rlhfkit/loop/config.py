@@ -50,6 +50,10 @@ class LoopConfig(Config):
                                     "with 'prompt' and 'answer'")
     eval_per_family: int = param(50, "demo test tasks per family (with eval_tasks: demo)")
     kl_prompts: int = param(32, "eval prompts sampled once to estimate KL to round 0 (0 = skip)")
+    eval_judge: str = param("", "judge the evaluation prompts that have no checker: each round's greedy answer "
+                                "against round 0's and the previous round's, in both orders: judge (the embedded "
+                                "model), judge:local:PATH or judge:URL (with judge_model); empty = checkable "
+                                "prompts only")
     # candidates
     samples_per_prompt: int = param(4, "k: responses sampled per prompt")
     pairs_per_prompt: int = param(4, "pairs shown per prompt (of the k(k−1)/2)")
@@ -124,6 +128,8 @@ class LoopConfig(Config):
         check(self.kl_prompts >= 0, "kl_prompts must be ≥ 0")
         check(self.gen_batch_size >= 1, "gen_batch_size must be ≥ 1")
         check(bool(self.feedback), "feedback needs at least one source")
+        check(not self.eval_judge or source_kind(self.eval_judge) == "judge",
+              f"eval_judge {self.eval_judge!r} must be judge, judge:local:PATH or judge:URL")
         for spec in self.feedback:
             check(source_kind(spec) in SOURCES, f"feedback source {spec!r} is not one of {', '.join(SOURCES)}")
             check(source_kind(spec) != "rm" or ":" in spec, "feedback rm needs a path: rm:PATH")

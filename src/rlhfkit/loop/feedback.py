@@ -94,12 +94,18 @@ def rm_labels(spec: str, pool: Sequence[RLPrompt], comparisons: Sequence[Record]
     return [_decision(c, None if a == b else a > b, "rm", path) for c, a, b in zip(comparisons, ra, rb)]
 
 
-def judge_labels(cfg: LoopConfig, spec: str, comparisons: Sequence[Record], round: int) -> list[Record | None]:
-    """An LLM judge in both orders; a pair whose verdict flips with the order is undecided.
-    spec: 'judge' (the embedded model), 'judge:local:PATH' or 'judge:http(s)://…' (with judge_model)."""
+def judge_of(cfg: LoopConfig, spec: str) -> PairwiseJudge:
+    """The pairwise judge of a spec, asked in both orders: 'judge' (the embedded model),
+    'judge:local:PATH' or 'judge:http(s)://…' (serving cfg.judge_model)."""
     target = spec.split(":", 1)[1] if ":" in spec else "embedded"
     backend = backend_from_spec(target, judge_model=cfg.judge_model or None, max_new_tokens=cfg.judge_max_new_tokens)
-    judge = PairwiseJudge(backend, both_orders=True)
+    return PairwiseJudge(backend, both_orders=True)
+
+
+def judge_labels(cfg: LoopConfig, spec: str, comparisons: Sequence[Record], round: int) -> list[Record | None]:
+    """An LLM judge in both orders; a pair whose verdict flips with the order is undecided."""
+    judge = judge_of(cfg, spec)
+    backend = judge.backend
     pairs, _batch = label_pairs_with_judge(
         judge, [(as_conversation(c["prompt"]), c["a"], c["b"]) for c in comparisons], round=round)
     out: list[Record | None] = []

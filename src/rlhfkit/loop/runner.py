@@ -22,7 +22,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ class LoopRun:
     pools: dict[str, list[RLPrompt]]
     eval_prompts: list[RLPrompt]
     on_event: Event | None = None
+    open_prompts: list[RLPrompt] = field(default_factory=list)   # judged, with cfg.eval_judge
 
     def cfg_of(self, round: int) -> LoopConfig:
         """The settings of `round`: the loop's, with the round's own `per_round` ones on top."""
@@ -125,8 +126,8 @@ class LoopRun:
     def model_of(self, round: int) -> str:
         return str(self.registry.model_of(round))
 
-    def outcomes(self, round: int) -> list[int]:
-        return json.loads(self.registry.artifact_path(round, "evaluate", "eval").read_text())["outcomes"]
+    def evaluation(self, round: int) -> dict[str, Any]:
+        return json.loads(self.registry.artifact_path(round, "evaluate", "eval").read_text())
 
 
 def open_run(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:
@@ -147,12 +148,14 @@ def open_run(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:
     # the eval split never overlaps the prompt pool: the demo tasks' train/test split is by content
     specs = dict.fromkeys([cfg.prompts, *(cfg.for_round(int(r)).prompts for r in cfg.per_round)])
     pools = {spec: _load_pool(spec, "train", cfg.demo_per_family, cfg.seed + 1) for spec in specs}
-    eval_prompts = [p for p in _load_pool(cfg.eval_tasks, "test", cfg.eval_per_family, cfg.seed) if checkable(p)]
-    if not eval_prompts:
+    everything = _load_pool(cfg.eval_tasks, "test", cfg.eval_per_family, cfg.seed)
+    eval_prompts = [p for p in everything if checkable(p)]
+    open_prompts = [p for p in everything if not checkable(p)] if cfg.eval_judge else []
+    if not eval_prompts and not open_prompts:
         registry.close()
         raise ConfigError(f"eval_tasks {cfg.eval_tasks!r} has no checkable prompt (each needs an 'answer' or "
-                          "'tests'); judge-only evaluation inside the loop is not supported yet")
-    return LoopRun(cfg, root, registry, pools, eval_prompts, on_event)
+                          "'tests'); to evaluate open prompts, name a judge with --eval-judge")
+    return LoopRun(cfg, root, registry, pools, eval_prompts, on_event, open_prompts)
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -252,11 +255,13 @@ def step_train(run: LoopRun, r: int) -> tuple[dict[str, Any], list[Artifact]]:
 
 
 def step_evaluate(run: LoopRun, r: int, model: str) -> tuple[dict[str, Any], list[Artifact]]:
-    earlier = {k: run.outcomes(k) for k in {0, r - 1} if 0 <= k < r}
-    result = evaluate_round(run.cfg, model, run.model_of(0) if r else model, run.eval_prompts, r, earlier)
+    earlier = {k: run.evaluation(k) for k in {0, r - 1} if 0 <= k < r}
+    result = evaluate_round(run.cfg, model, run.model_of(0) if r else model, run.eval_prompts, r,
+                            {k: e["outcomes"] for k, e in earlier.items()}, run.open_prompts,
+                            {k: e.get("open_responses", []) for k, e in earlier.items()})
     path = run.round_dir(r) / "eval.json"
     atomic_write_text(path, json.dumps(result, indent=1))
-    summary = {k: v for k, v in result.items() if k not in ("outcomes", "samples")}
+    summary = {k: v for k, v in result.items() if k not in ("outcomes", "samples", "open_responses")}
     return summary, [Artifact("eval", path, result["n"])]
 
 
@@ -313,7 +318,8 @@ def write_loop_report(run_dir: str | Path, path: str | Path | None = None, *, ti
         outcomes = {r["round"]: json.loads(registry.artifact_path(r["round"], "evaluate", "eval").read_text())
                     ["outcomes"] for r in rounds}
     # every later round against every earlier one, prompt by prompt
-    pairwise = {(i, j): paired(outcomes[j], outcomes[i]) for i in outcomes for j in outcomes if i < j}
+    pairwise = {(i, j): paired(outcomes[j], outcomes[i]) for i in outcomes for j in outcomes
+                if i < j and outcomes[i]}
     return write_rounds_report(rounds, times, path or run_dir / "report.html",
                                title=title or f"rlhfkit loop: {run_dir.resolve().name}", notes=notes,
                                step_order=STEPS, pairwise=pairwise)
