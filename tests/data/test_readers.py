@@ -116,7 +116,9 @@ def test_parquet_bad_row_is_numbered_from_one(tmp_path):
     path = write_parquet(tmp_path / "prefs.parquet", [
         {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": None}])
     err = read_error(read_preferences, path)
-    assert (err.line, err.field) == (2, "rejected")
+    # a Parquet row is a record, not a line of text: "record 2", never "line 2"
+    assert (err.line, err.record, err.field) == (None, 2, "rejected")
+    assert str(err) == f"{path}: record 2: field 'rejected': missing"
 
 
 def test_datasets_folder_saved_with_save_to_disk(tmp_path):

@@ -43,6 +43,8 @@ class LMBatch:
     each example; the model then gets attention_mask=None and transformers confines
     attention to each example from the position ids. `segment_ids` (B, T) gives each
     token's example index in the batch (−1 on padding), for per-example sums.
+    `loss_weights` (B, T) float holds each token's example weight when some example is
+    weighted (None: every weight is 1); `weighted_loss_mask` folds it into the loss mask.
     """
 
     input_ids: Tensor
@@ -50,6 +52,7 @@ class LMBatch:
     labels: Tensor
     position_ids: Tensor | None = None
     segment_ids: Tensor | None = None
+    loss_weights: Tensor | None = None
 
     @property
     def packed(self) -> bool:
@@ -67,6 +70,12 @@ class LMBatch:
     @property
     def loss_mask(self) -> Tensor:
         return self.labels != IGNORE_INDEX
+
+    @property
+    def weighted_loss_mask(self) -> Tensor:
+        """(B, T) float: the loss mask times each token's example weight."""
+        mask = self.loss_mask.float()
+        return mask if self.loss_weights is None else mask * self.loss_weights
 
     @property
     def num_loss_tokens(self) -> int:

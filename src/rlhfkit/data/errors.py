@@ -6,23 +6,30 @@ from dataclasses import dataclass, field
 
 
 class DataError(ValueError):
-    """A bad record: `path:line: field: message`. Raised instead of a deep traceback."""
+    """A bad record: `path:line: field 'x': message`. Raised instead of a deep traceback.
+
+    Records that are not lines of a file (a JSON list, Parquet rows, a `datasets` split) are
+    numbered by `record` instead: `path: record 3: field 'x': message`. Parts that are not
+    known are left out (no placeholder path)."""
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, record: int | None = None):
         self.message = message
         self.path = path
         self.line = line
+        self.record = record
         self.field = field
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        where = self.path or "<data>"
+        where = self.path or ""
         if self.line is not None:
-            where += f":{self.line}"
+            where += f":{self.line}" if where else f"line {self.line}"
+        if self.record is not None:
+            where += f": record {self.record}" if where else f"record {self.record}"
         if self.field:
-            where += f": field '{self.field}'"
-        return f"{where}: {self.message}"
+            where += f": field '{self.field}'" if where else f"field '{self.field}'"
+        return f"{where}: {self.message}" if where else self.message
 
 
 @dataclass

@@ -25,7 +25,17 @@ def collate_padded(examples: list[Encoded], pad_id: int) -> LMBatch:
     ids = pad_right([e.input_ids for e in examples], pad_id)
     labels = pad_right([e.labels for e in examples], IGNORE_INDEX)
     attn = pad_right([[1] * len(e) for e in examples], 0)
-    return LMBatch(ids, attn, labels)
+    return LMBatch(ids, attn, labels, loss_weights=_weights([[e.weight] * len(e) for e in examples], ids.shape))
+
+
+def _weights(rows: list[list[float]], shape) -> torch.Tensor | None:
+    """(B, T) per-token example weights (0 on padding), or None when every example weighs 1."""
+    if all(w == 1.0 for row in rows for w in row):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
 
 
 PACK_ROW_TOKENS = 2048  # default longest packed row; see collate_packed
@@ -57,15 +67,17 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
         rows[r].append(i)
         room[r] -= n
     width = max((limit - left for left in room), default=0)
-    ids, labels, pos, seg, attn = [], [], [], [], []
+    ids, labels, pos, seg, attn, weights = [], [], [], [], [], []
     for row in rows:
-        r_ids, r_labels, r_pos, r_seg = [], [], [], []
+        r_ids, r_labels, r_pos, r_seg, r_weights = [], [], [], [], []
         for i in sorted(row):
             e = examples[i]
             r_ids += e.input_ids
             r_labels += e.labels
             r_pos += list(range(len(e)))
             r_seg += [i] * len(e)
+            r_weights += [e.weight] * len(e)
+        weights.append(r_weights)
         pad = width - len(r_ids)
         attn.append([1] * len(r_ids) + [0] * pad)
         ids.append(r_ids + [pad_id] * pad)
@@ -73,7 +85,7 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
         pos.append(r_pos + list(range(pad)))
         seg.append(r_seg + [-1] * pad)
     t = lambda x: torch.tensor(x, dtype=torch.long).reshape(len(rows), width)  # noqa: E731
-    return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg))
+    return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg), _weights(weights, (len(rows), width)))
 
 
 def collate(examples: list[Encoded], pad_id: int, *, packed: bool) -> LMBatch:

@@ -70,11 +70,18 @@ class Provenance:
 
 @dataclass(frozen=True)
 class SFTExample:
-    """A prompt (chat turns) and the assistant response the model should learn."""
+    """A prompt (chat turns) and the assistant response the model should learn.
+
+    In a multi-turn conversation the earlier assistant turns are part of `prompt`; SFT trains
+    on them too unless told to train the last turn only. `weight` (≥ 0) multiplies the
+    example's token losses; `desirable` is False for a KTO record labelled undesirable, which
+    SFT leaves out (and counts)."""
 
     prompt: Conversation
     response: str
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    weight: float = 1.0
+    desirable: bool = True
 
 
 @dataclass(frozen=True)

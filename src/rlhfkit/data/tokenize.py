@@ -9,10 +9,11 @@ time, when the model continues the tokenized prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rlhfkit.data.batches import IGNORE_INDEX
-from rlhfkit.data.schemas import Conversation, conversation_to_dicts
+from rlhfkit.data.errors import DataError
+from rlhfkit.data.schemas import Conversation, Message, conversation_to_dicts
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     prompt_len: int
+    weight: float = 1.0  # multiplies this example's token losses (SFT's per-example `weight`)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,8 +44,10 @@ def render_prompt(tokenizer, prompt: Conversation) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(conversation_to_dicts(prompt), add_generation_prompt=True,
                                              tokenize=False)
-    # No chat template (a base model): plain turns, the reply follows "Assistant:".
-    turns = "".join(f"{m.role.capitalize()}: {m.content}\n" for m in prompt)
+    # No chat template (a base model): plain turns, the reply follows "Assistant:". An earlier
+    # reply ends with the end-of-sequence token exactly as `render_response` trains it.
+    eos = tokenizer.eos_token or ""
+    turns = "".join(f"{m.role.capitalize()}: {m.content}{eos if m.role == 'assistant' else ''}\n" for m in prompt)
     return turns + "Assistant:"
 
 
@@ -76,3 +80,40 @@ def encode_pair(tokenizer, prompt: Conversation, response: str,
     if p == 0:  # no prompt tokens: the first response token cannot be predicted
         labels = list(resp_ids[1:]) + [IGNORE_INDEX]
     return Encoded(ids, labels, p)
+
+
+ASSISTANT_TURNS = ("all", "last")
+
+
+def encode_conversation(tokenizer, prompt: Conversation, response: str, *, assistant_turns: str = "all",
+                        weight: float = 1.0) -> Encoded:
+    """Tokenize a conversation with the loss on every assistant reply ("all") or on the last one.
+
+    The conversation (`prompt` + the final `response`) is cut into pieces: the template's
+    text up to each assistant reply (not trained) and the reply with its end-of-turn marker
+    (trained). Each piece is tokenized on its own, as `encode_pair` does for one reply, so
+    with a single reply both give the same tokens and labels.
+    """
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}")
+    conv = (*prompt, Message("assistant", response))
+    replies = [i for i, m in enumerate(conv) if m.role == "assistant"]
+    if assistant_turns == "last" or len(replies) == 1:
+        return replace(encode_pair(tokenizer, prompt, response), weight=weight)
+    ids: list[int] = []
+    trained: list[bool] = []
+    done = ""
+    for i in replies:
+        before = render_prompt(tokenizer, conv[:i])
+        if not before.startswith(done):
+            raise DataError("the chat template renders earlier turns differently once later turns follow, so "
+                            "each assistant turn cannot be masked on its own: train the last turn only "
+                            "(assistant_turns: last)")
+        reply = render_response(tokenizer, conv[:i], conv[i].content, before)
+        for text, train in ((before[len(done):], False), (reply, True)):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            ids += piece
+            trained += [train] * len(piece)
+        done = before + reply
+    labels = [ids[t + 1] if trained[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
+    return Encoded(ids, labels, trained.index(True), weight)

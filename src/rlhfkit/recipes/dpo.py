@@ -45,7 +45,7 @@ from rlhfkit.data.preference_batches import (
     encode_preference_pairs,
     response_length,
 )
-from rlhfkit.data.readers import holds_unpaired, read_preferences, read_unpaired
+from rlhfkit.data.readers import holds_unpaired, parse_columns, read_preferences, read_unpaired
 from rlhfkit.data.reference_cache import sequence_sums
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.io import atomic_write_text
@@ -89,6 +89,11 @@ class DPOConfig(TrainConfig):
     train_data: str = param("", "preference pairs or rankings (kto: also unpaired feedback): "
                                 ".jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out pairs for implicit-reward accuracy and margins (optional)")
+    data_split: str = param("train", "split of train_data to read when it is a datasets folder or hub id "
+                                     "(e.g. train_prefs)")
+    eval_split: str = param("", "split of eval_data to read (empty = data_split)")
+    data_columns: str = param("", "rename columns before parsing, field=column pairs, e.g. "
+                                  "'prompt=question,chosen=good,rejected=bad' (empty = none)")
     reference: str = param("", "reference model: empty = the starting model (with LoRA its base weights, "
                                "adapter disabled), or an HF id / folder")
     packing: bool = param(False, "chosen and rejected of a micro-batch in one padding-free row "
@@ -103,6 +108,10 @@ class DPOConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.train_data), "train_data is required (a .jsonl/.parquet file, folder or hub id)")
+        try:
+            parse_columns(self.data_columns)
+        except DataError as e:
+            raise ConfigError(f"'data_columns': {e.message}") from None
         try:
             spec = get_preference_loss(self.loss)
         except ValueError as e:
@@ -133,26 +142,28 @@ class DPOConfig(TrainConfig):
 
 
 def load_items(source: str, spec: PreferenceLossSpec, tokenizer, cfg: DPOConfig, skipped: SkipReport, *,
-               limit: int | None = None, pairs_for_eval: bool = False) -> list[Item]:
-    """Read and tokenize `source` for `spec`: pairs for the paired losses (ties dropped and
-    counted when `cfg.ties` is "drop" and this is training data); KTO examples for
-    KTO (from unpaired records, or from pairs split in two, ties skipped). With
-    `pairs_for_eval`, a KTO eval file of pairs stays pairs (for pairwise accuracy)."""
-    unpaired = holds_unpaired(source)
+               limit: int | None = None, pairs_for_eval: bool = False, split: str = "train") -> list[Item]:
+    """Read and tokenize `source` (its `split`, columns renamed by `cfg.data_columns`) for
+    `spec`: pairs for the paired losses (ties dropped and counted when `cfg.ties` is "drop"
+    and this is training data); KTO examples for KTO (from unpaired records, or from pairs
+    split in two, ties skipped). With `pairs_for_eval`, a KTO eval file of pairs stays pairs
+    (for pairwise accuracy)."""
+    columns = cfg.data_columns
+    unpaired = holds_unpaired(source, split, columns=columns)
     if spec.paired and unpaired:
         raise DataError(f"loss '{spec.name}' trains on preference pairs (prompt, chosen, rejected), but this "
                         "file holds unpaired feedback (prompt, completion, label): use --loss kto", path=source)
     if spec.paired or (pairs_for_eval and not unpaired):
-        pairs = read_preferences(source)[:limit]
+        pairs = read_preferences(source, split, columns=columns)[:limit]
         if cfg.ties == "drop" and not pairs_for_eval:
             for _ in range(sum(p.is_tie for p in pairs)):
                 skipped.add("tie (ties=drop)", source)
             pairs = [p for p in pairs if not p.is_tie]
         return encode_preference_pairs(tokenizer, pairs, cfg.max_length, skipped, source, drop_identical=True)
     if unpaired:
-        feedback = read_unpaired(source)[:limit]
+        feedback = read_unpaired(source, split, columns=columns)[:limit]
     else:
-        feedback, ties = pairs_to_unpaired(read_preferences(source)[:limit])
+        feedback, ties = pairs_to_unpaired(read_preferences(source, split, columns=columns)[:limit])
         for _ in range(ties):
             skipped.add("tie (neither response desirable)", source)
     return encode_feedback(tokenizer, feedback, cfg.max_length, skipped, source, cfg.seed)
@@ -380,11 +391,11 @@ def run_dpo(cfg: DPOConfig) -> dict:
 
     # 1. data
     skipped = SkipReport()
-    train = load_items(cfg.train_data, spec, tokenizer, cfg, skipped)
+    train = load_items(cfg.train_data, spec, tokenizer, cfg, skipped, split=cfg.data_split)
     eval_set: list[Item] = []
     if cfg.eval_data:
         eval_set = load_items(cfg.eval_data, spec, tokenizer, cfg, skipped, limit=cfg.max_eval_examples,
-                              pairs_for_eval=True)
+                              pairs_for_eval=True, split=cfg.eval_split or cfg.data_split)
     if skipped.total:
         log.warning("%s", skipped.describe())
     if not train:

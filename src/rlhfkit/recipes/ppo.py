@@ -111,7 +111,9 @@ def _ptx_examples(cfg: PPOConfig, tokenizer) -> list[Encoded]:
     if cfg.ptx_coef == 0:
         return []
     skipped = SkipReport()
-    examples = encode_examples(tokenizer, read_sft(cfg.ptx_data), cfg.max_length, skipped, cfg.ptx_data)
+    # KTO records labelled undesirable are left out (and counted), as in SFT.
+    examples = encode_examples(tokenizer, read_sft(cfg.ptx_data, skipped=skipped), cfg.max_length, skipped,
+                               cfg.ptx_data)
     if skipped.total:
         log.warning("ptx data: %s", skipped.summary())
     if not examples:
@@ -171,7 +173,7 @@ def ptx_update(run: PPORun, stream: MicroBatchStream, update_index: int) -> dict
                            run.pad_id).to(engine.device)
     with engine.accumulate(last=True), engine.autocast():
         out = run.module(batch, temperature=1.0)
-        ptx_loss, _ = sft_loss(out.logprobs, batch.loss_mask)
+        ptx_loss, _ = sft_loss(out.logprobs, batch.weighted_loss_mask)  # per-example `weight`s: a weighted mean
     # × 0 keeps the critic in this last backward: DDP syncs only parameters it reaches.
     engine.backward(run.cfg.ptx_coef * ptx_loss + 0.0 * out.values.sum())
     return {"ptx_loss": float(ptx_loss.detach())}

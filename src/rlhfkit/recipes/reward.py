@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import check, param
+from rlhfkit.config import ConfigError, check, param
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.preference import dedupe, split_by_prompt
 from rlhfkit.data.preference_batches import EncodedPair, PreferenceBatch, collate_pairs, encode_preference_pairs
-from rlhfkit.data.readers import read_preferences
+from rlhfkit.data.readers import parse_columns, read_preferences
 from rlhfkit.data.schemas import PreferencePair, prompt_text
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.eval.reward import evaluate_reward_model, scalar_metrics
@@ -56,6 +56,11 @@ class RewardConfig(TrainConfig):
     output_dir: str = param("runs/rm", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
     train_data: str = param("", "preference pairs or rankings: .jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out pairs; when empty, test_fraction of the prompts is held out")
+    data_split: str = param("train", "split of train_data to read when it is a datasets folder or hub id "
+                                     "(e.g. train_prefs)")
+    eval_split: str = param("", "split of eval_data to read (empty = data_split)")
+    data_columns: str = param("", "rename columns before parsing, field=column pairs, e.g. "
+                                  "'prompt=question,chosen=good,rejected=bad' (empty = none)")
     test_fraction: float = param(0.1, "share of prompts held out for evaluation when eval_data is empty")
     use_margin: bool = param(False, "require r_chosen − r_rejected > the pair's margin (pairs without one: 0)")
     label_noise: float = param(0.0, "mis-click rate ε in [0, 0.5) of the annotator model")
@@ -72,6 +77,10 @@ class RewardConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.train_data), "train_data is required (a .jsonl/.parquet file, folder or hub id)")
+        try:
+            parse_columns(self.data_columns)
+        except DataError as e:
+            raise ConfigError(f"'data_columns': {e.message}") from None
         check(0.0 <= self.test_fraction < 1.0, "test_fraction must be in [0, 1)")
         check(0.0 <= self.label_noise < 0.5, "label_noise must be in [0, 0.5)")
         check(self.center_coef >= 0, "center_coef must be ≥ 0")
@@ -86,10 +95,11 @@ class RewardConfig(TrainConfig):
 
 def read_splits(cfg: RewardConfig) -> tuple[list[PreferencePair], list[PreferencePair], dict]:
     """(train pairs, held-out pairs, counts for the data report)."""
-    pairs, repeats = dedupe(read_preferences(cfg.train_data))
+    pairs, repeats = dedupe(read_preferences(cfg.train_data, cfg.data_split, columns=cfg.data_columns))
     counts: dict = {"train_pairs_read": len(pairs) + repeats, "duplicates_removed": repeats}
     if cfg.eval_data:
-        train, held_out = pairs, read_preferences(cfg.eval_data)
+        train, held_out = pairs, read_preferences(cfg.eval_data, cfg.eval_split or cfg.data_split,
+                                                  columns=cfg.data_columns)
         shared = {prompt_text(p.prompt) for p in train} & {prompt_text(p.prompt) for p in held_out}
         if shared:
             log.warning("%d prompts appear in both train_data and eval_data; held-out accuracy will be optimistic",

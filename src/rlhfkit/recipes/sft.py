@@ -1,10 +1,14 @@
 """Supervised fine-tuning (instruction tuning), top to bottom.
 
-1. read the examples (JSONL / Parquet / datasets folder / hub id) with file:line errors;
-2. tokenize through the chat template, loss on the response tokens only; over-length
-   examples are skipped and counted, never silently;
+1. read the examples (JSONL / Parquet / datasets folder / hub id, any layout of
+   `data.layouts`) with file:line errors; KTO records labelled undesirable are left out and
+   counted (SFT would teach the model the very completions the labels reject);
+2. tokenize through the chat template, loss on the assistant tokens only: every assistant
+   turn of a conversation, or only the last (`assistant_turns`); over-length examples are
+   skipped and counted, never silently;
 3. batch: packed (padding-free, attention confined per example) or length-grouped padding;
-4. loss = mean NLL of the response tokens of the whole step (`losses.sft.sft_loss`);
+4. loss = Σ_i w_i · NLL of example i's assistant tokens / the step's assistant-token count
+   (`losses.sft.sft_loss` with the per-example `weight` w_i folded into the mask; w = 1 by default);
 5. train with the shared engine; periodic eval loss; final model in `run_dir/final`.
 """
 
@@ -17,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from rlhfkit.config import check, param
+from rlhfkit.config import ConfigError, check, param
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.data.packing import collate, collate_packed
-from rlhfkit.data.readers import read_sft
+from rlhfkit.data.readers import parse_columns, read_sft
 from rlhfkit.data.schemas import SFTExample
-from rlhfkit.data.tokenize import Encoded, encode_pair, pad_token_id
+from rlhfkit.data.tokenize import ASSISTANT_TURNS, Encoded, encode_conversation, pad_token_id
 from rlhfkit.io import atomic_write_text
 from rlhfkit.losses.sft import sft_loss
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
@@ -39,6 +43,12 @@ class SFTConfig(TrainConfig):
     output_dir: str = param("runs/sft", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
     train_data: str = param("", "training examples: .jsonl/.parquet file, datasets folder or hub id")
     eval_data: str = param("", "held-out examples for the eval loss (optional)")
+    data_split: str = param("train", "split of train_data to read when it is a datasets folder or hub id")
+    eval_split: str = param("", "split of eval_data to read (empty = data_split)")
+    data_columns: str = param("", "rename columns before parsing, field=column pairs, e.g. "
+                                  "'prompt=question,completion=answer' (empty = none)")
+    assistant_turns: str = param("all", "which assistant turns of a conversation are trained: all, or the last",
+                                 choices=ASSISTANT_TURNS)
     packing: bool = param(False, "pack each micro-batch into one padding-free row (attention confined per "
                                  "example); off: length-grouped padding, faster with CPU/SDPA attention")
     max_eval_examples: int = param(256, "at most this many eval examples")
@@ -47,14 +57,19 @@ class SFTConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.train_data), "train_data is required (a .jsonl/.parquet file, folder or hub id)")
+        try:
+            parse_columns(self.data_columns)
+        except DataError as e:
+            raise ConfigError(f"'data_columns': {e.message}") from None
 
 
 def encode_examples(tokenizer, examples: list[SFTExample], max_length: int,
-                    skipped: SkipReport, where: str) -> list[Encoded]:
+                    skipped: SkipReport, where: str, *, assistant_turns: str = "all") -> list[Encoded]:
     """Tokenize; examples longer than max_length are skipped and counted in `skipped`."""
     out = []
     for i, ex in enumerate(examples):
-        enc = encode_pair(tokenizer, ex.prompt, ex.response)
+        enc = encode_conversation(tokenizer, ex.prompt, ex.response, assistant_turns=assistant_turns,
+                                  weight=ex.weight)
         if len(enc) > max_length:
             skipped.add("longer than max_length", f"{where}:{i + 1}")
             continue
@@ -71,7 +86,7 @@ def sft_task(tokenizer, train: list[Encoded], eval_set: list[Encoded], *, packin
 
     def loss(module, batch, normalizer):
         logps = module(batch)
-        value, m = sft_loss(logps, batch.loss_mask, normalizer=normalizer)
+        value, m = sft_loss(logps, batch.weighted_loss_mask, normalizer=normalizer)
         return value, {"loss": m["nll_sum"]}
 
     def evaluate(module):
@@ -95,12 +110,15 @@ def run_sft(cfg: SFTConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)
     skipped = SkipReport()
-    train_examples = read_sft(cfg.train_data)
-    train = encode_examples(tokenizer, train_examples, cfg.max_length, skipped, cfg.train_data)
+    train_examples = read_sft(cfg.train_data, cfg.data_split, columns=cfg.data_columns, skipped=skipped)
+    train = encode_examples(tokenizer, train_examples, cfg.max_length, skipped, cfg.train_data,
+                            assistant_turns=cfg.assistant_turns)
     eval_set: list[Encoded] = []
     if cfg.eval_data:
-        ev = read_sft(cfg.eval_data)[: cfg.max_eval_examples]
-        eval_set = encode_examples(tokenizer, ev, cfg.max_length, skipped, cfg.eval_data)
+        ev = read_sft(cfg.eval_data, cfg.eval_split or cfg.data_split, columns=cfg.data_columns,
+                      skipped=skipped)[: cfg.max_eval_examples]
+        eval_set = encode_examples(tokenizer, ev, cfg.max_length, skipped, cfg.eval_data,
+                                   assistant_turns=cfg.assistant_turns)
     if skipped.total:
         log.warning("%s", skipped.describe())
     if not train:
