@@ -13,6 +13,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it, even
+    back at once, races with threads creating files meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -37,7 +45,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_dir(final: Path):
-    """Context manager yielding a temporary folder that becomes `final` on success."""
+    """Context manager yielding a temporary folder that becomes `final` on success, its files
+    and folders with the permissions the umask gives (0666/0777 & ~umask)."""
     return _AtomicDir(Path(final))
 
 
@@ -55,7 +64,7 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        _fsync_tree(self.tmp)
+        _settle_tree(self.tmp)
         if self.final.exists():
             trash = self.final.with_name(f".{self.final.name}.old")
             shutil.rmtree(trash, ignore_errors=True)
@@ -66,8 +75,18 @@ class _AtomicDir:
             os.replace(self.tmp, self.final)
 
 
-def _fsync_tree(root: Path) -> None:
+def _settle_tree(root: Path) -> None:
+    """Flush every file to disk, and give every file and folder the umask's permissions: some
+    writers (transformers' and peft's safetensors saves) write through a private 0600
+    temporary file, which would leave a shared run folder's model unreadable to the group."""
+    mask = _umask()
     for p in root.rglob("*"):
-        if p.is_file():
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(0o777 & ~mask)
+        elif p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+            executable = p.stat().st_mode & 0o111
+            p.chmod((0o777 if executable else 0o666) & ~mask)

@@ -4,24 +4,33 @@ A checkpoint is a folder `checkpoints/step-000120/` holding the model (loadable 
 `transformers.AutoModelForCausalLM.from_pretrained`, or a PEFT adapter), the optimizer,
 scheduler and RNG states, and `trainer_state.json`. It is written under a temporary name
 and renamed into place, so a run killed mid-save never leaves a half checkpoint that
-resume would pick up; `latest` names the newest complete one.
+resume would pick up; `latest` names the newest complete one. A checkpoint torn some other
+way (a full disk, a copy cut short) is caught when it is read: `read_checkpoint` names the
+file and the reason, and the engine falls back to the previous one.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from rlhfkit.io import atomic_dir, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def rng_state() -> dict[str, Any]:
@@ -42,12 +51,14 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
-                    state: dict[str, Any], extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
-    """Write checkpoints/step-N atomically, point `latest` at it, keep the newest `keep`."""
+                    state: dict[str, Any], extra: dict[str, Any] | None = None, keep: int = 2,
+                    base_model: str | None = None) -> Path:
+    """Write checkpoints/step-N atomically, point `latest` at it, keep the newest `keep`.
+    base_model: what a LoRA adapter's config names as its base (see `save_model`)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
-        save_model(model, tokenizer, tmp / "model")
+        save_model(model, tokenizer, tmp / "model", base_model=base_model)
         torch.save({"optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "extra": extra or {}}, tmp / "training.pt")
@@ -59,38 +70,113 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpt_root = Path(run_dir) / "checkpoints"
-    pointer = ckpt_root / "latest"
-    if pointer.exists():
-        p = ckpt_root / pointer.read_text().strip()
-        if (p / STATE_FILE).exists():
-            return p
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_FILE).exists())
-    return done[-1] if done else None
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first. Each was renamed into place whole (a save
+    killed midway leaves only a hidden temporary folder), so the newest by step is the latest
+    even when the `latest` pointer was not yet rewritten."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).exists()), reverse=True)
 
 
-def load_training_state(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer_state.json, training.pt contents) of a checkpoint folder."""
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    blob = torch.load(ckpt / "training.pt", map_location="cpu", weights_only=False)
-    return state, blob
+def set_aside(unreadable: list[Path], *, latest: Path) -> None:
+    """Rename unreadable checkpoints to corrupt-step-N (kept to look at, out of resume's and
+    pruning's way) and point `latest` at the one resumed."""
+    for path in unreadable:
+        aside = path.with_name(f"corrupt-{path.name}")
+        path.rename(aside)
+        log.warning("moved the unreadable checkpoint %s to %s", path, aside)
+    if unreadable:
+        atomic_write_text(latest.parent / "latest", latest.name + "\n")
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """save_pretrained of the unwrapped model (safetensors) and its tokenizer into `out`."""
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be read; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read into memory, nothing applied yet."""
+
+    path: Path
+    state: dict[str, Any]            # trainer_state.json
+    training: dict[str, Any]         # training.pt: optimizer, scheduler, rng, extra
+    weights: dict[str, torch.Tensor]  # the model's tensors, or the adapter's when `adapter`
+    adapter: bool
+
+
+def short_reason(e: BaseException) -> str:
+    """An error's message on one line, its first sentence when long (torch appends a paragraph)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if len(text) > 120 and ". " in text:
+        text = text.split(". ")[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Every file of a checkpoint, read and checked before any of it touches the model:
+    raises CorruptCheckpoint("step-000004/training.pt: <why>") for the first that fails."""
+    path = Path(path)
+
+    def read(name: str, reader):
+        try:
+            return reader(path / name)
+        except Exception as e:  # torn zip, torn safetensors header, bad JSON: all mean "cannot use"
+            raise CorruptCheckpoint(f"{path.name}/{name}: {short_reason(e)}") from e
+
+    state = read(STATE_FILE, lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"{path.name}/{STATE_FILE}: no step number in it")
+    training = read("training.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
+    if not isinstance(training, dict) or "optimizer" not in training:
+        raise CorruptCheckpoint(f"{path.name}/training.pt: no optimizer state in it")
+    model_dir = path / "model"
+    if (model_dir / ADAPTER_WEIGHTS).exists():
+        weights = read(f"model/{ADAPTER_WEIGHTS}", load_file)
+        return Checkpoint(path, state, training, weights, adapter=True)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CorruptCheckpoint(f"{path.name}/model: no weights in it")
+    weights = {}
+    for f in files:
+        weights.update(read(f"model/{f.name}", load_file))
+    return Checkpoint(path, state, training, weights, adapter=False)
+
+
+def save_model(model, tokenizer, out: Path, *, base_model: str | None = None) -> None:
+    """save_pretrained of the unwrapped model (safetensors) and its tokenizer into `out`.
+
+    A PEFT model writes its adapter; `base_model` then replaces the base named in
+    adapter_config.json (peft records whatever string the base was loaded from, often a
+    relative path or nothing), so `PeftModel.from_pretrained(base, out)` finds it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    adapter_config = out / ADAPTER_CONFIG
+    if base_model is not None and adapter_config.exists():
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = base_model
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def is_adapter_model(model) -> bool:
+    """A PEFT model: its save_pretrained writes only the adapter."""
+    return hasattr(model, "merge_and_unload")
 
 
 def save_final(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
     """The run's final model, atomically; LoRA adapters merged so it loads as a plain model."""
     to_save = model
-    if merge_lora and hasattr(model, "merge_and_unload"):
+    if merge_lora and is_adapter_model(model):
         to_save = copy.deepcopy(model).merge_and_unload()
     with atomic_dir(Path(out)) as tmp:
         save_model(to_save, tokenizer, tmp)
+    return Path(out)
+
+
+def save_adapter(model, tokenizer, out: Path, *, base_model: str) -> Path:
+    """A LoRA run's adapter (unmerged), atomically, naming `base_model` as its base."""
+    with atomic_dir(Path(out)) as tmp:
+        save_model(model, tokenizer, tmp, base_model=base_model)
     return Path(out)

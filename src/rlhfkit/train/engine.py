@@ -13,6 +13,10 @@ Recipes compose it rather than inherit from it:
         engine.optimizer_step()
         engine.end_step(step + 1, metrics, tokens=n)   # log, progress, periodic checkpoint
 
+The run folder holds one run: `train.identity` refuses a rerun with another recipe, other
+settings or other data, and a rerun of a finished run trains nothing. Resume falls back from an
+unreadable checkpoint to the previous one; Ctrl-C saves and raises `TrainingInterrupted`.
+
 Distributed runs go through accelerate (`accelerate launch --num_processes N -m rlhfkit.cli ...`,
 or an accelerate config for FSDP/DeepSpeed); nothing here is home-made parallelism.
 """
@@ -32,14 +36,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from safetensors.torch import load_file
 from torch import nn
 
-from rlhfkit.config import Config, check, param
+from rlhfkit.config import Config, ConfigError, check, param
 from rlhfkit.models import attention as fp32_attention
 from rlhfkit.models.device import resolve_precision
 from rlhfkit.train import checkpoint as ckpt
-from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress
+from rlhfkit.train import identity
+from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +72,12 @@ class TrainConfig(Config):
     max_length: int = param(512, "longest example in tokens; longer ones are skipped and counted")
     lora_r: int = param(0, "LoRA rank (0 = full fine-tuning)")
     lora_alpha: int = param(32, "LoRA alpha")
-    save_every: int = param(0, "checkpoint every N steps (0 = only at the end and on Ctrl-C)")
+    save_every: int = param(0, "checkpoint every N steps (0 = only on Ctrl-C; the final model is always saved)")
     keep_checkpoints: int = param(2, "how many recent checkpoints to keep")
     log_every: int = param(1, "log metrics every N steps")
     eval_every: int = param(0, "evaluate every N steps (0 = only at the end)")
-    resume: bool = param(True, "resume from the run folder's latest checkpoint if there is one")
+    resume: bool = param(True, "resume the run folder's run from its latest checkpoint (--no-resume: move its "
+                               "earlier run into replaced-<time>/ and start over)")
     tracker: str = param("none", "also log to tensorboard or wandb (if installed)", choices=TRACKERS)
     attention: str = param("auto", "attention kernel for training: auto (fp32-matmul on CPU, the model's own "
                            "choice on GPUs), fp32-matmul (models/attention.py), eager, sdpa or flash_attention_2",
@@ -90,6 +95,16 @@ class TrainConfig(Config):
         check(self.max_grad_norm >= 0, "max_grad_norm must be ≥ 0")
         check(self.lora_r >= 0, "lora_r must be ≥ 0")
         check(self.logprob_chunk >= 1, "logprob_chunk must be ≥ 1")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training. step: optimizer steps done; checkpoint: the folder a rerun
+    resumes from (saved at `step` on the first Ctrl-C; an earlier one, or None, after a second)."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        super().__init__(f"interrupted at step {step}; " + (f"checkpoint {checkpoint}" if checkpoint
+                                                              else "no checkpoint saved"))
+        self.checkpoint, self.step = checkpoint, step
 
 
 def resolve_attention(attention: str, device: torch.device) -> str | None:
@@ -169,7 +184,33 @@ class Engine:
         self.resumed_from: Path | None = None
         self.extra_state: dict[str, Any] = {}
         self._interrupted = False
+        self._step = 0
+        # Every process reads the folder before the main one changes it.
+        self.identity = identity.identity_of(cfg)
+        self.start = identity.decide(cfg, self.run_dir, self.identity)
+        self.accelerator.wait_for_everyone()
+        if self.is_main and self.start.action != "finished":
+            if self.start.replace:
+                identity.move_aside(self.run_dir)
+            identity.record(self.identity, self.run_dir)
+        self.accelerator.wait_for_everyone()
+        if self.finished:
+            self.start_step = self._step = self.start.finished_step
         seed_everything(cfg.seed)
+
+    @property
+    def finished(self) -> bool:
+        """This run already finished in its folder: there is nothing to train (see `identity`)."""
+        return self.start.action == "finished"
+
+    def recorded_metrics(self) -> dict[str, float]:
+        """A finished run's metrics at its last step, as its training returned them (metrics.jsonl
+        spells a non-finite value as a string)."""
+        out: dict[str, float] = {}
+        for row in read_metrics(self.run_dir):
+            if row.get("step") == self.start_step:
+                out.update({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in row.items() if k != "step"})
+        return out
 
     # ---------------------------------------------------------------- process info
     @property
@@ -223,34 +264,60 @@ class Engine:
         # process, which would run the schedule N times too fast under N-process DDP.
         self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.scheduler = sched
-        self._maybe_resume()
+        if self.start.action == "resume":
+            self._maybe_resume()
         if self.is_main:
             self.cfg.save(self.run_dir / "config.yaml")
+        continuing = self.resumed_from is not None or self.finished
         self.metrics = MetricsLogger(self.run_dir, tracker=self.cfg.tracker, enabled=self.is_main,
-                                     resume_step=self.start_step if self.resumed_from else None,
+                                     resume_step=self.start_step if continuing else None,
                                      run_name=self.run_dir.name, config=self.cfg.to_dict())
         self.progress = StepProgress(self.total_steps, self.description, start=self.start_step,
-                                     enabled=self.is_main and self.cfg.progress)
+                                     enabled=self.is_main and self.cfg.progress and not self.finished)
         return self.module
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.module)
 
     def _maybe_resume(self) -> None:
-        latest = ckpt.latest_checkpoint(self.run_dir) if self.cfg.resume else None
-        if latest is None:
+        """Load the newest checkpoint that reads whole; an unreadable one (torn file, bad JSON)
+        is named in a warning, set aside as checkpoints/corrupt-step-N, and the previous one tried."""
+        candidates = ckpt.complete_checkpoints(self.run_dir)
+        failed: list[tuple[Path, str]] = []
+        for path in candidates:
+            try:
+                self._load(ckpt.read_checkpoint(path))
+                break
+            except ckpt.CorruptCheckpoint as e:
+                failed.append((path, str(e)))
+                if self.is_main:
+                    log.warning("cannot resume from %s/%s; trying the previous checkpoint", path.parent, e)
+        else:
+            if failed:
+                reasons = "; ".join(reason for _, reason in failed)
+                raise ConfigError(f"{self.run_dir}: no checkpoint can be resumed ({reasons}): pass --no-resume to "
+                                  f"start over (the earlier run is moved into {self.run_dir}/replaced-<time>/)")
             return
-        state, blob = ckpt.load_training_state(latest)
-        load_weights(inner_hf_model(self.unwrapped()), latest / "model")
-        self.optimizer.load_state_dict(blob["optimizer"])
-        if blob["scheduler"] is not None:
-            self.scheduler.load_state_dict(blob["scheduler"])
-        ckpt.set_rng_state(blob["rng"])
-        self.extra_state = blob.get("extra", {})
-        self.start_step = int(state["step"])
-        self.resumed_from = latest
+        self.accelerator.wait_for_everyone()  # every process has read before the main one moves
         if self.is_main:
-            log.info("resumed from %s (step %d)", latest, self.start_step)
+            ckpt.set_aside([path for path, _ in failed], latest=self.resumed_from)
+            log.info("resumed from %s (step %d)", self.resumed_from, self.start_step)
+        self.accelerator.wait_for_everyone()
+
+    def _load(self, saved: ckpt.Checkpoint) -> None:
+        """Apply a checkpoint read whole; a part that does not fit this run counts as unreadable."""
+        blob = saved.training
+        try:
+            apply_weights(inner_hf_model(self.unwrapped()), saved.weights, adapter=saved.adapter)
+            self.optimizer.load_state_dict(blob["optimizer"])
+            if blob["scheduler"] is not None:
+                self.scheduler.load_state_dict(blob["scheduler"])
+            ckpt.set_rng_state(blob["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise ckpt.CorruptCheckpoint(f"{saved.path.name}: does not fit this run ({ckpt.short_reason(e)})") from e
+        self.extra_state = blob.get("extra", {})
+        self.start_step = self._step = int(saved.state["step"])
+        self.resumed_from = saved.path
 
     # ---------------------------------------------------------------- the step
     def autocast(self):
@@ -286,22 +353,23 @@ class Engine:
             self.metrics.log(step, {**metrics, "lr": self.lr, "tokens_per_s": rate})
         if extra_state is not None:
             self.extra_state = extra_state
+        self._step = step
         if self._interrupted:
-            self.save(step)
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(self.save(step), step)
         if self.cfg.save_every and step % self.cfg.save_every == 0 and step < self.total_steps:
             self.save(step)
 
-    def save(self, step: int) -> Path | None:
+    def save(self, step: int) -> Path:
+        """Checkpoint `step` (the main process writes); returns its folder on every process."""
         self.accelerator.wait_for_everyone()
-        path = None
         if self.is_main:
-            path = ckpt.save_checkpoint(self.run_dir, step, model=self.unwrapped_model_for_save(),
-                                        tokenizer=self.tokenizer, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, state={"description": self.description},
-                                        extra=self.extra_state, keep=self.cfg.keep_checkpoints)
+            model = self.unwrapped_model_for_save()
+            base = identity.adapter_base(self.cfg.model) if ckpt.is_adapter_model(model) else None
+            ckpt.save_checkpoint(self.run_dir, step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, state={"description": self.description},
+                                 extra=self.extra_state, keep=self.cfg.keep_checkpoints, base_model=base)
         self.accelerator.wait_for_everyone()
-        return path
+        return self.run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
     def unwrapped_model_for_save(self) -> nn.Module:
         """The object whose save_pretrained writes the checkpoint (the inner HF model)."""
@@ -312,7 +380,8 @@ class Engine:
         """Ctrl-C finishes the current step, saves a checkpoint, then stops."""
         def handler(signum, frame):
             if self._interrupted:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
+                done = ckpt.complete_checkpoints(self.run_dir)
+                raise TrainingInterrupted(done[0] if done else None, self._step)
             self._interrupted = True
             if self.is_main:
                 log.warning("interrupt: saving a checkpoint after this step (Ctrl-C again to stop now)")
@@ -329,12 +398,20 @@ class Engine:
                 signal.signal(signal.SIGINT, previous)
             self.progress.close()
 
-    def finish(self, out: Path | None = None) -> Path:
-        """Save the final model (LoRA merged) to run_dir/final and close the loggers."""
+    def finish(self) -> Path:
+        """Save the final model to run_dir/final and mark the run finished; a LoRA run's final
+        model has the adapter merged in, and the adapter itself goes to run_dir/final-adapter
+        (naming its base so that `PeftModel.from_pretrained` finds it). A run that had already
+        finished writes nothing and returns its final model."""
         self.accelerator.wait_for_everyone()
-        out = Path(out or self.run_dir / "final")
-        if self.is_main:
-            ckpt.save_final(self.unwrapped_model_for_save(), self.tokenizer, out)
+        out = self.run_dir / identity.FINAL
+        if self.is_main and not self.finished:
+            model = self.unwrapped_model_for_save()
+            ckpt.save_final(model, self.tokenizer, out)
+            if ckpt.is_adapter_model(model):
+                ckpt.save_adapter(model, self.tokenizer, self.run_dir / identity.FINAL_ADAPTER,
+                                  base_model=identity.adapter_base(self.cfg.model))
+            identity.record(self.identity, self.run_dir, finished_step=self._step)
         self.metrics.close()
         self.accelerator.wait_for_everyone()
         return out
@@ -356,23 +433,14 @@ def inner_hf_model(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load a checkpoint's saved weights (full model or PEFT adapter) into `model` in place."""
-    target = model
-    folder = Path(folder)
-    if (folder / "adapter_model.safetensors").exists():
+def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], *, adapter: bool) -> None:
+    """Load a checkpoint's weights (full model, or a PEFT adapter when `adapter`) into `model`."""
+    if adapter:
         from peft import set_peft_model_state_dict  # noqa: PLC0415 — peft is heavy; only LoRA checkpoints need it
 
-        set_peft_model_state_dict(target, load_file(folder / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, state)
         return
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no weights in {folder}")
-    state = {}
-    for f in files:
-        state.update(load_file(f))
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(f"the checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

@@ -64,8 +64,11 @@ class MicroBatchStream:
 
 
 def fit(engine: Engine, task: SupervisedTask) -> dict[str, float]:
-    """Run optimizer steps from engine.start_step to cfg.max_steps; returns the last metrics."""
+    """Run optimizer steps from engine.start_step to cfg.max_steps; returns the last metrics
+    (a run that had already finished in its folder runs nothing and returns its recorded ones)."""
     cfg = engine.cfg
+    if engine.finished:
+        return engine.recorded_metrics()
     module = engine.module
     stream = MicroBatchStream(task.lengths, cfg.batch_size, cfg.seed, task.group_by_length)
     W, A = engine.world_size, cfg.grad_accum
