@@ -180,3 +180,9 @@ def test_help_of():
     assert SFTConfig.help_of("lr") == "peak learning rate (AdamW)"
     with pytest.raises(KeyError):
         SFTConfig.help_of("nope")
+
+
+def test_a_recipe_key_naming_another_recipe_is_an_error(tmp_path):
+    path = write_yaml(tmp_path / "dpo.yaml", "recipe: dpo\ntrain_data: d.jsonl\n")
+    with pytest.raises(ConfigError, match="its recipe: line says 'dpo', but this config is for 'sft'"):
+        SFTConfig.load(path)

@@ -27,6 +27,15 @@ class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, value out of range."""
 
 
+class RecipeMismatch(ConfigError):
+    """A config file whose `recipe:` (written by `Config.save`) names another recipe."""
+
+    def __init__(self, path: Path, recipe: str, expected: str) -> None:
+        super().__init__(f"{path}: its recipe: line says '{recipe}', but this config is for '{expected}'; "
+                         f"use the {recipe} command with it, or delete the recipe: line")
+        self.path, self.recipe, self.expected = path, recipe, expected
+
+
 def closest_names(name: object, choices: typing.Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> list[str]:
     """The valid names nearest to a mistyped `name`, best first (difflib ratio ≥ `cutoff`).
 
@@ -150,7 +159,10 @@ class Config:
                 raise ConfigError(f"{p}: not valid YAML: {e}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: the top level must be a mapping of key: value")
-            loaded.pop("recipe", None)
+            # `recipe:` is the kind `save` writes, not a field: it must name this config's recipe.
+            recipe = loaded.pop("recipe", None) if "recipe" not in cls.field_names() else None
+            if recipe is not None and str(recipe) != cls.kind:
+                raise RecipeMismatch(p, str(recipe), cls.kind)
             data.update(loaded)
             source = str(p)
         for k, v in (overrides or {}).items():

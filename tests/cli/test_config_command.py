@@ -16,6 +16,7 @@ runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "
 
 @dataclass(frozen=True)
 class ToyConfig(Config):
+    kind = "toy"
     max_steps: int = param(3, "optimizer steps to run")
     lr: float = param(0.5, "peak learning rate")
     verbose: bool = param(False, "print every step")
@@ -125,10 +126,76 @@ def test_help_shows_every_field_with_its_help_default_and_choices(cli):
     assert "YAML file with any of the fields below" in rows["--config"]
     for flag, help_text in [("--max-steps", "optimizer steps to run (default: 3)"),
                             ("--lr", "peak learning rate (default: 0.5)"),
-                            ("--verbose", "print every step (default: False)"),
+                            ("--verbose", "print every step (default: --no-verbose)"),
                             ("--schedule", "learning-rate schedule [cosine|linear|constant] (default: cosine)"),
-                            ("--widths", "layer widths, comma-separated (default: (1, 2))"),
-                            ("--tags", "free-form tags (default: ['x'])")]:
+                            ("--widths", "layer widths, comma-separated (default: 1,2)"),
+                            ("--tags", "free-form tags (default: x)")]:
         assert help_text in rows[flag], rows
     assert "--no-verbose" in rows["--verbose"]
     assert set(rows) == {"--config", "--max-steps", "--lr", "--verbose", "--schedule", "--widths", "--tags", "--help"}
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    kind = "run"
+    output_dir: str = param("runs/run", "run folder")
+    tracker: str = param("none", "tracker", choices=("none", "tensorboard", "wandb"))
+    algorithm: str = param("run", "fixed by the command", choices=("run", "other"))
+    train_data: str = param("", "training data")
+
+
+@pytest.fixture
+def run_cli():
+    """invoke(*args) → (result, the RunConfig the command ran with or None); `toy` is registered too."""
+    app = typer.Typer()
+    seen: list[Config] = []
+
+    @app.callback()
+    def main():
+        """A group."""
+
+    config_command(app, "run", RunConfig, seen.append, help="Run.", examples="")
+    config_command(app, "toy", ToyConfig, seen.append, help="Toy.", examples="")
+    return lambda *args: (runner.invoke(app, list(map(str, args))), seen[-1] if seen else None)
+
+
+def test_an_output_dir_that_is_a_file_fails_before_running(run_cli, tmp_path):
+    (tmp_path / "f").write_text("")
+    for value, message in [(tmp_path / "f", f"--output-dir {tmp_path / 'f'} is a file; give a folder"),
+                           (tmp_path / "f" / "sub", f"{tmp_path / 'f'} is a file, so nothing can be written")]:
+        result, cfg = run_cli("run", "--output-dir", value)
+        assert result.exit_code == 2 and cfg is None
+        (line,) = error_lines(result)
+        assert line.startswith("error: --output-dir") and message in line
+
+
+def test_a_tracker_that_is_not_installed_fails_before_running(run_cli, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    result, cfg = run_cli("run", "--output-dir", tmp_path / "r", "--tracker", "wandb")
+    assert result.exit_code == 2 and cfg is None
+    assert error_lines(result) == ["error: --tracker wandb needs the wandb package: pip install wandb "
+                                   "(or --tracker none)"]
+    result, cfg = run_cli("run", "--output-dir", tmp_path / "r", "--tracker", "none")
+    assert result.exit_code == 0 and cfg.tracker == "none"
+
+
+def test_a_config_file_of_another_recipe_names_its_command(run_cli, tmp_path):
+    path = tmp_path / "toy.yaml"
+    path.write_text("recipe: toy\nmax_steps: 2\n")
+    result, cfg = run_cli("run", "--config", path)
+    assert result.exit_code == 2 and cfg is None
+    assert error_lines(result) == [f"error: {path}: its recipe: line says 'toy', but this is `root run`; run it "
+                                   f"with `root toy --config {path}`, or delete the recipe: line"]
+    result, cfg = run_cli("toy", "--config", path)  # its own recipe: accepted
+    assert result.exit_code == 0 and cfg.max_steps == 2
+
+
+def test_a_fixed_algorithm_is_hidden_from_help_but_accepted(run_cli, tmp_path):
+    result, _ = run_cli("run", "--help")
+    assert "--algorithm" not in result.output and "--tracker" in result.output
+    assert "(default: runs/run)" in result.output and "(default: )" not in result.output
+    result, cfg = run_cli("run", "--output-dir", tmp_path / "r", "--algorithm", "other")
+    assert result.exit_code == 0 and cfg.algorithm == "other"

@@ -2,7 +2,9 @@
 
 Each module of this package holds one group of commands and a `register(app)` that adds them.
 `rlhf --help` lists the commands in the order they are registered below, then the command
-groups (loop, rm, label, judge) in theirs.
+groups (loop, rm, label, judge) in theirs. `GuardedGroup` (cli/errors.py) runs every one of
+them: whatever a command raises reaches the user as one `error:` line, never a traceback,
+unless `rlhf --verbose` asks for it.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from rich.logging import RichHandler
 from transformers.utils import logging as hf_logging
 
 from rlhfkit.cli import demo, eval, generate, judge, label, loop, report, rm, train
+from rlhfkit.cli.errors import GuardedGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  pretty_exceptions_show_locals=False,
                   help="rlhfkit — the whole RLHF loop: collect feedback, train, evaluate, collect again.")
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="debug logging, and the full traceback of an internal error")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
     for noisy in ("httpx", "urllib3", "transformers", "accelerate", "datasets", "filelock"):

