@@ -68,6 +68,18 @@ def _empty_database(url: str) -> Database:
     return open_database(url)
 
 
+# Tests hash passwords at scrypt N=2^10 instead of 2^17 (a few ms instead of ~0.4 s each);
+# test_feedback_hardening checks the production cost, and that old hashes are upgraded.
+TEST_SCRYPT_N = 2**10
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(monkeypatch):
+    from rlhfkit.feedback import security
+
+    monkeypatch.setattr(security, "SCRYPT_N", TEST_SCRYPT_N)
+
+
 @pytest.fixture
 def database(tmp_path) -> Database:
     db = _empty_database(TEST_DATABASE_URL) if TEST_DATABASE_URL else open_database(str(tmp_path / "feedback.db"))
@@ -110,6 +122,13 @@ def login_client(app, username: str, password: str = PASSWORD) -> TestClient:
 
 def api_csrf(client: TestClient) -> dict[str, str]:
     return {"X-CSRF-Token": client.get("/api/me").json()["csrf_token"]}
+
+
+def claim_next(client: TestClient, project_id: int):
+    """Press "Start labeling" (POST /p/N/label) and follow to the page it leads to: the item
+    now claimed, or the end of the queue."""
+    token = client.get("/api/me").json()["csrf_token"]
+    return client.post(f"/p/{project_id}/label", data={"csrf_token": token}, follow_redirects=True)
 
 
 STARTUP_TIMEOUT_S = 30
@@ -183,6 +202,12 @@ def csrf():
 @pytest.fixture
 def api_headers():
     return api_csrf
+
+
+@pytest.fixture
+def claim():
+    """claim_next(client, project_id) as a fixture: the page after "Start labeling"."""
+    return claim_next
 
 
 # ---------------------------------------------------------------------------- headless Chromium

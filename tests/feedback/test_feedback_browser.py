@@ -113,6 +113,10 @@ def labeled_round(tmp_path_factory, server_process, chromium, browser_page, log_
                 page = browser_page(browser)
                 log_in(page, server.url, name)
                 page.goto(f"{project_url}/label")
+                # "Start labeling" takes the focus (autofocus, once the page has rendered): Enter claims an item.
+                page.wait_for_function("document.activeElement?.closest('#claim-form') != null")
+                with page.expect_navigation():
+                    page.keyboard.press("Enter")
                 pages[name] = page
 
             # ann1: rm-1 "A better", then changes their mind with u (undo) and marks a tie.

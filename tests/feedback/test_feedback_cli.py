@@ -17,7 +17,7 @@ def run(*args):
     return runner.invoke(label_app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("command", ["serve", "create-admin", "add-annotator", "import", "export"])
+@pytest.mark.parametrize("command", ["serve", "create-admin", "add-annotator", "import", "export", "release"])
 def test_every_command_has_help_with_an_example(command):
     result = run(command, "--help")
     assert result.exit_code == 0
@@ -30,12 +30,14 @@ def test_accounts_import_and_export(tmp_path):
     candidates.write_text(
         json.dumps({"prompt": "p1", "responses": ["a", "b"]}) + "\n"
         + json.dumps({"prompt": "p2", "responses": ["a", "b", "c"], "gold": 2}) + "\n")
-    assert run("create-admin", "root", "--password", "password123", "--db", db).exit_code == 0
-    assert run("add-annotator", "ann", "--password", "password123", "--db", db).exit_code == 0
-    taken = run("add-annotator", "ann", "--password", "password123", "--db", db)
+    good = "velvet otter 42"
+    assert run("create-admin", "root", "--password", good, "--db", db).exit_code == 0
+    assert run("add-annotator", "ann", "--password", good, "--db", db).exit_code == 0
+    taken = run("add-annotator", "ANN", "--password", good, "--db", db)
     assert taken.exit_code == 1 and "taken" in taken.output
-    short = run("add-annotator", "bob", "--password", "short", "--db", db)
-    assert short.exit_code == 1 and "password" in short.output
+    for weak, why in [("short", "10 to 1024"), ("password123", "common"), ("bob-the-bobcat", "username")]:
+        result = run("add-annotator", "bob", "--password", weak, "--db", db)
+        assert result.exit_code == 1 and why in result.output, (weak, result.output)
 
     first = run("import", candidates, "--project", "helpful", "--model-version", "sft-v1", "--overlap", "3",
                 "--db", db)

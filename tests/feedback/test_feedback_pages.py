@@ -12,22 +12,22 @@ def cells(html: str) -> list[str]:
     return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", html, re.S)]
 
 
-def test_admin_home_and_projects_show_counts(app, seeded, login, csrf):
+def test_admin_home_and_projects_show_counts(app, seeded, login, csrf, claim):
     admin = login(app, "admin")
     home = admin.get("/admin").text
     # demo: overlap 2, 3 items, 0 votes
     assert cells(home)[:4] == ["demo", "2", "3", "0"]
     ann = login(app, "ann1")
-    page = ann.get(f"/p/{seeded.project_id}/label", follow_redirects=True).text
+    page = claim(ann, seeded.project_id).text
     ann.post(re.search(r'action="(/p/\d+/items/\d+)"', page).group(1), data={"csrf_token": csrf(page), "choice": "A"})
     assert "1 labeled by you · 3 items in the project" in ann.get("/projects").text
     assert cells(admin.get("/admin").text)[:4] == ["demo", "2", "3", "1"]
 
 
-def test_end_of_queue_page(app, database, seed, login, csrf):
+def test_end_of_queue_page(app, database, seed, login, csrf, claim):
     pid = seed(database, records=[{"prompt": "only", "responses": ["a", "b"]}])
     client = login(app, "ann1")
-    page = client.get(f"/p/{pid}/label", follow_redirects=True).text
+    page = claim(client, pid).text
     client.post(f"/p/{pid}/items/1", data={"csrf_token": csrf(page), "choice": "tie"})
     done = client.get(f"/p/{pid}/label")
     assert done.status_code == 200 and "Nothing left to label" in done.text and "1 item" in done.text
@@ -72,14 +72,14 @@ def test_settings_change_overlap_and_guidelines(app, seeded, login, csrf):
         assert session.get(Project, pid).overlap == 1
 
 
-def test_ranking_form_errors_keep_what_was_typed(app, seeded, login, csrf):
+def test_ranking_form_errors_keep_what_was_typed(app, seeded, login, csrf, claim):
     client = login(app, "ann1")
     pid = seeded.project_id
     for _ in range(2):  # the two pairwise items come first
-        page = client.get(f"/p/{pid}/label", follow_redirects=True).text
+        page = claim(client, pid).text
         client.post(re.search(r'action="(/p/\d+/items/\d+)"', page).group(1),
                     data={"csrf_token": csrf(page), "choice": "A"})
-    page = client.get(f"/p/{pid}/label", follow_redirects=True).text
+    page = claim(client, pid).text
     assert 'data-kind="ranking"' in page
     url = re.search(r'action="(/p/\d+/items/\d+)"', page).group(1)
     response = client.post(url, data={"csrf_token": csrf(page), "ranking": "D > C", "rationale": "keep me"})

@@ -13,8 +13,9 @@ FIRST_ITEM = re.compile(r'action="/p/(\d+)/items/(\d+)"')
 
 
 def open_item(client, project_id):
-    """Follow /label to the client's next item; (item_id, page html)."""
-    response = client.get(f"/p/{project_id}/label")
+    """Claim the client's next item ("Start labeling") and open it; (item_id, page html)."""
+    token = client.get("/api/me").json()["csrf_token"]
+    response = client.post(f"/p/{project_id}/label", data={"csrf_token": token})
     assert response.status_code == 303
     page = client.get(response.headers["location"])
     assert page.status_code == 200
@@ -32,10 +33,10 @@ def test_every_route_refuses_anonymous_requests(app, seeded, csrf):
     pid = seeded.project_id
     pages = ["/projects", f"/p/{pid}/guidelines", f"/p/{pid}/label", f"/p/{pid}/items/1",
              f"/p/{pid}/history", "/admin", f"/admin/p/{pid}", f"/admin/p/{pid}/export"]
-    api = ["/api/me", "/api/votes", "/api/votes/1", f"/api/p/{pid}/next"]
-    posts = [f"/p/{pid}/items/1", f"/p/{pid}/undo", "/admin/users", "/admin/projects",
-             f"/admin/p/{pid}/rounds", f"/admin/p/{pid}/settings", "/logout"]
-    api_posts = [f"/api/p/{pid}/items/1/vote", f"/api/p/{pid}/undo"]
+    api = ["/api/me", "/api/votes", "/api/votes/1"]
+    posts = [f"/p/{pid}/label", f"/p/{pid}/items/1", f"/p/{pid}/undo", "/admin/users", "/admin/projects",
+             f"/admin/p/{pid}/rounds", f"/admin/p/{pid}/settings", f"/admin/p/{pid}/release", "/logout"]
+    api_posts = [f"/api/p/{pid}/next", f"/api/p/{pid}/items/1/vote", f"/api/p/{pid}/undo"]
     public = {("GET", "/"), ("GET", "/login"), ("POST", "/login")}
     # Every route of the app is in one of the lists above: a new route cannot slip by untested.
     from rlhfkit.feedback.routes import admin, auth, label
@@ -160,7 +161,7 @@ def test_undo_and_edit_own_votes(app, seeded, login, csrf):
 XSS = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 
 
-def test_html_in_prompts_responses_and_names_is_shown_as_text(app, database, seed, login, csrf):
+def test_html_in_prompts_responses_and_names_is_shown_as_text(app, database, seed, login, csrf, claim):
     records = [{"prompt": [{"role": "system", "content": XSS}, {"role": "user", "content": "Q " + XSS}],
                 "responses": ["R1 " + XSS, "R2 </div><b>bold</b>"]},
                {"prompt": XSS, "responses": ["a" + XSS, "b", "c"]}]
@@ -175,7 +176,7 @@ def test_html_in_prompts_responses_and_names_is_shown_as_text(app, database, see
     admin = login(app, "admin")
     pages = {
         "label": page,
-        "ranking": client.get(f"/p/{pid}/label", follow_redirects=True).text,
+        "ranking": claim(client, pid).text,
         "history": client.get(f"/p/{pid}/history").text,
         "guidelines": client.get(f"/p/{pid}/guidelines").text,
         "projects": client.get("/projects").text,
@@ -249,7 +250,7 @@ def test_sql_injection_strings_are_stored_verbatim_and_harmless(app, database, s
                                          "csrf_token": csrf(page)}).status_code == 401
         # admin forms: account, project (name, guidelines, model version, JSONL fields)
         assert admin.post("/admin/users", data={"csrf_token": token, "username": evil,
-                                                "password": evil + "-password", "role": "annotator"}
+                                                "password": f"unrelated secret {i}", "role": "annotator"}
                           ).status_code == 303
         jsonl = json.dumps({"id": evil, "prompt": evil, "responses": [evil, evil + "2"], "model_version": evil})
         response = admin.post("/admin/projects", data={"csrf_token": token, "name": f"{evil} {i}", "overlap": "1",
@@ -264,7 +265,7 @@ def test_sql_injection_strings_are_stored_verbatim_and_harmless(app, database, s
 
     # the annotator with an injection string as name logs in and votes with injection strings
     evil = INJECTIONS[0]
-    client = login(app, evil, evil + "-password")
+    client = login(app, evil, "unrelated secret 0")
     with database.read() as session:
         evil_project = session.scalar(select(Project).where(Project.name == f"{evil} 0"))
     item_id, page = open_item(client, evil_project.id)

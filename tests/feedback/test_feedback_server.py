@@ -48,7 +48,7 @@ def annotate(client: httpx.Client, project_id: int, max_votes: int, stop: thread
         for _ in range(max_votes):
             if stop.is_set():
                 break
-            item = client.get(f"/api/p/{project_id}/next").json()["item"]
+            item = client.post(f"/api/p/{project_id}/next").json()["item"]
             if item is None:
                 break
             response = client.post(f"/api/p/{project_id}/items/{item['item_id']}/vote", json=vote_body(item))

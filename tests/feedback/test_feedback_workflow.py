@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback.assignment import next_assignment
 from rlhfkit.feedback.export import export_records, write_jsonl
-from rlhfkit.feedback.migrations import SchemaError, migrate
+from rlhfkit.feedback.migrations import SCHEMA_VERSION, SchemaError, migrate
 from rlhfkit.feedback.models import Assignment, Item, Project, User, Vote
 from rlhfkit.feedback.projects import add_round
 from rlhfkit.feedback.quality import gold_score, project_report
@@ -266,20 +266,21 @@ sqlite_only = pytest.mark.skipif(bool(os.environ.get("RLHFKIT_TEST_DATABASE_URL"
 @sqlite_only
 def test_schema_version_is_stamped_and_upgrades_run_in_order(database):
     with database.engine.connect() as conn:
-        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == 1
+        assert conn.execute(text("SELECT version FROM schema_version")).scalar_one() == SCHEMA_VERSION
         assert conn.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
         assert conn.execute(text("PRAGMA synchronous")).scalar_one() == 2  # FULL
 
     def add_duration(conn):
         conn.execute(text("ALTER TABLE votes ADD COLUMN duration_ms INTEGER"))
 
-    assert migrate(database.engine, upgrades={2: add_duration}, latest=2) == 2
-    assert migrate(database.engine, upgrades={2: add_duration}, latest=2) == 2  # idempotent
+    newer = SCHEMA_VERSION + 1
+    assert migrate(database.engine, upgrades={newer: add_duration}, latest=newer) == newer
+    assert migrate(database.engine, upgrades={newer: add_duration}, latest=newer) == newer  # idempotent
     with database.engine.connect() as conn:
         columns = [row[1] for row in conn.execute(text("PRAGMA table_info(votes)"))]
         assert "duration_ms" in columns
     with pytest.raises(SchemaError, match="newer than this"):
-        migrate(database.engine)  # code at version 1, database at 2
+        migrate(database.engine)  # the code is a version behind the database now
 
 
 @sqlite_only

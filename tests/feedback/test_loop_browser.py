@@ -31,7 +31,7 @@ def test_a_loop_round_labeled_in_chromium(tmp_path, server_process, chromium, br
                                                   for a in range(4)])
     evals = _jsonl(tmp_path / "eval.jsonl", [{"prompt": "What is 2 times 2?", "answer": "4"}])
     db_path = labeling_accounts(tmp_path / "labels.db", {"ann1": ANNOTATOR})
-    cfg = LoopConfig(out=str(tmp_path / "loop"), policy="tiny", rounds=1, prompts=prompts, eval_tasks=evals,
+    cfg = LoopConfig(output_dir=str(tmp_path / "loop"), policy="tiny", rounds=1, prompts=prompts, eval_tasks=evals,
                      prompts_per_round=2, samples_per_prompt=2, pairs_per_prompt=1, feedback=("human",),
                      label_db=str(db_path), label_project="browser-round", overlap=1, steps=2, batch_size=2,
                      max_new_tokens=4, kl_prompts=0, precision="fp32")
@@ -47,6 +47,10 @@ def test_a_loop_round_labeled_in_chromium(tmp_path, server_process, chromium, br
             page = browser_page(browser)
             log_in(page, server.url, "ann1")
             page.goto(f"{server.url}/p/{project_id}/label")
+            # "Start labeling" takes the focus (autofocus, once the page has rendered): Enter claims an item.
+            page.wait_for_function("document.activeElement?.closest('#claim-form') != null")
+            with page.expect_navigation():
+                page.keyboard.press("Enter")
             for _ in range(2):
                 page.wait_for_selector("#vote-form")
                 texts = {c.get_attribute("data-letter"): c.query_selector(".text").inner_text()

@@ -34,7 +34,7 @@ def annotator(app, username: str) -> TestClient:
 def vote_all(client: TestClient, project_id: int, pick) -> list[int]:
     """Vote on every item the app hands out; `pick(candidate texts) → 'A' | 'B' | 'tie'`."""
     ids = []
-    while (item := client.get(f"/api/p/{project_id}/next").json()["item"]) is not None:
+    while (item := client.post(f"/api/p/{project_id}/next").json()["item"]) is not None:
         choice = pick([c["text"] for c in item["candidates"]])
         response = client.post(f"/api/p/{project_id}/items/{item['item_id']}/vote", json={"choice": choice})
         assert response.status_code == 200, response.text
@@ -52,7 +52,7 @@ def test_human_round_waits_for_votes_then_trains_on_exactly_them(tiny_loop, tmp_
 
     with pytest.raises(WaitingForLabels, match=r"0 of 4 votes"):
         run_loop(cfg)
-    result = CliRunner().invoke(cli_app, ["loop", "status", cfg.out])
+    result = CliRunner().invoke(cli_app, ["loop", "status", cfg.output_dir])
     assert result.exit_code == 0 and "waiting for labels: 0 of 4 votes" in result.output
 
     app = create_app(str(db_path))
@@ -62,11 +62,11 @@ def test_human_round_waits_for_votes_then_trains_on_exactly_them(tiny_loop, tmp_
     assert len(ann1) == 2
     with pytest.raises(WaitingForLabels, match=r"2 of 4 votes"):          # the rerun adds no second round
         run_loop(cfg)
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         assert reg.step(1, "feedback").status == WAITING
     ann2 = vote_all(annotator(app, "ann2"), project_id, lambda texts: "tie")
 
-    result = CliRunner().invoke(cli_app, ["loop", "resume", cfg.out])
+    result = CliRunner().invoke(cli_app, ["loop", "resume", cfg.output_dir])
     assert result.exit_code == 0, result.output
 
     out = tmp_path / "loop"

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from pathlib import Path
 
 import typer
 
 from rlhfkit.cli.errors import fail
+from rlhfkit.cli.help_format import App
 from rlhfkit.data.errors import DataError, SkipReport
+from rlhfkit.feedback.assignment import CLAIM_LEASE, release_claims
 from rlhfkit.feedback.db import DEFAULT_DATABASE, open_database
 from rlhfkit.feedback.export import FORMATS, export_records, write_jsonl
 from rlhfkit.feedback.models import ADMIN, ANNOTATOR
+from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.projects import add_round, create_project, find_project
 from rlhfkit.feedback.quality import flagged_annotators
 from rlhfkit.feedback.records import read_candidate_sets
-from rlhfkit.feedback.users import create_user
+from rlhfkit.feedback.users import create_user, find_user
 
-label_app = typer.Typer(
+label_app = App(
     help="Collect human preference labels in the browser and export them for training.",
     no_args_is_help=True, rich_markup_mode="markdown",
 )
@@ -25,7 +29,9 @@ label_app = typer.Typer(
 DB_OPTION = typer.Option(DEFAULT_DATABASE, "--db", envvar="RLHFKIT_FEEDBACK_DB",
                          help="Database URL (sqlite:///file.db, postgresql://...) or a SQLite file path.")
 PASSWORD_OPTION = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
-                               envvar="RLHFKIT_PASSWORD", help="Asked for when not given (min. 8 characters).")
+                               envvar="RLHFKIT_PASSWORD",
+                               help=f"Asked for when not given (min. {MIN_PASSWORD} characters, not a common "
+                                    "password, not the username).")
 
 
 @label_app.command()
@@ -33,7 +39,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
                                                      "unless a proxy with HTTPS is in front."),
           port: int = typer.Option(8000, help="Port to listen on."),
           db: str = DB_OPTION,
-          secure_cookies: bool = typer.Option(False, help="Mark cookies Secure (serving over HTTPS)."),
+          secure_cookies: bool = typer.Option(False, help="Mark cookies Secure and send HSTS (serving over HTTPS)."),
+          claim_lease_minutes: float = typer.Option(
+              CLAIM_LEASE.total_seconds() / 60, min=1,
+              help="How long a claimed item stays with its annotator unanswered before others get it."),
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
     """Run the labeling web app.
 
@@ -50,7 +59,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
     if not is_loopback:
         typer.secho(f"warning: listening on {host}, reachable from other machines; use HTTPS "
                     "(a reverse proxy) and --secure-cookies", fg="yellow", err=True)
-    app = create_app(db, cookie_secure=secure_cookies)
+    app = create_app(db, cookie_secure=secure_cookies, claim_lease=timedelta(minutes=claim_lease_minutes))
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 
@@ -115,6 +124,32 @@ def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, response
         fail(str(e), code=1)
     finally:
         database.close()
+
+
+@label_app.command("release")
+def release(project: str = typer.Option(..., "--project", help="Project name."),
+            annotator: str | None = typer.Option(None, "--annotator", help="Only this annotator's claims."),
+            db: str = DB_OPTION) -> None:
+    """Release claimed, unanswered items so that other annotators get them now.
+
+    Example: `rlhf label release --project helpfulness --annotator bob --db feedback.db`
+    (claims also expire by themselves: see `rlhf label serve --claim-lease-minutes`)
+    """
+    database = open_database(db)
+    try:
+        with database.write() as session:
+            target = find_project(session, project)
+            if target is None:
+                fail(f"no project named {project!r}", code=1)
+            user = find_user(session, annotator) if annotator else None
+            if annotator and user is None:
+                fail(f"no account named {annotator!r}", code=1)
+            count = release_claims(session, target, user)
+            session.commit()
+    finally:
+        database.close()
+    typer.echo(f"released {count} claim{'' if count == 1 else 's'} in {project!r}"
+               + (f" held by {annotator!r}" if annotator else ""))
 
 
 @label_app.command("export")

@@ -18,15 +18,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, inspect, select
+from sqlalchemy import Column, Connection, DateTime, Engine, Integer, MetaData, String, Table, inspect, select, text
 
-from rlhfkit.feedback.models import Base
+from rlhfkit.feedback.models import Base, username_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Upgrade = Callable[[Connection], None]
+
+
+def _v2_claim_leases_and_username_keys(conn: Connection) -> None:
+    """Claims get a lease; usernames get their case-insensitive unique key.
+
+    Claims made before the upgrade count as expired (their holder can still answer while the
+    item has room); answered assignments hold their item for good (no lease). When two old
+    usernames share a key, the later account's key gets '#id' appended: it still logs in with
+    its exact name."""
+    timestamp = DateTime(timezone=True).compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE assignments ADD COLUMN lease_expires_at {timestamp}"))
+    conn.execute(text("UPDATE assignments SET lease_expires_at = created_at WHERE NOT EXISTS (SELECT 1 FROM votes "
+                      "WHERE votes.item_id = assignments.item_id AND votes.user_id = assignments.user_id)"))
+    conn.execute(text(f"ALTER TABLE users ADD COLUMN username_key {String(255).compile(dialect=conn.dialect)}"))
+    seen: set[str] = set()
+    for user_id, username in conn.execute(text("SELECT id, username FROM users ORDER BY id")).all():
+        key = username_key(username)
+        key = f"{key}#{user_id}" if key in seen else key
+        seen.add(key)
+        conn.execute(text("UPDATE users SET username_key = :key WHERE id = :id"), {"key": key, "id": user_id})
+    conn.execute(text("CREATE UNIQUE INDEX ix_users_username_key ON users (username_key)"))
+
+
 # version v -> the step that upgrades a database at version v - 1 to v.
-UPGRADES: Mapping[int, Upgrade] = {}
+UPGRADES: Mapping[int, Upgrade] = {2: _v2_claim_leases_and_username_keys}
 
 _version_metadata = MetaData()
 schema_version_table = Table("schema_version", _version_metadata, Column("version", Integer, nullable=False))

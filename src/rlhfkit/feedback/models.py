@@ -12,6 +12,7 @@ the display order never leaks into the data; the display order is kept beside it
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +40,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def username_key(username: str) -> str:
+    """What makes two usernames the same account name: NFKC, stripped, casefolded."""
+    return unicodedata.normalize("NFKC", username).strip().casefold()
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -48,6 +54,9 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True)
+    # NFKC + casefold of the username (users.username_key): unique, so names that differ only
+    # in case or Unicode width are one account name.
+    username_key: Mapped[str] = mapped_column(String(255), unique=True, index=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
@@ -133,7 +142,11 @@ class Item(Base):
 
 class Assignment(Base):
     """Item `item_id` is given to `user_id`, shown in `display_order`: position j on screen
-    shows `item.responses[display_order[j]]`."""
+    shows `item.responses[display_order[j]]`.
+
+    An unanswered assignment is a claim that lasts until `lease_expires_at`; once expired it
+    no longer counts against the item's overlap (see assignment.py). An answered one has no
+    lease (None): it holds the item for good."""
 
     __tablename__ = "assignments"
     __table_args__ = (UniqueConstraint("item_id", "user_id"),)
@@ -144,6 +157,7 @@ class Assignment(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
     display_order: Mapped[list[int]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     item: Mapped[Item] = relationship()
     user: Mapped[User] = relationship()

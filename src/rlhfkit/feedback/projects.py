@@ -6,6 +6,7 @@ steps (create a project, add its first round) land in one transaction.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,11 +21,19 @@ MAX_OVERLAP = 100
 MAX_NAME = 200
 
 
-def validate_project_fields(name: str, overlap: int) -> None:
-    if not name.strip() or len(name) > MAX_NAME:
-        raise DataError(f"a project name needs 1 to {MAX_NAME} characters", field="name")
+def validate_overlap(overlap: int) -> None:
     if not 1 <= overlap <= MAX_OVERLAP:
         raise DataError(f"overlap must be between 1 and {MAX_OVERLAP}", field="overlap")
+
+
+def validate_project_fields(name: str, overlap: int) -> None:
+    """A new project's name (one line of visible text: it goes into export file names and
+    headers) and overlap."""
+    if not name.strip() or len(name) > MAX_NAME:
+        raise DataError(f"a project name needs 1 to {MAX_NAME} characters", field="name")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp") for ch in name):
+        raise DataError("a project name cannot contain line breaks, control or invisible characters", field="name")
+    validate_overlap(overlap)
 
 
 def create_project(session: Session, name: str, *, overlap: int = 2, guidelines_md: str = "") -> Project:

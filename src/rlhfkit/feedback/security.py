@@ -1,7 +1,8 @@
 """Passwords, signed cookies and CSRF tokens, with the standard library only.
 
-- Passwords: scrypt (memory-hard), a random 16-byte salt per password, parameters stored
-  with the hash so they can be raised later without breaking old accounts.
+- Passwords: scrypt (memory-hard) at N=2^17, r=8, p=1 (OWASP's current minimum; 128 MiB and
+  a few hundred ms per check), a random 16-byte salt per password, parameters stored with the
+  hash: an older, cheaper hash still verifies and is replaced at the next login (`needs_rehash`).
 - Cookies: `value.signature`, the signature an HMAC-SHA256 of the value under the app's
   secret key, so a cookie the server did not issue is rejected before any lookup.
 - CSRF: the token is an HMAC of the session token under the secret key. It is tied to the
@@ -12,13 +13,17 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 SALT_BYTES = 16
 KEY_BYTES = 32
+# A stored hash names its own cost; one that asks for more than this is refused unread, so a
+# tampered row cannot make a login allocate gigabytes.
+MAX_SCRYPT_N, MAX_SCRYPT_R, MAX_SCRYPT_P = 2**20, 16, 4
 
 
 def _b64(data: bytes) -> str:
@@ -29,11 +34,16 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+    # scrypt needs 128·r·N bytes (plus a little); OpenSSL refuses more than 32 MiB unless told.
+    return hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, dklen=dklen,
+                          maxmem=129 * r * n + 2**20)
+
+
 def hash_password(password: str) -> str:
     """'scrypt$n$r$p$salt$key' for `password`."""
     salt = secrets.token_bytes(SALT_BYTES)
-    key = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
-                         dklen=KEY_BYTES)
+    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, KEY_BYTES)
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(key)}"
 
 
@@ -41,19 +51,26 @@ def verify_password(password: str, stored: str) -> bool:
     """True when `password` matches `stored` (a `hash_password` string); constant-time."""
     try:
         scheme, n, r, p, salt, key = stored.split("$")
-        if scheme != "scrypt":
+        if scheme != "scrypt" or int(n) > MAX_SCRYPT_N or int(r) > MAX_SCRYPT_R or int(p) > MAX_SCRYPT_P:
             return False
         expected = _unb64(key)
-        actual = hashlib.scrypt(password.encode("utf-8"), salt=_unb64(salt), n=int(n), r=int(r),
-                                p=int(p), dklen=len(expected))
+        actual = _scrypt(password, _unb64(salt), int(n), int(r), int(p), len(expected))
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)
 
 
-# A hash of a random password: checked when the username does not exist, so a login attempt
-# takes as long for an unknown user as for a wrong password (no username probing by timing).
-DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe(16))
+def needs_rehash(stored: str) -> bool:
+    """True when `stored` was made with other parameters than `hash_password` uses now."""
+    return not stored.startswith(f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}$")
+
+
+@functools.cache
+def dummy_password_hash() -> str:
+    """A hash of a random password: checked when the username does not exist, so a login
+    attempt takes as long for an unknown user as for a wrong password (no username probing
+    by timing). Made on first use, not at import: it costs a full scrypt."""
+    return hash_password(secrets.token_urlsafe(16))
 
 
 def new_token() -> str:

@@ -1,58 +1,112 @@
-"""Accounts and login sessions."""
+"""Accounts and login sessions.
+
+Usernames are stored NFKC-normalized and are unique case-insensitively: `username_key` (the
+NFKC casefold) has a unique index, so "Admin", "ＡＤＭＩＮ" and "admin" are one account name.
+Control and invisible (format) characters are refused, and so are names that mix scripts
+("аdmin" with a Cyrillic а). Logging in with any spelling that has the same key works.
+"""
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.feedback.models import ROLES, LoginSession, User, utcnow
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import ROLES, LoginSession, User, username_key, utcnow
+from rlhfkit.feedback.passwords import check_password
 from rlhfkit.feedback.security import (
-    DUMMY_PASSWORD_HASH,
+    dummy_password_hash,
     hash_password,
+    needs_rehash,
     new_token,
     token_digest,
     verify_password,
 )
 
 MAX_USERNAME = 64
-MIN_PASSWORD = 8
-MAX_PASSWORD = 1024
 SESSION_LIFETIME = timedelta(days=7)
+# Control, format (zero-width, bidi overrides), surrogate, private-use and unassigned
+# characters, and line/paragraph separators: nothing a person types as a name.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# Japanese mixes these scripts in one word; any other mix of scripts is refused.
+_SCRIPT_GROUPS = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "CJK": "CJK"}
 
 
-def validate_credentials(username: str, password: str) -> None:
-    if not username.strip() or len(username) > MAX_USERNAME:
+def normalize_username(username: str) -> str:
+    return unicodedata.normalize("NFKC", username).strip()
+
+
+def _script(ch: str) -> str | None:
+    if not ch.isalpha():
+        return None
+    first = unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0]
+    return _SCRIPT_GROUPS.get(first, first)
+
+
+def validate_username(username: str) -> str:
+    """The normalized username, or a DataError (field 'username') saying what is wrong."""
+    name = normalize_username(username)
+    if not name or len(name) > MAX_USERNAME:
         raise DataError(f"a username needs 1 to {MAX_USERNAME} characters", field="username")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in username):
-        raise DataError("a username cannot contain control characters", field="username")
-    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
-        raise DataError(f"a password needs {MIN_PASSWORD} to {MAX_PASSWORD} characters", field="password")
+    if any(unicodedata.category(ch) in _REFUSED_CATEGORIES for ch in name):
+        raise DataError("a username cannot contain control or invisible characters", field="username")
+    if len({s for s in map(_script, name) if s is not None}) > 1:
+        raise DataError("a username cannot mix alphabets (e.g. Latin and Cyrillic letters)", field="username")
+    return name
 
 
 def create_user(session: Session, username: str, password: str, role: str) -> User:
-    """A new active account. Flushes; the caller commits."""
+    """A new active account. The password must pass the policy (`passwords.py`). Flushes;
+    the caller commits."""
     if role not in ROLES:
         raise DataError(f"unknown role {role!r} (use {', '.join(ROLES)})", field="role")
-    validate_credentials(username, password)
-    if session.scalar(select(User.id).where(User.username == username)) is not None:
-        raise DataError(f"the username {username!r} is taken", field="username")
-    user = User(username=username, password_hash=hash_password(password), role=role)
-    session.add(user)
-    session.flush()
+    name = validate_username(username)
+    check_password(password, name)
+    key = username_key(name)
+    if session.scalar(select(User.id).where(User.username_key == key)) is not None:
+        raise DataError(f"the username {name!r} is taken", field="username")
+    user = User(username=name, username_key=key, password_hash=hash_password(password), role=role)
+    try:
+        with session.begin_nested():
+            session.add(user)
+    except IntegrityError:  # the same name, created a moment ago by another request
+        raise DataError(f"the username {name!r} is taken", field="username") from None
     return user
 
 
-def authenticate(session: Session, username: str, password: str) -> User | None:
-    """The active user with these credentials, or None."""
+def find_user(session: Session, username: str) -> User | None:
+    """The account `username` names: by its exact name first (two accounts created before
+    usernames were case-insensitive may differ only in case), else any spelling with the
+    same key."""
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
-        verify_password(password, DUMMY_PASSWORD_HASH)
+        user = session.scalar(select(User).where(User.username_key == username_key(username)))
+    return user
+
+
+def authenticate(database: Database, username: str, password: str) -> User | None:
+    """The active user with these credentials, or None.
+
+    The scrypt check runs with no transaction open: the user is read in a read session that
+    is closed first, so a flood of wrong passwords never holds the SQLite write lock. A hash
+    made with older parameters is replaced after a successful check, in a short write.
+    """
+    with database.read() as session:
+        user = find_user(session, username)
+    stored = user.password_hash if user is not None else dummy_password_hash()
+    if not verify_password(password, stored) or user is None or not user.active:
         return None
-    if not verify_password(password, user.password_hash) or not user.active:
-        return None
+    if needs_rehash(stored):
+        fresh = hash_password(password)
+        with database.write() as session:
+            session.execute(update(User).where(User.id == user.id, User.password_hash == stored)
+                            .values(password_hash=fresh))
+            session.commit()
     return user
 
 

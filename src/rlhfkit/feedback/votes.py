@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from rlhfkit.feedback.assignment import CLAIM_LEASE
 from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote, utcnow
 
 LETTERS = "ABCDEFGHI"
@@ -153,6 +155,7 @@ def save_vote(session: Session, assignment: Assignment, answer: VoteInput) -> Vo
     vote.rationale = answer.rationale
     vote.display_order = list(assignment.display_order)
     vote.updated_at = utcnow()
+    assignment.lease_expires_at = None  # answered: the item is theirs for good
     vote.sequence = (last or 0) + 1
     session.flush()
     return vote
@@ -177,13 +180,16 @@ def own_vote_for_item(session: Session, user: User, item_id: int) -> Vote | None
     return session.scalar(select(Vote).where(Vote.item_id == item_id, Vote.user_id == user.id))
 
 
-def undo_last_vote(session: Session, project: Project, user: User) -> Item | None:
+def undo_last_vote(session: Session, project: Project, user: User, *, lease: timedelta = CLAIM_LEASE) -> Item | None:
     """Delete `user`'s most recently saved vote in `project`; returns its item (to show it
-    again), or None when they have no vote. Flushes; the caller commits."""
+    again, claimed anew for `lease`), or None when they have no vote. Flushes; the caller
+    commits."""
     last = own_votes(session, user, project, limit=1)
     if not last:
         return None
     item = last[0].item
     session.execute(delete(Vote).where(Vote.id == last[0].id))
+    session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
+                    .values(lease_expires_at=utcnow() + lease).execution_options(synchronize_session=False))
     session.flush()
     return item

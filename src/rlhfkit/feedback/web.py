@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader
@@ -26,6 +28,11 @@ ANON_COOKIE = "rlhf_anon"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The largest id a row can have (SQLite INTEGER, PostgreSQL BIGINT). An id in a path beyond it
+# is answered 404 like any other id that names no row (app.py maps path errors to 404).
+MAX_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+RoundNumber = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
 _templates_dir = Path(__file__).parent / "templates"
 # autoescape=True for every template: user text is always escaped, and nothing uses |safe.
@@ -57,6 +64,16 @@ def database(request: Request) -> Database:
 
 def secret(request: Request) -> bytes:
     return request.app.state.secret_key
+
+
+def claim_lease(request: Request) -> timedelta:
+    return request.app.state.claim_lease
+
+
+def client_address(request: Request) -> str:
+    """The client's address (uvicorn puts the proxy's X-Forwarded-For here when the proxy is
+    on loopback, its default --forwarded-allow-ips)."""
+    return request.client.host if request.client else "unknown"
 
 
 def read_db(request: Request) -> Iterator[Session]:

@@ -12,11 +12,23 @@ from sqlalchemy.orm import Session
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback import projects as project_service
 from rlhfkit.feedback import users as user_service
+from rlhfkit.feedback.assignment import claim_counts, release_claims
 from rlhfkit.feedback.export import FORMATS, export_records, to_jsonl
 from rlhfkit.feedback.models import ANNOTATOR, ROLES, Item, Project, User, Vote
+from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.quality import flagged_annotators, project_report
 from rlhfkit.feedback.records import parse_jsonl_lines
-from rlhfkit.feedback.web import current_admin, error_text, get_project, read_db, redirect, render, write_db
+from rlhfkit.feedback.web import (
+    RoundNumber,
+    RowId,
+    current_admin,
+    error_text,
+    get_project,
+    read_db,
+    redirect,
+    render,
+    write_db,
+)
 
 router = APIRouter(prefix="/admin")
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -42,7 +54,7 @@ def _home(request: Request, db: Session, admin: User, *, error: str | None = Non
              "vote_count": db.scalar(select(func.count(Vote.id)).where(Vote.project_id == p.id))}
             for p in db.scalars(select(Project).order_by(Project.name))]
     return render(request, "admin_home.html", {"rows": rows, "users": user_service.list_users(db),
-                                               "roles": ROLES, "error": error},
+                                               "roles": ROLES, "error": error, "min_password": MIN_PASSWORD},
                   user=admin, status_code=status_code)
 
 
@@ -84,18 +96,20 @@ def create_project(request: Request, name: str = Form(""), overlap: int = Form(2
 def _dashboard(request: Request, db: Session, admin: User, project: Project, round_number: int | None,
                *, error: str | None = None, status_code: int = 200):
     report = project_report(db, project, round_number)
+    running, expired = claim_counts(db, project)
     return render(request, "dashboard.html", {"project": project, "report": report, "formats": FORMATS,
+                                              "claims": {"running": running, "expired": expired},
                                               "error": error}, user=admin, status_code=status_code)
 
 
 @router.get("/p/{project_id}")
-def dashboard(request: Request, project_id: int, round: int | None = None,
+def dashboard(request: Request, project_id: RowId, round: RoundNumber = None,
               admin: User = Depends(current_admin), db: Session = Depends(read_db)):
     return _dashboard(request, db, admin, get_project(db, project_id), round)
 
 
 @router.post("/p/{project_id}/rounds")
-def add_round(request: Request, project_id: int, model_version: str = Form(""),
+def add_round(request: Request, project_id: RowId, model_version: str = Form(""),
               file: UploadFile | None = File(None), admin: User = Depends(current_admin),
               db: Session = Depends(write_db)):
     project = get_project(db, project_id)
@@ -112,11 +126,11 @@ def add_round(request: Request, project_id: int, model_version: str = Form(""),
 
 
 @router.post("/p/{project_id}/settings")
-def update_settings(request: Request, project_id: int, overlap: int = Form(...), guidelines: str = Form(""),
+def update_settings(request: Request, project_id: RowId, overlap: int = Form(...), guidelines: str = Form(""),
                     admin: User = Depends(current_admin), db: Session = Depends(write_db)):
     project = get_project(db, project_id)
     try:
-        project_service.validate_project_fields(project.name, overlap)
+        project_service.validate_overlap(overlap)
     except DataError as e:
         db.rollback()
         return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
@@ -126,8 +140,21 @@ def update_settings(request: Request, project_id: int, overlap: int = Form(...),
     return redirect(f"/admin/p/{project_id}")
 
 
+@router.post("/p/{project_id}/release")
+def release(request: Request, project_id: RowId, username: str = Form(""), admin: User = Depends(current_admin),
+            db: Session = Depends(write_db)):
+    """Expire the running claims of the project (of one annotator when a username is given)."""
+    project = get_project(db, project_id)
+    annotator = user_service.find_user(db, username) if username.strip() else None
+    if username.strip() and annotator is None:
+        return _dashboard(request, db, admin, project, None, error=f"no account named {username!r}", status_code=400)
+    release_claims(db, project, annotator)
+    db.commit()
+    return redirect(f"/admin/p/{project_id}")
+
+
 @router.get("/p/{project_id}/export")
-def export(project_id: int, format: str = "pairs", round: int | None = None, exclude_flagged: bool = False,
+def export(project_id: RowId, format: str = "pairs", round: RoundNumber = None, exclude_flagged: bool = False,
            admin: User = Depends(current_admin), db: Session = Depends(read_db)):
     if format not in FORMATS:
         raise HTTPException(status_code=400, detail=f"format must be one of {', '.join(FORMATS)}")

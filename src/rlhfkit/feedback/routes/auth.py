@@ -1,16 +1,28 @@
-"""Login and logout."""
+"""Login and logout.
+
+A login is checked in three steps, none holding the database write lock while scrypt runs:
+the throttle (a blocked account or client gets 429 and no password check at all), the
+password check (a few at a time, in worker threads: `PasswordChecks`), then a short write
+transaction that stores the new session.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import users
+from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.models import User, username_key
 from rlhfkit.feedback.security import new_token, sign
+from rlhfkit.feedback.throttle import Busy
 from rlhfkit.feedback.web import (
     ANON_COOKIE,
     SESSION_COOKIE,
     anon_token,
+    client_address,
+    database,
     optional_user,
     redirect,
     render,
@@ -50,15 +62,36 @@ def login_form(request: Request, next: str = "/"):
     return response
 
 
+def _login_error(request: Request, next: str, message: str, status_code: int, retry_after: int | None = None):
+    response = render(request, "login.html", {"next": safe_next(next), "error": message}, status_code=status_code)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
+
+
+def _start_session(db: Database, user: User) -> str:
+    with db.write() as session:
+        token = users.start_session(session, user)
+        session.commit()
+    return token
+
+
 @router.post("/login")
-def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/"),
-          db: Session = Depends(write_db)):
-    user = users.authenticate(db, username, password)
+async def login(request: Request, username: str = Form(""), password: str = Form(""), next: str = Form("/")):
+    throttle, account, client = request.app.state.login_throttle, username_key(username), client_address(request)
+    wait = throttle.retry_after(account, client)
+    if wait:
+        return _login_error(request, next, f"Too many failed logins: try again in {wait} seconds.", 429, wait)
+    try:
+        user = await request.app.state.password_checks.run(
+            lambda: users.authenticate(database(request), username, password))
+    except Busy:
+        return _login_error(request, next, "The server is busy: try again in a moment.", 503, 1)
     if user is None:
-        return render(request, "login.html", {"next": safe_next(next), "error": "Wrong username or password."},
-                      status_code=401)
-    token = users.start_session(db, user)
-    db.commit()
+        throttle.failed(account, client)
+        return _login_error(request, next, "Wrong username or password.", 401)
+    throttle.succeeded(account)
+    token = await run_in_threadpool(_start_session, database(request), user)
     target = safe_next(next)
     response = redirect(target if target != "/" else ("/admin" if user.is_admin else "/projects"))
     _set_cookie(request, response, SESSION_COOKIE, sign(token, secret(request)),

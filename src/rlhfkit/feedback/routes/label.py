@@ -9,10 +9,19 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import votes
-from rlhfkit.feedback.assignment import assignment_for, next_assignment
+from rlhfkit.feedback.assignment import assignment_for, confirm_claim, has_work, held_assignment, next_assignment
 from rlhfkit.feedback.guidelines import render_guidelines
 from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote
-from rlhfkit.feedback.web import current_user, get_project, read_db, redirect, render, write_db
+from rlhfkit.feedback.web import (
+    RowId,
+    claim_lease,
+    current_user,
+    get_project,
+    read_db,
+    redirect,
+    render,
+    write_db,
+)
 
 router = APIRouter()
 PAIRWISE_ANSWERS = {"A": "A better", "B": "B better", "tie": "tie", "both_bad": "both bad"}
@@ -68,7 +77,7 @@ def projects(request: Request, user: User = Depends(current_user), db: Session =
 
 
 @router.get("/p/{project_id}/guidelines")
-def guidelines(request: Request, project_id: int, user: User = Depends(current_user),
+def guidelines(request: Request, project_id: RowId, user: User = Depends(current_user),
                db: Session = Depends(read_db)):
     project = get_project(db, project_id)
     return render(request, "guidelines.html", {"project": project,
@@ -76,16 +85,35 @@ def guidelines(request: Request, project_id: int, user: User = Depends(current_u
                   user=user)
 
 
+def _done_page(request: Request, db: Session, project: Project, user: User):
+    done = db.scalar(select(func.count(Vote.id)).where(Vote.project_id == project.id, Vote.user_id == user.id))
+    return render(request, "done.html", {"project": project, "done_count": done}, user=user)
+
+
 @router.get("/p/{project_id}/label")
-def label_next(request: Request, project_id: int, undone: int = 0, user: User = Depends(current_user),
-               db: Session = Depends(write_db)):
+def label_next(request: Request, project_id: RowId, undone: int = 0, user: User = Depends(current_user),
+               db: Session = Depends(read_db)):
+    """The item being worked on, else a button that claims the next one (a GET claims nothing)."""
     project = get_project(db, project_id)
-    assignment = next_assignment(db, project, user)
+    held = held_assignment(db, project, user)
+    if held is not None:
+        return redirect(f"/p/{project.id}/items/{held.item_id}" + ("?undone=1" if undone else ""))
+    if not has_work(db, project, user):
+        return _done_page(request, db, project, user)
+    return render(request, "start.html", {"project": project,
+                                          "lease_minutes": round(claim_lease(request).total_seconds() / 60)}, user=user)
+
+
+def _claim_next(request: Request, db: Session, project: Project, user: User):
+    """Claim the next item (or keep the one held) and send the annotator to it."""
+    assignment = next_assignment(db, project, user, lease=claim_lease(request))
     db.commit()
-    if assignment is None:
-        done = db.scalar(select(func.count(Vote.id)).where(Vote.project_id == project.id, Vote.user_id == user.id))
-        return render(request, "done.html", {"project": project, "done_count": done}, user=user)
-    return redirect(f"/p/{project.id}/items/{assignment.item_id}" + ("?undone=1" if undone else ""))
+    return redirect(f"/p/{project.id}/items/{assignment.item_id}" if assignment else f"/p/{project.id}/label")
+
+
+@router.post("/p/{project_id}/label")
+def claim(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(write_db)):
+    return _claim_next(request, db, get_project(db, project_id), user)
 
 
 def _own_assignment(db: Session, project: Project, item_id: int, user: User) -> Assignment:
@@ -97,7 +125,7 @@ def _own_assignment(db: Session, project: Project, item_id: int, user: User) -> 
 
 
 @router.get("/p/{project_id}/items/{item_id}")
-def label_item(request: Request, project_id: int, item_id: int, undone: int = 0,
+def label_item(request: Request, project_id: RowId, item_id: RowId, undone: int = 0,
                user: User = Depends(current_user), db: Session = Depends(read_db)):
     project = get_project(db, project_id)
     assignment = _own_assignment(db, project, item_id, user)
@@ -108,11 +136,15 @@ def label_item(request: Request, project_id: int, item_id: int, undone: int = 0,
 
 
 @router.post("/p/{project_id}/items/{item_id}")
-def submit_vote(request: Request, project_id: int, item_id: int, choice: str = Form(""),
+def submit_vote(request: Request, project_id: RowId, item_id: RowId, choice: str = Form(""),
                 ranking: str = Form(""), strength: str = Form(""), rationale: str = Form(""),
                 all_bad: str = Form(""), user: User = Depends(current_user), db: Session = Depends(write_db)):
     project = get_project(db, project_id)
     assignment = _own_assignment(db, project, item_id, user)
+    if not confirm_claim(db, project, assignment, lease=claim_lease(request)):
+        db.commit()
+        raise HTTPException(status_code=409, detail="Your claim on this item expired and other annotators "
+                                                    "have answered it; take the next item.")
     item = assignment.item
     try:
         answer = votes.build_vote_input(item.kind, len(item.responses), choice=choice or None,
@@ -125,14 +157,13 @@ def submit_vote(request: Request, project_id: int, item_id: int, choice: str = F
                           all_bad=bool(all_bad))
         return _label_page(request, db, project, assignment, user, prefill, editing=False, error=str(e),
                            status_code=400)
-    db.commit()
-    return redirect(f"/p/{project.id}/label")
+    return _claim_next(request, db, project, user)
 
 
 @router.post("/p/{project_id}/undo")
-def undo(request: Request, project_id: int, user: User = Depends(current_user), db: Session = Depends(write_db)):
+def undo(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(write_db)):
     project = get_project(db, project_id)
-    item = votes.undo_last_vote(db, project, user)
+    item = votes.undo_last_vote(db, project, user, lease=claim_lease(request))
     db.commit()
     if item is None:
         return redirect(f"/p/{project.id}/label")
@@ -140,7 +171,7 @@ def undo(request: Request, project_id: int, user: User = Depends(current_user), 
 
 
 @router.get("/p/{project_id}/history")
-def history(request: Request, project_id: int, user: User = Depends(current_user), db: Session = Depends(read_db)):
+def history(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(read_db)):
     project = get_project(db, project_id)
     rows = []
     for vote in votes.own_votes(db, user, project, limit=50):
