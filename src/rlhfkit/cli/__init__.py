@@ -17,10 +17,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from transformers.utils import logging as hf_logging
 
-from rlhfkit.cli import demo, eval, generate, judge, label, loop, report, rm, train
+from rlhfkit.cli import demo, eval, generate, judge, label, loop, push, report, rm, train
 from rlhfkit.cli.errors import GuardedGroup
+from rlhfkit.cli.help_format import App
 
-app = typer.Typer(cls=GuardedGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = App(cls=GuardedGroup, add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   pretty_exceptions_show_locals=False,
                   help="rlhfkit — the whole RLHF loop: collect feedback, train, evaluate, collect again.")
 
@@ -42,6 +43,7 @@ generate.register(app)
 demo.register(app)
 eval.register(app)
 report.register(app)
+push.register(app)
 loop.register(app)
 rm.register(app)
 label.register(app)

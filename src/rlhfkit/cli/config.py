@@ -3,7 +3,8 @@
 Flags default to "not given", so a flag overrides the YAML file and the YAML file
 overrides the dataclass default — one dataclass behind all three. Before the recipe runs
 (and loads a model), the output path and the tracker are checked, so a mistake there is
-one line at once rather than a traceback minutes later.
+one line at once rather than a traceback minutes later. A field renamed with
+`param(..., old_names=(...))` keeps each old name as a hidden flag (`cli/flags.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import inspect
 import os
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -21,7 +23,10 @@ import typer
 from rich.markup import escape
 
 from rlhfkit.cli.errors import fail
-from rlhfkit.config import Config, ConfigError, RecipeMismatch, _base_type
+from rlhfkit.cli.flags import both_given, old_option_name, renamed, warn
+from rlhfkit.cli.help_format import FlagCommand
+from rlhfkit.cli.outputs import print_run_outputs
+from rlhfkit.config import Config, ConfigError, RecipeMismatch, RenamedSetting, _base_type
 
 TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
@@ -42,27 +47,29 @@ def default_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def flag(name: str) -> str:
+    """`--output-dir` for the field `output_dir`."""
+    return "--" + name.replace("_", "-")
+
+
 def check_outputs(cfg: Config) -> None:
     """Fail now, before any model loads, on an output path that cannot be written or a
-    tracker that is not installed. `output_dir` is a folder; `out` is a file when its default
-    is one (best-of-n's best_of_n.jsonl) and a folder otherwise (the loop's runs/loop)."""
-    defaults = {f.name: f.default for f in fields(cfg)}
+    tracker that is not installed. `output_dir` is always a folder and `out` always a file."""
     for name in ("output_dir", "out"):
         value = getattr(cfg, name, None)
         if not value:
             continue
-        flag, path = "--" + name.replace("_", "-"), Path(str(value)).expanduser()
-        is_file = name == "out" and Path(str(defaults[name])).suffix != ""
+        option, path, is_file = flag(name), Path(str(value)).expanduser(), name == "out"
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
-            fail(f"{flag} {value}: {blocking} is a file, so nothing can be written under it")
+            fail(f"{option} {value}: {blocking} is a file, so nothing can be written under it")
         if is_file and path.is_dir():
-            fail(f"{flag} {value} is a folder; give a file name")
+            fail(f"{option} {value} is a folder; give a file name")
         if not is_file and path.exists() and not path.is_dir():
-            fail(f"{flag} {value} is a file; give a folder (an existing one, or one to create)")
+            fail(f"{option} {value} is a file; give a folder (an existing one, or one to create)")
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
-            fail(f"{flag} {value}: {existing} is not writable (permission denied)")
+            fail(f"{option} {value}: {existing} is not writable (permission denied)")
     package = TRACKER_PACKAGES.get(getattr(cfg, "tracker", None) or "")
     if package and importlib.util.find_spec(package) is None:
         fail(f"--tracker {cfg.tracker} needs the {package} package: pip install {package} (or --tracker none)")
@@ -80,9 +87,23 @@ def command_of(ctx: typer.Context, kind: str) -> str | None:
     return None
 
 
+def showing_renamed_keys(load: Callable[[], Config]) -> Config:
+    """`load()`, with each YAML key under an old name shown as one `warning:` line (after a
+    successful load: a mistake is the one `error:` line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RenamedSetting)
+        cfg = load()
+    for w in caught:
+        if issubclass(w.category, RenamedSetting):
+            warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return cfg
+
+
 def _load(ctx: typer.Context, cfg_cls: type[Config], config_path: Path | None, overrides: dict[str, Any]) -> Config:
     try:
-        return cfg_cls.load(config_path, overrides=overrides)
+        return showing_renamed_keys(lambda: cfg_cls.load(config_path, overrides=overrides))
     except RecipeMismatch as e:
         command = command_of(ctx, e.recipe)
         use = f"run it with `{command} --config {e.path}`" if command else f"it is for the {e.recipe} recipe"
@@ -97,7 +118,8 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
     """Register `rlhf NAME [--config FILE] [--field value ...]` calling run(cfg).
 
     A field named `algorithm` whose default is the recipe's own kind is fixed by the command: its flag
-    is hidden (a YAML file or the flag may still set it, and the recipe refuses another)."""
+    is hidden (a YAML file or the flag may still set it, and the recipe refuses another). Each old
+    name of a renamed field is a hidden flag of its own that sets the field, with a warning."""
     hints = typing.get_type_hints(cfg_cls)
     config_option = typer.Option(None, "--config", "-c", help="YAML file with any of the fields below",
                                  show_default=False)
@@ -106,8 +128,7 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
                                 default=config_option)]
     for f in fields(cfg_cls):
         tp = _option_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        decl = [f"{flag}/--no-{f.name.replace('_', '-')}"] if tp is bool else [flag]
+        decl = [f"{flag(f.name)}/--no-{f.name.replace('_', '-')}"] if tp is bool else [flag(f.name)]
         default = f.default if f.default is not inspect.Parameter.empty else None
         try:
             default = f.default_factory()  # type: ignore[misc]
@@ -122,15 +143,29 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
                                         default=typer.Option(None, *decl, help=text, show_default=False,
                                                              hidden=hidden)))
+        for old in f.metadata.get("old_names", ()):
+            old_decl = f"{flag(old)}/--no-{old.replace('_', '-')}" if tp is bool else flag(old)
+            params.append(inspect.Parameter(old_option_name(f.name, old), inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=tp | None, default=typer.Option(None, old_decl, hidden=True)))
 
     def command(**kwargs):
         ctx, config_path = kwargs.pop("ctx"), kwargs.pop("config")
+        given = {old: (new, kwargs.pop(old_option_name(new, old))) for old, new in cfg_cls.old_names().items()}
+        given = {old: (new, value) for old, (new, value) in given.items() if value is not None}
+        for old, (new, value) in given.items():
+            if kwargs[new] is not None:
+                both_given(flag(old), flag(new))
+            kwargs[new] = value
+        for old, (new, _) in given.items():
+            renamed(flag(old), flag(new))
         cfg = _load(ctx, cfg_cls, config_path, {k: v for k, v in kwargs.items() if v is not None})
         check_outputs(cfg)
-        return run(cfg)
+        result = run(cfg)
+        print_run_outputs(cfg)  # a training run ends naming its outputs and the next commands
+        return result
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {}
     command.config_kind = cfg_cls.kind  # type: ignore[attr-defined] — found by `command_of`
     command.__doc__ = f"{help}\n\n{examples}"
-    app.command(name, help=f"{help}\n\n{examples}", short_help=help.split('\n')[0])(command)
+    app.command(name, help=f"{help}\n\n{examples}", short_help=help.split('\n')[0], cls=FlagCommand)(command)
