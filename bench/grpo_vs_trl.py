@@ -167,7 +167,7 @@ def build_ours(args, tmp: Path) -> OurSide:
     rows = args.prompts * args.group
     cfg = GRPOConfig(model=args.model, tasks="demo", demo_families=families,
                      demo_per_family=math.ceil(args.prompts / len(families)), reward="gold",
-                     prompts_per_step=args.prompts, group_size=args.group, max_new_tokens=args.max_new_tokens,
+                     prompts_per_step=args.prompts, samples_per_prompt=args.group, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=1.0, top_k=0, gen_batch_size=rows, batch_size=args.micro_batch,
                      kl_coef=args.beta, kl_estimator="k3", kl_placement="loss", clip_eps=0.2, inner_epochs=1,
                      minibatches=1, aggregation="token", scale_advantages=True, lr=args.lr, schedule="constant",

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     name = f"x/{args.name or 'rl-' + args.algorithm}"
     cfg = _online_config(ctx, args.algorithm, reward="gold", steps=args.steps, lr=args.lr,
                          kl_coef=settings.rl_kl_coef, out=name)
-    cfg = dataclasses.replace(cfg, prompts_per_step=args.prompts, group_size=args.group, batch_size=args.micro_batch,
-                              gen_batch_size=args.prompts * args.group)
+    cfg = dataclasses.replace(cfg, prompts_per_step=args.prompts, samples_per_prompt=args.group,
+                              batch_size=args.micro_batch, gen_batch_size=args.prompts * args.group)
     t0 = time.time()
     out = _run_online(cfg)
     metrics = out["metrics"]

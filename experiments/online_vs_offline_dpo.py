@@ -64,7 +64,7 @@ def main() -> None:
 
     t0 = time.time()
     online = OnlineDPOConfig(model=args.sft, tasks="demo", demo_per_family=120, reward="gold",
-                             prompts_per_step=args.prompts, group_size=args.k, max_new_tokens=40,
+                             prompts_per_step=args.prompts, samples_per_prompt=args.k, max_new_tokens=40,
                              batch_size=16, gen_batch_size=128, output_dir=str(args.out / "online"), **common)
     run_online_dpo(online)
     labels = int(sum(m.get("pairs", 0) for m in read_metrics(online.output_dir)))

@@ -6,6 +6,10 @@ Every field is declared with `param(default, "one-line help")`. The same datacla
 the YAML file, the CLI flags (`rlhf sft --config sft.yaml --lr 1e-5`) and the `config.yaml`
 saved in each run folder. Construction validates types and ranges; an unknown key is
 rejected with the nearest valid name.
+
+A renamed field lists its former names, `param(4, "...", old_names=("group_size",))`: for one
+release a YAML key (and, through `cli/config.py`, a flag) under an old name still sets the field,
+with a `RenamedSetting` warning; giving both names is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +41,13 @@ class RecipeMismatch(ConfigError):
         self.path, self.recipe, self.expected = path, recipe, expected
 
 
+class RenamedSetting(FutureWarning):
+    """A setting given under its former name: still accepted, until the next release."""
+
+
+RENAMED = "{old} is now {new}; the old name goes in the next release"
+
+
 def closest_names(name: object, choices: typing.Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> list[str]:
     """The valid names nearest to a mistyped `name`, best first (difflib ratio ≥ `cutoff`).
 
@@ -50,9 +62,11 @@ def did_you_mean(name: object, choices: typing.Iterable[str], *, cutoff: float =
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its one-line help (shown by `--help`) and optional choices."""
-    meta = {"help": help, "choices": choices}
+def param(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+          old_names: tuple[str, ...] = ()) -> Any:
+    """A config field with its one-line help (shown by `--help`), optional choices, and the
+    names it had before a rename (accepted with a `RenamedSetting` warning for one release)."""
+    meta = {"help": help, "choices": choices, "old_names": tuple(old_names)}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -133,7 +147,31 @@ class Config:
         return [f.name for f in fields(cls)]
 
     @classmethod
+    def old_names(cls) -> dict[str, str]:
+        """{former name: field} of the renamed fields."""
+        return {old: f.name for f in fields(cls) for old in f.metadata.get("old_names", ())}
+
+    @classmethod
+    def current_names(cls, data: dict[str, Any], *, source: str = "config", warn: bool = True) -> dict[str, Any]:
+        """`data` with every former key renamed to its field, each with a `RenamedSetting` warning
+        (unless not `warn`: a record rlhfkit wrote itself); a field under two of its names is a ConfigError."""
+        renamed = cls.old_names()
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = renamed.get(key, key)
+            if name in out:
+                old = next(k for k in data if renamed.get(k) == name)
+                raise ConfigError(f"{source}: '{old}' is the old name of '{name}'; give only '{name}'")
+            out[name] = value
+        for key in data:
+            if key in renamed and warn:
+                warnings.warn(f"{source}: " + RENAMED.format(old=f"'{key}'", new=f"'{renamed[key]}'"),
+                              RenamedSetting, stacklevel=3)
+        return out
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        data = cls.current_names(data, source=source)
         names = cls.field_names()
         for key in data:
             if key not in names:
@@ -163,7 +201,7 @@ class Config:
             recipe = loaded.pop("recipe", None) if "recipe" not in cls.field_names() else None
             if recipe is not None and str(recipe) != cls.kind:
                 raise RecipeMismatch(p, str(recipe), cls.kind)
-            data.update(loaded)
+            data.update(cls.current_names(loaded, source=str(p)))  # before the flags, which win
             source = str(p)
         for k, v in (overrides or {}).items():
             if v is not None:

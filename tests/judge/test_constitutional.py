@@ -282,7 +282,7 @@ def test_cli_judge_agreement_against_human_export(tmp_path, scripted_cli):
         {"prompt": "q2", "chosen": "ok", "rejected": "fine", "label": 0.5, "annotator": "ann", "source": "human"},
         {"prompt": "q3", "chosen": "stupid", "rejected": "nice", "label": 1.0, "annotator": "bob", "source": "human"}])
     out = tmp_path / "agreement.json"
-    result = runner.invoke(app, ["judge", "agreement", "--human", str(human), "--out", str(out), "--cache", "none"])
+    result = runner.invoke(app, ["judge", "agreement", "--data", str(human), "--out", str(out), "--cache", "none"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["n"] == 3 and report["agreement"] == pytest.approx(2 / 3)
@@ -302,7 +302,7 @@ def test_cli_judge_constitutional_writes_sft_and_preferences(tmp_path, scripted_
         {"prompt": "q2"},                                       # the judge model answers first
         {"prompt": "q3", "response": "stupid x", "response_a": "stupid", "response_b": "kind"}])
     out = tmp_path / "cai"
-    result = runner.invoke(app, ["judge", "constitutional", "--prompts", str(prompts), "--out", str(out),
+    result = runner.invoke(app, ["judge", "constitutional", "--prompts", str(prompts), "--output-dir", str(out),
                                  "--principles", str(principles), "--cache", "none"])
     assert result.exit_code == 0, result.output
     sft = read_sft(out / "sft.jsonl")

@@ -37,7 +37,7 @@ def tiny_loop(loop_files, tmp_path):
     """make(**overrides) → a LoopConfig of the tiny loop in tmp_path/loop (2 prompts × 2 samples a
     round, 1 pair each, reward-model feedback, 2 DPO steps)."""
     def make(**overrides) -> LoopConfig:
-        fields = dict(out=str(tmp_path / "loop"), policy="tiny", rounds=1, prompts=loop_files["prompts"],
+        fields = dict(output_dir=str(tmp_path / "loop"), policy="tiny", rounds=1, prompts=loop_files["prompts"],
                       eval_tasks=loop_files["eval"], prompts_per_round=2, samples_per_prompt=2, pairs_per_prompt=1,
                       feedback=(f"rm:{loop_files['rm']}",), steps=2, batch_size=2, max_new_tokens=4, kl_prompts=2,
                       precision="fp32", lr=1e-3)

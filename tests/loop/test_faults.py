@@ -33,7 +33,7 @@ def run_harness(cfg, point: str) -> int:
 def reference(tiny_loop_module, snapshot):
     cfg = tiny_loop_module("reference")
     run_loop(cfg)
-    return snapshot(cfg.out)
+    return snapshot(cfg.output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def tiny_loop_module(loop_files, tmp_path_factory):
     the training kill lands between checkpoints), in a fresh folder named `name`."""
     def make(name: str, **overrides):
         root = tmp_path_factory.mktemp(name)
-        fields = dict(out=str(root / "loop"), policy="tiny", rounds=2, prompts=loop_files["prompts"],
+        fields = dict(output_dir=str(root / "loop"), policy="tiny", rounds=2, prompts=loop_files["prompts"],
                       eval_tasks=loop_files["eval"], prompts_per_round=2, samples_per_prompt=2, pairs_per_prompt=1,
                       feedback=(f"rm:{loop_files['rm']}",), steps=4, batch_size=2, max_new_tokens=4, kl_prompts=0,
                       precision="fp32", lr=1e-3)
@@ -54,12 +54,12 @@ def tiny_loop_module(loop_files, tmp_path_factory):
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tiny_loop_module, reference, snapshot, point):
     cfg = tiny_loop_module(point)
     assert run_harness(cfg, point) == -signal.SIGKILL
-    interrupted = snapshot(cfg.out)
+    interrupted = snapshot(cfg.output_dir)
     assert len(interrupted["steps"]) < len(reference["steps"])
     if point == "training":
-        assert list(Path(cfg.out).rglob("checkpoints/step-*")), "the kill came after a checkpoint"
+        assert list(Path(cfg.output_dir).rglob("checkpoints/step-*")), "the kill came after a checkpoint"
     assert run_harness(cfg, "none") == 0
-    assert snapshot(cfg.out) == reference
+    assert snapshot(cfg.output_dir) == reference
 
 
 def _vote_everything(db: Path, project: str) -> None:
@@ -80,7 +80,7 @@ def test_sigkill_while_sending_a_human_round_to_the_app_loses_and_duplicates_not
     for point in ("none", "labeling"):
         cfg = tiny_loop_module(f"human-{point}", feedback=("human",), rounds=1, overlap=1, steps=2,
                                label_project="faults")
-        db = Path(cfg.out) / "labels.db"          # the default labeling database of the loop
+        db = Path(cfg.output_dir) / "labels.db"          # the default labeling database of the loop
         db.parent.mkdir(parents=True)
         labeling_accounts(db, {"ann1": ANNOTATOR})
         first = run_harness(cfg, point)
@@ -89,7 +89,7 @@ def test_sigkill_while_sending_a_human_round_to_the_app_loses_and_duplicates_not
             assert run_harness(cfg, "none") == 3            # resumes into the wait, the round imported once
         _vote_everything(db, "faults")
         assert run_harness(cfg, "none") == 0
-        snaps.append(snapshot(cfg.out))
+        snaps.append(snapshot(cfg.output_dir))
         database = open_database(str(db))
         with database.read() as session:
             assert session.scalar(select(func.count(Round.id))) == 1

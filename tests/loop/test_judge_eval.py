@@ -100,13 +100,13 @@ def test_a_judge_alone_evaluates_a_loop_without_checkable_prompts(tiny_loop, tmp
     only_open = write_jsonl(tmp_path / "open.jsonl", [{"prompt": f"Say something about {w}."} for w in ("rain", "sun")])
     with pytest.raises(ConfigError, match="has no checkable prompt .* name a judge with --eval-judge"):
         run_loop(tiny_loop(eval_tasks=only_open, kl_prompts=0))
-    cfg = tiny_loop(out=str(tmp_path / "judged"), eval_tasks=only_open, eval_judge="judge", kl_prompts=0)
+    cfg = tiny_loop(output_dir=str(tmp_path / "judged"), eval_tasks=only_open, eval_judge="judge", kl_prompts=0)
     run_loop(cfg)
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         ev = reg.rounds()[1]["metrics"]["eval"]
     assert ev["accuracy"] is None and ev["n"] == 0 and "vs_round0" not in ev
     assert ev["judge_vs_round0"]["n"] == 2
-    assert "Open prompts, judged" in write_loop_report(cfg.out).read_text()
+    assert "Open prompts, judged" in write_loop_report(cfg.output_dir).read_text()
 
 
 def test_eval_judge_must_name_a_judge(tiny_loop):

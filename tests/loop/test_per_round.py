@@ -46,7 +46,7 @@ def test_settings_of_rounds_not_yet_begun_may_change_but_not_of_finished_ones(ti
     with pytest.raises(ConfigError, match=r"changed: per_round 1\b"):
         run_loop(tiny_loop(kl_prompts=0, per_round={1: {"lr": 0.5}}))
     run_loop(tiny_loop(kl_prompts=0, rounds=2, per_round={2: {"lr": 0.5}}))   # round 2 had not begun
-    with Registry(tiny_loop().out) as reg:
+    with Registry(tiny_loop().output_dir) as reg:
         assert [r["config"]["lr"] for r in reg.rounds()] == [1e-3, 1e-3, 0.5]
 
 

@@ -59,13 +59,13 @@ def test_a_rerun_skips_recorded_steps_and_a_crash_resumes_at_its_step(tiny_loop,
     monkeypatch.setattr(runner, "step_train", crash_once)
     with pytest.raises(RuntimeError, match="power cut"):
         run_loop(cfg)
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         assert [s.step for s in reg.steps()] == ["evaluate", "register", "sample", "compare", "feedback"]
     for step in ("step_sample", "step_compare", "step_feedback"):
         monkeypatch.setattr(runner, step, lambda *a, step=step: pytest.fail(f"{step} ran again"))
     run_loop(cfg)
     assert calls == [1, 1]
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         assert [r["round"] for r in reg.rounds()] == [0, 1]
 
 
@@ -73,9 +73,9 @@ def test_another_config_in_the_same_folder_is_refused_but_more_rounds_are_fine(t
     run_loop(tiny_loop())
     with pytest.raises(ConfigError, match=r"changed: lr"):
         run_loop(tiny_loop(lr=1.0))
-    before = snapshot(tiny_loop().out)
+    before = snapshot(tiny_loop().output_dir)
     run_loop(tiny_loop(rounds=2))
-    after = snapshot(tiny_loop().out)
+    after = snapshot(tiny_loop().output_dir)
     assert after["steps"][: len(before["steps"])] == before["steps"]
     assert [r["round"] for r in after["rounds"]] == [0, 1, 2]
 
@@ -84,7 +84,7 @@ def test_no_decided_pair_keeps_the_parent_policy(tiny_loop):
     # the exact checkers on a random tiny model: every answer is wrong, so every pair is a tie
     cfg = tiny_loop(feedback=("rules",), kl_prompts=0)
     run_loop(cfg)
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         r1 = reg.rounds()[1]
     assert r1["metrics"]["train"]["skipped"].startswith("no decided pair")
     assert r1["model"] == "tiny" and r1["metrics"]["eval"]["vs_round0"]["p"] == 1.0
@@ -94,7 +94,7 @@ def test_no_decided_pair_keeps_the_parent_policy(tiny_loop):
 def test_other_trainers_and_training_from_the_start(tiny_loop, trainer):
     cfg = tiny_loop(trainer=trainer, init="start", rounds=2, kl_prompts=0)
     run_loop(cfg)
-    with Registry(cfg.out) as reg:
+    with Registry(cfg.output_dir) as reg:
         r2 = reg.rounds()[2]
     assert r2["metrics"]["train"]["init"] == "tiny"          # from round 0's policy …
     assert r2["metrics"]["train"]["pairs"] == 4              # … on both rounds' labels

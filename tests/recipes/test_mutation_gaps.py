@@ -60,7 +60,7 @@ REFUSED = [
     (GRPOConfig, ONLINE, {"prompts": "p.jsonl"}, "give exactly one of prompts (a JSONL file) or tasks=demo"),
     (GRPOConfig, ONLINE, {"demo_per_family": 0}, "demo_per_family must be ≥ 1"),
     (GRPOConfig, ONLINE, {"prompts_per_step": 0}, "prompts_per_step must be ≥ 1"),
-    (GRPOConfig, ONLINE, {"group_size": 0}, "group_size must be ≥ 1"),
+    (GRPOConfig, ONLINE, {"samples_per_prompt": 0}, "samples_per_prompt must be ≥ 1"),
     (GRPOConfig, ONLINE, {"max_new_tokens": 0}, "max_new_tokens must be ≥ 1"),
     (GRPOConfig, ONLINE, {"max_new_tokens": 512}, "max_new_tokens must be < max_length (room for the prompt)"),
     (GRPOConfig, ONLINE, {"temperature": 0.0}, "temperature must be > 0 for sampling"),
@@ -73,11 +73,11 @@ REFUSED = [
     (GRPOConfig, ONLINE, {"clip_eps": 1.0}, "clip_eps must be in (0, 1)"),
     (GRPOConfig, ONLINE, {"inner_epochs": 0}, "inner_epochs must be ≥ 1"),
     (GRPOConfig, ONLINE, {"minibatches": 0}, "minibatches must be ≥ 1"),
-    (GRPOConfig, ONLINE, {"minibatches": 3}, "prompts_per_step × group_size must be a multiple of minibatches"),
+    (GRPOConfig, ONLINE, {"minibatches": 3}, "prompts_per_step × samples_per_prompt must be a multiple of minibatches"),
     (GRPOConfig, ONLINE, {"grad_accum": 2}, "grad_accum is not used by online recipes (micro-batches come from "
                                             "batch_size); leave it at 1"),
     # PolicyGradientConfig
-    (GRPOConfig, ONLINE, {"group_size": 1}, "grpo needs group_size ≥ 2 (samples per prompt)"),
+    (GRPOConfig, ONLINE, {"samples_per_prompt": 1}, "grpo needs samples_per_prompt ≥ 2"),
     (ReinforceConfig, ONLINE, {"baseline_decay": 1.0}, "baseline_decay must be in [0, 1)"),
     (ReinforceConfig, ONLINE, {"baseline_decay": -0.1}, "baseline_decay must be in [0, 1)"),
     # PPOConfig
@@ -106,7 +106,7 @@ REFUSED = [
     (DPOConfig, PAIRS, {"label_smoothing": -0.01}, "label_smoothing must be in [0, 0.5]"),
     (DPOConfig, PAIRS, {"loss": "robust", "flip_rate": 0.5}, "flip_rate must be in [0, 0.5)"),
     (DPOConfig, PAIRS, {"loss": "robust", "flip_rate": -0.01}, "flip_rate must be in [0, 0.5)"),
-    (DPOConfig, PAIRS, {"loss": "simpo", "gamma": -0.01}, "gamma must be ≥ 0"),
+    (DPOConfig, PAIRS, {"loss": "simpo", "simpo_margin": -0.01}, "simpo_margin must be ≥ 0"),
     (DPOConfig, PAIRS, {"max_eval_examples": 0}, "max_eval_examples must be ≥ 1"),
     (DPOConfig, PAIRS, {"nll_weight": -0.1}, "nll_weight must be ≥ 0"),
     (DPOConfig, PAIRS, {"loss": "kto", "nll_weight": 0.1}, "nll_weight needs paired data; loss 'kto' is unpaired"),
@@ -127,7 +127,7 @@ REFUSED = [
     (BestOfNConfig, {}, {}, "give exactly one of prompts (a JSONL file) or tasks=demo"),
     (BestOfNConfig, {"tasks": "demo"}, {"prompts": "p.jsonl"},
      "give exactly one of prompts (a JSONL file) or tasks=demo"),
-    (BestOfNConfig, {"tasks": "demo"}, {"n": 0}, "n must be ≥ 1"),
+    (BestOfNConfig, {"tasks": "demo"}, {"samples_per_prompt": 0}, "samples_per_prompt must be ≥ 1"),
     (BestOfNConfig, {"tasks": "demo"}, {"temperature": 0.0},
      "temperature must be > 0 (n greedy samples would all be the same)"),
     (BestOfNConfig, {"tasks": "demo"}, {"max_new_tokens": 0}, "max_new_tokens and batch_size must be ≥ 1"),
@@ -136,8 +136,9 @@ REFUSED = [
     (ExpertIterationConfig, {}, {}, "give exactly one of prompts (a JSONL file) or tasks=demo"),
     (ExpertIterationConfig, {"tasks": "demo"}, {"prompts": "p.jsonl"},
      "give exactly one of prompts (a JSONL file) or tasks=demo"),
-    (ExpertIterationConfig, {"tasks": "demo"}, {"rounds": 0}, "rounds and n must be ≥ 1"),
-    (ExpertIterationConfig, {"tasks": "demo"}, {"n": 0}, "rounds and n must be ≥ 1"),
+    (ExpertIterationConfig, {"tasks": "demo"}, {"rounds": 0}, "rounds and samples_per_prompt must be ≥ 1"),
+    (ExpertIterationConfig, {"tasks": "demo"}, {"samples_per_prompt": 0},
+     "rounds and samples_per_prompt must be ≥ 1"),
     (ExpertIterationConfig, {"tasks": "demo"}, {"temperature": 0.0}, "temperature must be > 0"),
 ]
 
@@ -150,10 +151,10 @@ def test_config_refuses_with_its_message(cls, base, overrides, message):
 
 
 ACCEPTED = [
-    (ReinforceConfig, ONLINE, {"demo_per_family": 1, "prompts_per_step": 1, "group_size": 1, "max_new_tokens": 1,
-                               "top_p": 1.0, "top_k": 0, "gen_batch_size": 1, "kl_coef": 0.0, "inner_epochs": 1,
-                               "minibatches": 1, "baseline_decay": 0.0}),
-    (GRPOConfig, ONLINE, {"group_size": 2, "max_new_tokens": 511, "temperature": 1e-3, "top_p": 1e-3,
+    (ReinforceConfig, ONLINE, {"demo_per_family": 1, "prompts_per_step": 1, "samples_per_prompt": 1,
+                               "max_new_tokens": 1, "top_p": 1.0, "top_k": 0, "gen_batch_size": 1, "kl_coef": 0.0,
+                               "inner_epochs": 1, "minibatches": 1, "baseline_decay": 0.0}),
+    (GRPOConfig, ONLINE, {"samples_per_prompt": 2, "max_new_tokens": 511, "temperature": 1e-3, "top_p": 1e-3,
                           "clip_eps": 0.999, "minibatches": 8}),
     (GRPOConfig, {"prompts": "p.jsonl"}, {"clip_eps": 1e-3}),
     (PPOConfig, ONLINE, {"kl_clamp": 0.0, "target_kl": 0.0, "kl_coef": 0.0, "kl_horizon": 1, "gamma": 0.0, "lam": 0.0,
@@ -163,7 +164,7 @@ ACCEPTED = [
     (DPOConfig, PAIRS, {"label_smoothing": 0.5, "max_eval_examples": 1, "nll_weight": 0.0}),
     (DPOConfig, PAIRS, {"label_smoothing": 0.0, "nll_weight": 0.5, "beta": 1e-3}),
     (DPOConfig, PAIRS, {"loss": "robust", "flip_rate": 0.0}),
-    (DPOConfig, PAIRS, {"loss": "simpo", "gamma": 0.0}),
+    (DPOConfig, PAIRS, {"loss": "simpo", "simpo_margin": 0.0}),
     (DPOConfig, PAIRS, {"loss": "kto", "desirable_weight": 1e-3, "undesirable_weight": 1e-3}),
     (DPOConfig, PAIRS, {"loss": "orpo", "odds_ratio_weight": 1e-3}),
     (DPOConfig, PAIRS, {"reference": "tiny"}),
@@ -171,9 +172,10 @@ ACCEPTED = [
                            "max_eval_pairs": 1, "eval_batch_size": 1}),
     (RewardConfig, PAIRS, {"test_fraction": 0.99, "label_noise": 0.49, "n_heads": 2,
                            "ensemble_mode": "mean_minus_std"}),
-    (BestOfNConfig, {"tasks": "demo"}, {"n": 1, "max_new_tokens": 1, "batch_size": 1, "temperature": 1e-3}),
+    (BestOfNConfig, {"tasks": "demo"}, {"samples_per_prompt": 1, "max_new_tokens": 1, "batch_size": 1,
+                                        "temperature": 1e-3}),
     (BestOfNConfig, {"prompts": "p.jsonl"}, {}),
-    (ExpertIterationConfig, {"tasks": "demo"}, {"rounds": 1, "n": 1, "temperature": 1e-3}),
+    (ExpertIterationConfig, {"tasks": "demo"}, {"rounds": 1, "samples_per_prompt": 1, "temperature": 1e-3}),
     (ExpertIterationConfig, {"prompts": "p.jsonl"}, {}),
 ]
 
@@ -186,7 +188,7 @@ def test_config_accepts_the_edges(cls, base, overrides):
 
 
 def test_online_sampling_carries_every_sampling_field():
-    cfg = GRPOConfig(**ONLINE, max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=3, group_size=2,
+    cfg = GRPOConfig(**ONLINE, max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=3, samples_per_prompt=2,
                      gen_batch_size=6)
     assert cfg.sampling(11) == SamplingConfig(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=3, n=2,
                                               batch_size=6, seed=11)
@@ -264,20 +266,20 @@ def _rows(cfg, step, epoch, n=8):
 
 
 def test_minibatch_rows_in_order_with_one_update_per_rollout():
-    cfg = GRPOConfig(**ONLINE, prompts_per_step=2, group_size=4)
+    cfg = GRPOConfig(**ONLINE, prompts_per_step=2, samples_per_prompt=4)
     assert _rows(cfg, 0, 0) == [list(range(8))]
 
 
 def test_minibatch_rows_are_a_shuffled_partition_per_seed_step_and_epoch():
-    two_epochs = GRPOConfig(**ONLINE, prompts_per_step=2, group_size=4, inner_epochs=2)   # 2 updates, 1 minibatch
+    two_epochs = GRPOConfig(**ONLINE, prompts_per_step=2, samples_per_prompt=4, inner_epochs=2)  # 2 updates, 1 mb
     orders = {(s, e): _rows(two_epochs, s, e)[0] for s in range(3) for e in range(2)}
     assert all(sorted(o) == list(range(8)) for o in orders.values())
     assert len({tuple(o) for o in orders.values()}) == 6      # each (step, epoch) its own order
     assert orders[(0, 0)] != list(range(8))
-    other_seed = GRPOConfig(**ONLINE, prompts_per_step=2, group_size=4, inner_epochs=2, seed=1)
+    other_seed = GRPOConfig(**ONLINE, prompts_per_step=2, samples_per_prompt=4, inner_epochs=2, seed=1)
     assert _rows(other_seed, 0, 0)[0] != orders[(0, 0)]
     assert _rows(two_epochs, 1, 0)[0] == orders[(1, 0)]        # a pure function of (seed, step, epoch)
-    four = GRPOConfig(**ONLINE, prompts_per_step=2, group_size=4, minibatches=4)
+    four = GRPOConfig(**ONLINE, prompts_per_step=2, samples_per_prompt=4, minibatches=4)
     parts = _rows(four, 0, 0)
     assert [len(p) for p in parts] == [2, 2, 2, 2] and sorted(sum(parts, [])) == list(range(8))
 
@@ -634,8 +636,9 @@ def _prompts(path: Path, n: int) -> Path:
 
 def test_run_best_of_n_reads_a_prompts_file_and_keeps_responses_short(tmp_path):
     out = tmp_path / "best.jsonl"
-    summary = run_best_of_n(BestOfNConfig(model="tiny", prompts=str(_prompts(tmp_path / "p.jsonl", 3)), n=3,
-                                          reward="length", max_new_tokens=3, batch_size=4, out=str(out)))
+    summary = run_best_of_n(BestOfNConfig(model="tiny", prompts=str(_prompts(tmp_path / "p.jsonl", 3)),
+                                          samples_per_prompt=3, reward="length", max_new_tokens=3, batch_size=4,
+                                          out=str(out)))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["task_id"] for r in rows] == ["p0", "p1", "p2"] and summary["prompts"] == 3.0
     # byte-level tokens: 3 new tokens decode to at most 3 characters (the default, 64, gives dozens)
@@ -644,7 +647,7 @@ def test_run_best_of_n_reads_a_prompts_file_and_keeps_responses_short(tmp_path):
 
 def test_run_best_of_n_samples_the_demo_tasks_of_its_seed(tmp_path):
     out = tmp_path / "best.jsonl"
-    cfg = BestOfNConfig(model="tiny", tasks="demo", demo_per_family=1, n=1, seed=7, reward="length",
+    cfg = BestOfNConfig(model="tiny", tasks="demo", demo_per_family=1, samples_per_prompt=1, seed=7, reward="length",
                         max_new_tokens=2, out=str(out))
     run_best_of_n(cfg)
     expected = named_prompts("", "demo", split="test", per_family=1, seed=7, families=cfg.demo_families)
@@ -654,7 +657,8 @@ def test_run_best_of_n_samples_the_demo_tasks_of_its_seed(tmp_path):
 
 def test_expert_iteration_files_resume_from_the_last_round_and_refuse_an_unreachable_threshold(tmp_path, caplog):
     prompts = _prompts(tmp_path / "p.jsonl", 3)
-    cfg = ExpertIterationConfig(**RUN, prompts=str(prompts), rounds=1, n=2, reward="length", threshold=0.0,
+    cfg = ExpertIterationConfig(**RUN, prompts=str(prompts), rounds=1, samples_per_prompt=2, reward="length",
+                                threshold=0.0,
                                 max_new_tokens=3, max_steps=1, batch_size=4, lr=1e-3, packing=True,
                                 output_dir=str(tmp_path / "ei"))
     with caplog.at_level(logging.INFO, logger="rlhfkit.recipes.best_of_n"):
@@ -687,7 +691,7 @@ def test_expert_iteration_files_resume_from_the_last_round_and_refuse_an_unreach
 # ============================================================================ the online loop, end to end
 def test_reinforce_run_with_one_response_per_step_logs_sane_diagnostics(tmp_path, caplog):
     prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi."}, {"prompt": "x" * 60}])     # the 2nd is too long
-    cfg = ReinforceConfig(**RUN, prompts=str(prompts), prompts_per_step=1, group_size=1, max_new_tokens=4,
+    cfg = ReinforceConfig(**RUN, prompts=str(prompts), prompts_per_step=1, samples_per_prompt=1, max_new_tokens=4,
                           max_length=40, reward="length", max_steps=2, save_every=1, batch_size=2,
                           output_dir=str(tmp_path / "rf"))
     with caplog.at_level(logging.WARNING, logger="rlhfkit.rollout.prompts"):
@@ -725,7 +729,8 @@ def test_ppo_run_with_ptx_logs_its_timings(tmp_path):
 
 
 def test_expert_iteration_on_the_demo_tasks_samples_the_train_split_of_its_seed(tmp_path):
-    cfg = ExpertIterationConfig(**RUN, tasks="demo", demo_per_family=1, seed=2, rounds=1, n=1, reward="length",
+    cfg = ExpertIterationConfig(**RUN, tasks="demo", demo_per_family=1, seed=2, rounds=1, samples_per_prompt=1,
+                                reward="length",
                                 threshold=-1.0, max_new_tokens=2, max_steps=1, batch_size=4,
                                 output_dir=str(tmp_path / "ei"))
     run_expert_iteration(cfg)

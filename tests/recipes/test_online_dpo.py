@@ -43,8 +43,8 @@ def test_pair_loss_by_hand():
 
 
 def test_config_mistakes():
-    with pytest.raises(ConfigError, match="group_size"):
-        _cfg(group_size=1)
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        _cfg(samples_per_prompt=1)
     with pytest.raises(ConfigError, match="kto|loss"):
         _cfg(loss="kto")
     with pytest.raises(ConfigError, match="temperature"):
@@ -56,7 +56,7 @@ def test_config_mistakes():
 def test_online_dpo_end_to_end_starts_at_ln2_and_moves(tmp_path):
     torch.set_num_threads(1)
     cfg = OnlineDPOConfig(model="tiny", tasks="demo", demo_per_family=3, output_dir=str(tmp_path / "run"),
-                          max_steps=2, prompts_per_step=4, group_size=3, max_new_tokens=8, batch_size=4,
+                          max_steps=2, prompts_per_step=4, samples_per_prompt=3, max_new_tokens=8, batch_size=4,
                           precision="fp32", progress=False, seed=5, lr=1e-3, reward="format:[a-m]")
     result = run_online_dpo(cfg)
     rows = read_metrics(cfg.output_dir)

@@ -70,7 +70,7 @@ def _base(tmp_path: Path, out: str, **kw) -> dict:
     (RLOOConfig, {}),
     (RLOOConfig, {"kl_placement": "loss"}),
     (ReMaxConfig, {}),
-    (ReinforceConfig, {"group_size": 2}),
+    (ReinforceConfig, {"samples_per_prompt": 2}),
 ])
 def test_each_policy_gradient_algorithm_runs_and_logs_every_diagnostic(tmp_path, cls, extra):
     cfg = cls(**_base(tmp_path, "run", **extra))
@@ -93,7 +93,7 @@ def test_ppo_runs_and_logs_every_diagnostic(tmp_path):
     ptx.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "completion": f"Answer: {i + 1}"}) + "\n"
                            for i in range(6)))
     cfg = PPOConfig(**_base(tmp_path, "ppo", max_steps=3, inner_epochs=2, minibatches=2, ent_coef=0.01,
-                            target_kl=0.01, kl_horizon=100, ptx_coef=0.1, ptx_data=str(ptx), group_size=2))
+                            target_kl=0.01, kl_horizon=100, ptx_coef=0.1, ptx_data=str(ptx), samples_per_prompt=2))
     result = run_ppo(cfg)
     rows = read_metrics(cfg.output_dir)
     for row in rows:
@@ -152,7 +152,7 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path):
     # one forward over all 8 rows or three of ≤ 3 rows give the same step.
     runs = []
     for size in (8, 3):
-        cfg = GRPOConfig(**_base(tmp_path, f"mb-{size}", batch_size=size, group_size=4, kl_coef=0.1))
+        cfg = GRPOConfig(**_base(tmp_path, f"mb-{size}", batch_size=size, samples_per_prompt=4, kl_coef=0.1))
         run_policy_gradient(cfg)
         runs.append(read_metrics(cfg.output_dir))
     for a, b in zip(*runs, strict=True):
@@ -162,7 +162,7 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path):
 
 def _likes_a(prompts_file: Path, tmp_path: Path, **kw) -> GRPOConfig:
     return GRPOConfig(model="tiny", prompts=str(prompts_file), output_dir=str(tmp_path / "likes_a"),
-                      max_steps=30, prompts_per_step=2, group_size=8, max_new_tokens=8, batch_size=16,
+                      max_steps=30, prompts_per_step=2, samples_per_prompt=8, max_new_tokens=8, batch_size=16,
                       precision="fp32", progress=False, lr=1e-2, seed=0, **kw)
 
 
@@ -187,7 +187,7 @@ def test_grpo_raises_a_reward_that_prefers_one_token(tmp_path):
 
 
 def test_remax_baseline_is_the_greedy_decodes_score(tmp_path):
-    run = setup_run(ReMaxConfig(**_base(tmp_path, "remax", prompts_per_step=3, group_size=2)))
+    run = setup_run(ReMaxConfig(**_base(tmp_path, "remax", prompts_per_step=3, samples_per_prompt=2)))
     run.reward = WeightedRewards([(FunctionReward("chars", lambda s: float(len(s.response))), 1.0)])
     rollout, baseline = collect(run, step=0)
     prompts = prompts_for_step(run.prompts, 3, seed=run.cfg.seed, step=0)
@@ -216,8 +216,8 @@ def _resume_case(tmp_path: Path, cls, **kw):
 
 
 @pytest.mark.parametrize("cls,kw", [
-    (GRPOConfig, {"group_size": 4}),
-    (ReinforceConfig, {"group_size": 2, "reward_normalize": True}),  # moving baseline + reward moments
+    (GRPOConfig, {"samples_per_prompt": 4}),
+    (ReinforceConfig, {"samples_per_prompt": 2, "reward_normalize": True}),  # moving baseline + reward moments
     (PPOConfig, {"target_kl": 0.01, "kl_horizon": 50}),              # critic + adaptive β
 ])
 def test_resume_gives_the_same_rollout_and_loss(tmp_path, cls, kw):
@@ -271,7 +271,7 @@ def test_kl_in_the_reward_is_subtracted_per_response():
 
 def test_lr_schedule_counts_rollout_steps(tmp_path):
     cfg = PolicyGradientConfig(**_base(tmp_path, "sched", max_steps=4, warmup_steps=2, schedule="linear",
-                                       min_lr_ratio=0.5, minibatches=2, group_size=2))
+                                       min_lr_ratio=0.5, minibatches=2, samples_per_prompt=2))
     engine = Engine(cfg, tmp_path / "sched", updates_per_step=2)
     engine.setup(torch.nn.Linear(2, 2))
     used = []
@@ -313,7 +313,7 @@ def test_best_of_n_keeps_the_highest_reward(tmp_path):
 
 def test_best_of_n_command_writes_jsonl_and_summary(tmp_path):
     out = tmp_path / "best.jsonl"
-    summary = run_best_of_n(BestOfNConfig(model="tiny", tasks="demo", demo_per_family=2, n=4,
+    summary = run_best_of_n(BestOfNConfig(model="tiny", tasks="demo", demo_per_family=2, samples_per_prompt=4,
                                           reward="format:[a-z]", max_new_tokens=6, out=str(out)))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 8 and all({"prompt", "completion", "reward", "task_id"} <= set(r) for r in rows)
@@ -324,7 +324,7 @@ def test_best_of_n_command_writes_jsonl_and_summary(tmp_path):
 
 
 def test_expert_iteration_rounds_and_resume(tmp_path):
-    cfg = ExpertIterationConfig(model="tiny", prompts=str(_prompts_file(tmp_path, 6)), rounds=2, n=3,
+    cfg = ExpertIterationConfig(model="tiny", prompts=str(_prompts_file(tmp_path, 6)), rounds=2, samples_per_prompt=3,
                                 reward="format:[a-z]", threshold=1.0, max_new_tokens=6, max_steps=2,
                                 batch_size=4, lr=1e-3, precision="fp32", progress=False,
                                 output_dir=str(tmp_path / "ei"))
@@ -360,7 +360,7 @@ def test_cli_commands(tmp_path, restore_root_logger):
         assert result.exit_code == 0 and "Examples" in result.output, name
     out = tmp_path / "cli"
     result = runner.invoke(app, ["grpo", "--model", "tiny", "--tasks", "demo", "--demo-per-family", "2",
-                                 "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                                 "--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
                                  "--max-new-tokens", "4", "--precision", "fp32", "--no-progress",
                                  "--output-dir", str(out)])
     assert result.exit_code == 0, result.output

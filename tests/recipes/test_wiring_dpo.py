@@ -185,7 +185,7 @@ def test_tied_pairs_reach_the_loss_as_label_one_half_or_are_dropped(tmp_path, ti
 # ----------------------------------------------------------------------------- reference-free
 
 
-@pytest.mark.parametrize("hyper,beta,gamma", [({}, 2.0, 1.0), ({"beta": 1.0, "gamma": 0.3}, 1.0, 0.3)],
+@pytest.mark.parametrize("hyper,beta,gamma", [({}, 2.0, 1.0), ({"beta": 1.0, "simpo_margin": 0.3}, 1.0, 0.3)],
                          ids=["defaults", "beta=1-gamma=0.3"])
 def test_simpo_beta_and_gamma_reach_the_loss(tmp_path, start_logps, hyper, beta, gamma):
     # L = mean −log σ(β·(π_c/|y_c| − π_r/|y_r|) − γ) from the starting model's log-probs.

@@ -36,7 +36,7 @@ REWARD = "format:[a-z]:1.0,format:[0-9]:0.5,format:[A-Z]:0.25"
 
 def config(cls, tmp_path, **kw):
     base = dict(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
-                prompts_per_step=2, group_size=4, max_new_tokens=8, batch_size=16, precision="fp32",
+                prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, batch_size=16, precision="fp32",
                 progress=False, seed=5, lr=1e-2, reward=REWARD)
     base.update(kw)
     return cls(**base)
@@ -90,7 +90,7 @@ def test_kl_in_the_reward_and_the_moving_baseline_decay(tmp_path):
     #   b_2 = d·b_1 + (1 − d)·mean(r'_2).
     # Aggregation "sequence" at ratio 1: policy_loss = −mean_i A_i = −(mean(r') − b_before).
     beta, decay = 0.3, 0.6
-    rows = run_rows(ReinforceConfig, tmp_path, max_steps=2, group_size=2, kl_coef=beta, baseline_decay=decay,
+    rows = run_rows(ReinforceConfig, tmp_path, max_steps=2, samples_per_prompt=2, kl_coef=beta, baseline_decay=decay,
                     aggregation="sequence")
     first, second = rows
     assert "kl_penalty" not in first                          # nothing of the KL in the loss
@@ -109,12 +109,13 @@ GRPO_STD_2x3 = math.sqrt(2 * (3 - 1) / (2 * 3 - 1))  # G groups of k, each of sa
 @pytest.mark.parametrize("cls,kw,expected", [
     # A_i = (r_i − mean_g)/std_g: each group has sample std 1, the G·k advantages mean 0, so
     # their sample std is √(G(k − 1)/(Gk − 1)) = √(4/5) for G = 2, k = 3.
-    (GRPOConfig, {"prompts_per_step": 2, "group_size": 3}, lambda r: GRPO_STD_2x3),
+    (GRPOConfig, {"prompts_per_step": 2, "samples_per_prompt": 3}, lambda r: GRPO_STD_2x3),
     # one group of 6: std 1 scaled; r − mean unscaled (Dr. GRPO): the scores' own std
-    (GRPOConfig, {"prompts_per_step": 1, "group_size": 6}, lambda r: 1.0),
-    (GRPOConfig, {"prompts_per_step": 1, "group_size": 6, "scale_advantages": False}, lambda r: r["reward/std"]),
+    (GRPOConfig, {"prompts_per_step": 1, "samples_per_prompt": 6}, lambda r: 1.0),
+    (GRPOConfig, {"prompts_per_step": 1, "samples_per_prompt": 6, "scale_advantages": False},
+     lambda r: r["reward/std"]),
     # RLOO: r_i − (Σ_j r_j − r_i)/(k − 1) = k/(k − 1)·(r_i − mean): std × 6/5
-    (RLOOConfig, {"prompts_per_step": 1, "group_size": 6}, lambda r: 6 / 5 * r["reward/std"]),
+    (RLOOConfig, {"prompts_per_step": 1, "samples_per_prompt": 6}, lambda r: 6 / 5 * r["reward/std"]),
 ], ids=["grpo-2x3", "grpo-1x6", "grpo-1x6-unscaled", "rloo-1x6"])
 def test_group_baselines_scale_and_group_size(tmp_path, cls, kw, expected):
     row = run_rows(cls, tmp_path, kl_coef=0.0, aggregation="sequence", **kw)[0]
@@ -127,11 +128,11 @@ def test_group_baselines_scale_and_group_size(tmp_path, cls, kw, expected):
 
 def test_remax_and_reinforce_baselines_at_step_1(tmp_path):
     # ReMax: A_i = r_i − r(greedy decode of its prompt): policy_loss = −(reward − greedy reward)
-    remax = run_rows(ReMaxConfig, tmp_path / "remax", kl_coef=0.0, aggregation="sequence", group_size=2)[0]
+    remax = run_rows(ReMaxConfig, tmp_path / "remax", kl_coef=0.0, aggregation="sequence", samples_per_prompt=2)[0]
     assert remax["policy_loss"] == pytest.approx(-(remax["reward"] - remax["baseline/greedy_reward"]), abs=1e-6)
     # REINFORCE: the baseline is 0 before the first batch: policy_loss = −reward
     reinforce = run_rows(ReinforceConfig, tmp_path / "reinforce", kl_coef=0.0, aggregation="sequence",
-                         group_size=2)[0]
+                         samples_per_prompt=2)[0]
     assert reinforce["reward"] > 0
     assert reinforce["policy_loss"] == pytest.approx(-reinforce["reward"], abs=1e-6)
 
@@ -144,7 +145,7 @@ def test_aggregation_through_the_recipe(tmp_path, aggregation, per_token_factor)
     #   token     Σ_{i,t} −A_i / (B·L)    = −reward
     #   seq-mean-token-sum 1/B Σ_i Σ_t −A_i = −L·reward = −4·reward
     # (token and sequence differ only with unequal lengths: see the hand-built rollout below)
-    row = run_rows(ReinforceConfig, tmp_path, kl_coef=0.0, aggregation=aggregation, group_size=2,
+    row = run_rows(ReinforceConfig, tmp_path, kl_coef=0.0, aggregation=aggregation, samples_per_prompt=2,
                    max_new_tokens=4)[0]
     assert row["response_length"] == 4.0 and row["response_truncated"] == 1.0 and row["reward"] > 0
     assert row["policy_loss"] == pytest.approx(-per_token_factor * row["reward"], abs=1e-6)

@@ -29,7 +29,7 @@ REWARD = "format:[a-z]:1.0,format:[0-9]:0.5,format:[A-Z]:0.25"
 
 def config(tmp_path, **kw) -> PPOConfig:
     base = dict(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
-                prompts_per_step=2, group_size=2, max_new_tokens=3, batch_size=8, inner_epochs=1, minibatches=1,
+                prompts_per_step=2, samples_per_prompt=2, max_new_tokens=3, batch_size=8, inner_epochs=1, minibatches=1,
                 precision="fp32", progress=False, seed=5, lr=1e-2, reward=REWARD, max_grad_norm=1e9)
     base.update(kw)
     return PPOConfig(**base)

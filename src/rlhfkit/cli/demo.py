@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from rlhfkit.cli.flags import old_flags
 from rlhfkit.cli.loop import on_event
 from rlhfkit.demo.pipeline import DemoSettings, run_demo
 from rlhfkit.models.loading import ModelNotFound
@@ -16,8 +17,9 @@ from rlhfkit.models.loading import ModelNotFound
 console = Console()
 
 
+@old_flags(output_dir="--out")
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="folder for data, checkpoints, metrics and the report"),
+    output_dir: Path = typer.Option(Path("runs/demo"), help="folder for data, checkpoints, metrics and the report"),
     quick: bool = typer.Option(True, "--quick/--full",
                                help="quick (≈ 10 min on 2 CPU cores: SFT + 2 rounds of the loop) or full (≈ 35 min: "
                                     "the base model's accuracy, 5 rounds of twice the size on 800 held-out prompts)"),
@@ -43,14 +45,14 @@ def demo(
 
       rlhf demo
 
-      rlhf demo --full --out runs/demo-full
+      rlhf demo --full --output-dir runs/demo-full
 
-      rlhf demo --full --compare --out runs/demo-full
+      rlhf demo --full --compare --output-dir runs/demo-full
     """
     if quick:
-        settings = (DemoSettings.compare if compare else DemoSettings.quick)(out, model=model, seed=seed)
+        settings = (DemoSettings.compare if compare else DemoSettings.quick)(output_dir, model=model, seed=seed)
     else:
-        settings = DemoSettings.full(out, compare=compare, model=model, seed=seed)
+        settings = DemoSettings.full(output_dir, compare=compare, model=model, seed=seed)
     t0 = time.perf_counter()
 
     def show(name, desc, result):

@@ -21,8 +21,8 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 
+from rlhfkit.cli.help_format import FlagGroup
 from rlhfkit.config import ConfigError
 from rlhfkit.data.errors import DataError
 from rlhfkit.judge.backends import JudgeError
@@ -76,7 +76,7 @@ def _verbose(ctx: typer.Context) -> bool:
     return bool(ctx.find_root().params.get("verbose"))
 
 
-class GuardedGroup(TyperGroup):
+class GuardedGroup(FlagGroup):
     """The `rlhf` group: runs the command, and turns whatever escapes it into one line."""
 
     def invoke(self, ctx: typer.Context) -> Any:

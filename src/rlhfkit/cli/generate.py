@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from rlhfkit.cli.errors import fail, friendly
+from rlhfkit.cli.flags import old_flags
+from rlhfkit.config import ConfigError
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.readers import iter_records
 from rlhfkit.data.schemas import Message, as_conversation, prompt_text
@@ -32,6 +34,7 @@ from rlhfkit.rollout.generate import generate as sample
 console = Console()
 
 
+@old_flags(samples_per_prompt="--n")
 def generate(
     model: str = typer.Option("embedded", help="checkpoint: 'embedded', HF id, or a run's final/ folder"),
     prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable)"),
@@ -40,7 +43,7 @@ def generate(
     max_new_tokens: int = typer.Option(128, help="longest response in tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0, help="nucleus sampling"),
-    n: int = typer.Option(1, help="responses per prompt"),
+    samples_per_prompt: int = typer.Option(1, help="responses per prompt"),
     seed: int = typer.Option(0, help="sampling seed"),
 ):
     """Generate responses with any checkpoint.
@@ -49,12 +52,14 @@ def generate(
 
       rlhf generate -p "What is 7 times 8?"
 
-      rlhf generate --model runs/demo/sft/final --prompts test.jsonl --out responses.jsonl --n 4 --temperature 0.8
-    """
-    friendly(_generate)(model, prompt, prompts_file, out, max_new_tokens, temperature, top_p, n, seed)
+      rlhf generate --model runs/demo/sft/final --prompts test.jsonl --out responses.jsonl --samples-per-prompt 4 --temperature 0.8
+    """  # noqa: E501 — the examples are shown as written, one command a line
+    friendly(_generate)(model, prompt, prompts_file, out, max_new_tokens, temperature, top_p, samples_per_prompt, seed)
 
 
-def _generate(model, prompt, prompts_file, out, max_new_tokens, temperature, top_p, n, seed):
+def _generate(model, prompt, prompts_file, out, max_new_tokens, temperature, top_p, samples_per_prompt, seed):
+    if samples_per_prompt < 1:
+        raise ConfigError(f"--samples-per-prompt must be ≥ 1, got {samples_per_prompt}")
     convs = [as_conversation(p) for p in (prompt or [])]
     if prompts_file is not None:
         for rec, where in iter_records(prompts_file):
@@ -63,7 +68,8 @@ def _generate(model, prompt, prompts_file, out, max_new_tokens, temperature, top
             convs.append(as_conversation(rec["prompt"]))
     if not convs:
         raise DataError("give --prompt TEXT or --prompts FILE")
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed)
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples_per_prompt,
+                         seed=seed)
     tok, m = load_tokenizer(model), load_model(model)
     results = sample(m, tok, convs, cfg, progress=True)
     rows = [{"prompt": prompt_text(convs[g.prompt_index]), "response": g.text} for g in results]

@@ -21,6 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from rlhfkit.cli.errors import friendly
+from rlhfkit.cli.flags import old_flags
+from rlhfkit.cli.help_format import App
 from rlhfkit.data.readers import read_preferences
 from rlhfkit.io import atomic_write_text
 from rlhfkit.judge.agreement import judge_vs_human
@@ -41,7 +43,7 @@ JUDGE_HELP = ("the judge: 'embedded', 'local:PATH' (a model folder or HF id), or
               "base URL such as http://localhost:8000/v1 (with --judge-model)")
 CACHE_HELP = "judge cache file (SQLite); 'none' turns caching off (default: ~/.cache/rlhfkit/judge_cache.sqlite)"
 
-judge_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+judge_app = App(no_args_is_help=True, rich_markup_mode="rich",
                         help="AI feedback: an LLM judge labels pairs (RLAIF), is checked against human "
                              "labels, and revises answers against written principles (Constitutional AI).")
 
@@ -61,13 +63,14 @@ def _judge_summary_line(summary: dict[str, Any], calls: int) -> str:
 
 @judge_app.command("pairs",
                    short_help="Label (prompt, response_a, response_b) pairs with the judge → preference JSONL.")
+@old_flags(judge_template="--template")
 def judge_pairs(
     data: Path = typer.Option(..., help="JSONL with prompt, response_a, response_b per line"),
     out: Path = typer.Option(..., help="write preference pairs (prompt, chosen, rejected, label, provenance) here"),
     judge: str = typer.Option("embedded", help=JUDGE_HELP),
     judge_model: str | None = typer.Option(None, help="model name sent to an HTTP judge"),
-    template: str = typer.Option("pairwise", help="judge prompt: a built-in name or a .txt file with "
-                                                  "{prompt}, {response_a}, {response_b}"),
+    judge_template: str = typer.Option("pairwise", help="judge prompt: a built-in name or a .txt file with "
+                                                        "{prompt}, {response_a}, {response_b}"),
     cache: str | None = typer.Option(None, help=CACHE_HELP),
     both_orders: bool = typer.Option(True, "--both-orders/--one-order", help="ask in both orders (disagreement = tie)"),
     mode: str = typer.Option("auto", help="verdict (parse 'Verdict: X'), logprob (read log P(A) − log P(B), position "
@@ -89,17 +92,17 @@ def judge_pairs(
 
       OPENAI_API_KEY=... rlhf judge pairs --data pairs.jsonl --out ai_prefs.jsonl --judge https://api.openai.com/v1 --judge-model gpt-4o-mini --rate-limit 5
     """  # noqa: E501 — the examples are shown as written, one command a line
-    friendly(_judge_pairs)(data, out, judge, judge_model, template, cache, both_orders, mode, round, model_version,
-                            max_new_tokens, concurrency, rate_limit)
+    friendly(_judge_pairs)(data, out, judge, judge_model, judge_template, cache, both_orders, mode, round,
+                            model_version, max_new_tokens, concurrency, rate_limit)
 
 
-def _judge_pairs(data, out, judge, judge_model, template, cache, both_orders, mode, round, model_version,
+def _judge_pairs(data, out, judge, judge_model, judge_template, cache, both_orders, mode, round, model_version,
                  max_new_tokens, concurrency, rate_limit):
     records = read_judge_items(data)
     backend = backend_from_spec(judge, judge_model=judge_model, max_new_tokens=max_new_tokens,
                                 max_concurrency=concurrency, max_requests_per_s=rate_limit)
     try:
-        pj = PairwiseJudge(backend, template, both_orders=both_orders, cache=open_cache(cache),
+        pj = PairwiseJudge(backend, judge_template, both_orders=both_orders, cache=open_cache(cache),
                            mode=resolve_judge_mode(mode, backend))
         pairs, batch = label_pairs_with_judge(pj, [{k: r[k] for k in PAIR_FIELDS} for r in records],
                                               round=round, model_version=model_version)
@@ -114,11 +117,12 @@ def _judge_pairs(data, out, judge, judge_model, template, cache, both_orders, mo
 # ----------------------------------------------------------------------------- rlhf judge agreement
 
 @judge_app.command("agreement", short_help="Agreement of the judge with human labels (labeling-app export).")
+@old_flags(data="--human", judge_template="--template")
 def judge_agreement_command(
-    human: Path = typer.Option(..., help="human preference pairs, e.g. `rlhf label export --format pairs` output"),
+    data: Path = typer.Option(..., help="human preference pairs, e.g. `rlhf label export --format pairs` output"),
     judge: str = typer.Option("embedded", help=JUDGE_HELP),
     judge_model: str | None = typer.Option(None, help="model name sent to an HTTP judge"),
-    template: str = typer.Option("pairwise", help="judge prompt: a built-in name or a .txt file"),
+    judge_template: str = typer.Option("pairwise", help="judge prompt: a built-in name or a .txt file"),
     cache: str | None = typer.Option(None, help=CACHE_HELP),
     out: Path | None = typer.Option(None, help="also write the numbers and confusion table as JSON"),
     max_new_tokens: int = typer.Option(256, help="longest judge answer in tokens"),
@@ -130,20 +134,20 @@ def judge_agreement_command(
 
     [bold]Examples[/]
 
-      rlhf judge agreement --human export.jsonl
+      rlhf judge agreement --data export.jsonl
 
-      rlhf judge agreement --human export.jsonl --judge http://localhost:8000/v1 --judge-model llama-3-8b --out agreement.json
+      rlhf judge agreement --data export.jsonl --judge http://localhost:8000/v1 --judge-model llama-3-8b --out agreement.json
     """  # noqa: E501 — the examples are shown as written, one command a line
-    friendly(_judge_agreement)(human, judge, judge_model, template, cache, out, max_new_tokens, concurrency,
+    friendly(_judge_agreement)(data, judge, judge_model, judge_template, cache, out, max_new_tokens, concurrency,
                                 rate_limit)
 
 
-def _judge_agreement(human, judge, judge_model, template, cache, out, max_new_tokens, concurrency, rate_limit):
-    pairs = read_preferences(human)
+def _judge_agreement(data, judge, judge_model, judge_template, cache, out, max_new_tokens, concurrency, rate_limit):
+    pairs = read_preferences(data)
     backend = backend_from_spec(judge, judge_model=judge_model, max_new_tokens=max_new_tokens,
                                 max_concurrency=concurrency, max_requests_per_s=rate_limit)
     try:
-        report, batch = judge_vs_human(PairwiseJudge(backend, template, cache=open_cache(cache)), pairs)
+        report, batch = judge_vs_human(PairwiseJudge(backend, judge_template, cache=open_cache(cache)), pairs)
     finally:
         _close(backend)
     report = {**report, "judge": backend.name, "judge_summary": batch.summary()}
@@ -166,10 +170,11 @@ def _judge_agreement(human, judge, judge_model, template, cache, out, max_new_to
 
 @judge_app.command("constitutional",
                    short_help="Critique → revise against principles: an SFT dataset and AI preference pairs.")
+@old_flags(output_dir="--out")
 def judge_constitutional(
     prompts: Path = typer.Option(..., help="JSONL with 'prompt' per line; optional 'response' (the answer to "
                                            "revise) and 'response_a'/'response_b' (a pair to label)"),
-    out: Path = typer.Option(..., help="folder for sft.jsonl, preferences.jsonl and summary.json"),
+    output_dir: Path = typer.Option(..., help="folder for sft.jsonl, preferences.jsonl and summary.json"),
     principles: Path | None = typer.Option(None, help="Markdown list of principles (default: the built-in one)"),
     rounds: int = typer.Option(1, help="critique → revise rounds per answer, each with a freshly drawn principle"),
     judge: str = typer.Option("embedded", help=JUDGE_HELP),
@@ -197,18 +202,18 @@ def judge_constitutional(
 
     [bold]Examples[/]
 
-      rlhf judge constitutional --prompts prompts.jsonl --out runs/cai
+      rlhf judge constitutional --prompts prompts.jsonl --output-dir runs/cai
 
-      rlhf judge constitutional --prompts prompts.jsonl --out runs/cai --principles my_principles.md --rounds 2 --policy runs/sft/final
+      rlhf judge constitutional --prompts prompts.jsonl --output-dir runs/cai --principles my_principles.md --rounds 2 --policy runs/sft/final
 
-      rlhf judge constitutional --prompts prompts.jsonl --out runs/cai --judge http://localhost:8000/v1 --judge-model qwen2.5-7b
+      rlhf judge constitutional --prompts prompts.jsonl --output-dir runs/cai --judge http://localhost:8000/v1 --judge-model qwen2.5-7b
     """  # noqa: E501 — the examples are shown as written, one command a line
-    friendly(_judge_constitutional)(prompts, out, principles, rounds, judge, judge_model, policy, temperature,
+    friendly(_judge_constitutional)(prompts, output_dir, principles, rounds, judge, judge_model, policy, temperature,
                                      critique_template, revision_template, preference_template, cache, seed,
                                      max_new_tokens, concurrency, rate_limit)
 
 
-def _judge_constitutional(prompts, out, principles, rounds, judge, judge_model, policy, temperature,
+def _judge_constitutional(prompts, output_dir, principles, rounds, judge, judge_model, policy, temperature,
                           critique_template, revision_template, preference_template, cache, seed,
                           max_new_tokens, concurrency, rate_limit):
     constitution = load_principles(principles)
@@ -220,12 +225,12 @@ def _judge_constitutional(prompts, out, principles, rounds, judge, judge_model, 
                                 max_concurrency=concurrency, max_requests_per_s=rate_limit)
     try:
         summary = write_constitutional_data(
-            backend, records, convs, constitution, out, samples=samples, rounds=rounds, seed=seed,
+            backend, records, convs, constitution, output_dir, samples=samples, rounds=rounds, seed=seed,
             cache=open_cache(cache), critique_template=critique_template, revision_template=revision_template,
             preference_template=preference_template)
     finally:
         _close(backend)
-    out = Path(out)
+    out = Path(output_dir)
     preferences = summary["preferences"]
     console.print(f"[green]constitutional SFT data[/]: {summary['sft_examples']} revisions ({summary['changed']} "
                   f"differ from the original) → {escape(str(out / 'sft.jsonl'))}")

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from rlhfkit.cli.config import config_command
 from rlhfkit.cli.errors import USER_ERRORS, fail
+from rlhfkit.cli.flags import old_flags
+from rlhfkit.cli.help_format import App
 from rlhfkit.loop.config import LoopConfig
 from rlhfkit.loop.feedback import labeling_progress
 from rlhfkit.loop.registry import REGISTRY_FILE, WAITING, Registry
@@ -20,7 +22,7 @@ from rlhfkit.loop.runner import STEPS, WaitingForLabels, load_config, run_loop
 console = Console()
 WAITING_EXIT = 3
 
-loop_app = typer.Typer(help="The feedback loop: rounds of sample → feedback → train → evaluate, each versioned.",
+loop_app = App(help="The feedback loop: rounds of sample → feedback → train → evaluate, each versioned.",
                        no_args_is_help=True, rich_markup_mode="rich")
 
 
@@ -55,7 +57,7 @@ def run_and_report(cfg: LoopConfig) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted; run `rlhf loop resume {cfg.out}` to continue where it stopped[/]")
+        console.print(f"[yellow]interrupted; run `rlhf loop resume {cfg.output_dir}` to continue where it stopped[/]")
         raise typer.Exit(130) from None
     print_history(run.root)
     console.print(f"report: [bold]{run.root / 'report.html'}[/]")
@@ -140,19 +142,20 @@ def history(run_dir: Path = typer.Argument(..., help="the loop's run folder")) -
     print_history(run_dir)
 
 
+@old_flags(output_dir="--to")
 def export(run_dir: Path = typer.Argument(..., help="the loop's run folder"),
            round: int = typer.Option(..., "--round", help="round to export"),
-           to: Path = typer.Option(..., "--to", help="folder to write (must not exist)"),
+           output_dir: Path = typer.Option(..., help="folder to write (must not exist)"),
            model: bool = typer.Option(True, help="also copy the round's model")) -> None:
     """Copy one round's data (prompts, samples, comparisons, labels, eval, lineage) and model to a folder,
     e.g. to train something else on its labels."""
-    if to.exists():
-        fail(f"{to} exists; choose a new folder")
+    if output_dir.exists():
+        fail(f"{output_dir} exists; choose a new folder")
     with _open_registry(run_dir) as reg:
         arts = reg.artifacts(round)
         if not arts:
             fail(f"round {round} has no registered data in {run_dir}")
-        tmp = to.with_name(to.name + ".partial")
+        tmp = output_dir.with_name(output_dir.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for a in arts:
@@ -162,8 +165,8 @@ def export(run_dir: Path = typer.Argument(..., help="the loop's run folder"),
                     shutil.copytree(src, tmp / "model")
             else:
                 shutil.copy2(src, tmp / src.name)
-        tmp.rename(to)   # the folder appears whole or not at all
-    console.print(f"round {round} → {to} ({', '.join(sorted(p.name for p in to.iterdir()))})")
+        tmp.rename(output_dir)   # the folder appears whole or not at all
+    console.print(f"round {round} → {output_dir} ({', '.join(sorted(p.name for p in output_dir.iterdir()))})")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,13 +10,14 @@ from rich.console import Console
 
 from rlhfkit.cli.config import config_command
 from rlhfkit.cli.errors import friendly
+from rlhfkit.cli.help_format import App
 from rlhfkit.cli.train import format_metrics
 from rlhfkit.eval.reward import evaluate_file, score_file
 from rlhfkit.io import atomic_write_text
 from rlhfkit.recipes.reward import RewardConfig, run_reward
 
 console = Console()
-rm_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+rm_app = App(no_args_is_help=True, rich_markup_mode="rich",
                      help="Reward models: train on preference pairs, evaluate on held-out pairs, score responses.")
 
 

@@ -110,12 +110,14 @@ def register(app: typer.Typer) -> None:
     config_command(app, "best-of-n", BestOfNConfig, friendly(_best_of_n),
                    help="Best-of-n sampling: n responses per prompt, keep the best by reward, write JSONL.",
                    examples="[bold]Examples[/]\n\n"
-                            "  rlhf best-of-n --model runs/sft/final --prompts prompts.jsonl --n 8 --reward gold\n\n"
-                            "  rlhf best-of-n --tasks demo --n 16 --reward rm:runs/rm/final --out best.jsonl")
+                            "  rlhf best-of-n --model runs/sft/final --prompts prompts.jsonl --samples-per-prompt 8 "
+                            "--reward gold\n\n"
+                            "  rlhf best-of-n --tasks demo --samples-per-prompt 16 --reward rm:runs/rm/final "
+                            "--out best.jsonl")
     config_command(app, "expert-iter", ExpertIterationConfig, friendly(_expert_iteration),
                    help="Expert iteration: rounds of best-of-n on train prompts → SFT on the kept best → repeat.",
                    examples="[bold]Examples[/]\n\n"
-                            f"  rlhf expert-iter --model runs/sft/final {DEMO} --rounds 3 --n 8\n\n"
+                            f"  rlhf expert-iter --model runs/sft/final {DEMO} --rounds 3 --samples-per-prompt 8\n\n"
                             "  rlhf expert-iter --prompts prompts.jsonl --reward gold --threshold 1.0 --max-steps 100")
     config_command(app, "dpo", DPOConfig, friendly(_dpo),
                    help="Direct preference optimization: DPO, cDPO, IPO, hinge, robust DPO, SimPO, ORPO, KTO.",

@@ -138,7 +138,7 @@ class DemoSettings:
     def loop_config(self, policy: str) -> LoopConfig:
         """The demo's loop: the exact checkers as an annotator with mis-clicks, on pairs with one
         right and one wrong answer (ties teach nothing), from the SFT model."""
-        return LoopConfig(out=str(self.out / "loop"), policy=policy, rounds=self.rounds, prompts="demo",
+        return LoopConfig(output_dir=str(self.out / "loop"), policy=policy, rounds=self.rounds, prompts="demo",
                           demo_per_family=self.train_per_family, prompts_per_round=self.loop_prompts,
                           eval_tasks="demo", eval_per_family=self.test_per_family, kl_prompts=self.kl_prompts,
                           samples_per_prompt=self.loop_samples, pairs_per_prompt=self.loop_pairs,
@@ -289,9 +289,9 @@ def stage_loop(ctx: DemoContext) -> dict[str, Any]:
     """`rlhf loop` from the SFT model; the stage's result is each round's accuracy and tests."""
     cfg = ctx.settings.loop_config(str(ctx.path("sft", "final")))
     if ctx.fresh:
-        shutil.rmtree(cfg.out, ignore_errors=True)
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
     run_loop(cfg, on_event=ctx.on_loop_event)
-    with Registry(cfg.out) as registry:
+    with Registry(cfg.output_dir) as registry:
         rounds = registry.rounds()
     out = []
     for r in rounds:
@@ -301,7 +301,7 @@ def stage_loop(ctx: DemoContext) -> dict[str, Any]:
                     "ci_high": ev["ci_high"], "n": ev["n"], "vs_round0": ev.get("vs_round0"),
                     "vs_previous": ev.get("vs_previous"), "kl_to_round0": ev.get("kl_to_round0"),
                     "labels": fb.get("labels"), "decided": fb.get("decided"), "pairs_trained": tr.get("pairs")})
-    return {"rounds": out, "folder": cfg.out}
+    return {"rounds": out, "folder": cfg.output_dir}
 
 
 def _online_config(ctx: DemoContext, algorithm: str, *, reward: str, steps: int, lr: float, kl_coef: float,
@@ -310,7 +310,7 @@ def _online_config(ctx: DemoContext, algorithm: str, *, reward: str, steps: int,
     s = ctx.settings
     common = dict(model=str(ctx.path("sft", "final")), tasks="demo", demo_per_family=s.train_per_family,
                   reward=reward, output_dir=str(ctx.path(out)), max_steps=steps,
-                  prompts_per_step=s.rl_prompts_per_step, group_size=s.rl_group_size,
+                  prompts_per_step=s.rl_prompts_per_step, samples_per_prompt=s.rl_group_size,
                   max_new_tokens=s.max_new_tokens, lr=lr, kl_coef=kl_coef, seed=s.seed, precision=s.precision,
                   save_every=max(2, steps // 4), batch_size=s.rl_prompts_per_step * s.rl_group_size)
     if algorithm == "ppo":  # 2 epochs × 2 minibatches: 4 updates per rollout, twice GRPO's compute

@@ -38,7 +38,8 @@ def source_kind(spec: str) -> str:
 class LoopConfig(Config):
     kind = "loop"
 
-    out: str = param("runs/loop", "run folder: registry.sqlite, config.yaml, rounds/rN/…, report.html")
+    output_dir: str = param("runs/loop", "run folder: registry.sqlite, config.yaml, rounds/rN/…, report.html",
+                            old_names=("out",))
     policy: str = param("embedded", "round-0 policy: 'embedded', a Hugging Face id, a local folder, or 'tiny'")
     rounds: int = param(2, "rounds of sample → feedback → train → evaluate after round 0")
     # prompts and evaluation
@@ -73,7 +74,7 @@ class LoopConfig(Config):
                                                   "orders; judge alone = the embedded model), human (the "
                                                   "labeling app)")
     label_noise: float = param(0.0, "rules: simulated annotator mis-click rate in [0, 0.5)")
-    label_db: str = param("", "human: labeling-app database (default: <out>/labels.db)")
+    label_db: str = param("", "human: labeling-app database (default: <output_dir>/labels.db)")
     label_project: str = param("", "human: labeling-app project (default: the run folder's name)")
     overlap: int = param(1, "human: votes needed per item (annotators per item)")
     judge_model: str = param("", "judge:http(s)://…: the model name the endpoint serves")
@@ -91,7 +92,7 @@ class LoopConfig(Config):
     beta: float = param(0.1, "β of the DPO family")
     nll_weight: float = param(1.0, "DPO family: weight of the NLL term on the preferred response (RPO; 0 = off)")
     rl_prompts_per_step: int = param(8, "rm+ALGO: prompts per RL step")
-    rl_group_size: int = param(4, "rm+ALGO: samples per prompt in an RL step")
+    rl_samples_per_prompt: int = param(4, "rm+ALGO: samples per prompt in an RL step", old_names=("rl_group_size",))
     rl_kl_coef: float = param(0.02, "rm+ALGO: KL coefficient")
     rm_steps: int = param(16, "rm+ALGO: reward-model steps per round")
     seed: int = param(0, "seed of prompt order, sampling, labels and training")

@@ -21,13 +21,14 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhfkit import __version__
-from rlhfkit.config import ConfigError
+from rlhfkit.config import ConfigError, RenamedSetting
 from rlhfkit.data.readers import iter_records
 from rlhfkit.eval.rounds_report import write_rounds_report
 from rlhfkit.io import atomic_write_text
@@ -131,17 +132,18 @@ class LoopRun:
 
 
 def open_run(cfg: LoopConfig, *, on_event: Event | None = None) -> LoopRun:
-    """The run folder of `cfg.out`, created with the config, or reopened if it holds this loop."""
-    root = Path(cfg.out).resolve()
+    """The run folder of `cfg.output_dir`, created with the config, or reopened if it holds this loop."""
+    root = Path(cfg.output_dir).resolve()
     registry = Registry(root)
     saved = registry.get_meta("config")
     if saved is not None:
         begun = [s.round for s in registry.steps()]
-        changed = config_changes(json.loads(saved), cfg, max(begun, default=0))
+        saved_config = LoopConfig.current_names(json.loads(saved), warn=False)  # written before a rename
+        changed = config_changes(saved_config, cfg, max(begun, default=0))
         if changed:
             registry.close()
             raise ConfigError(f"{root} holds a loop with another config (changed: {', '.join(changed)}); resume it "
-                              "with `rlhf loop resume` or start a new one with another --out")
+                              "with `rlhf loop resume` or start a new one with another --output-dir")
     registry.set_meta("config", json.dumps(cfg.to_dict(), sort_keys=True))
     registry.set_meta("package_version", __version__)
     cfg.save(root / "config.yaml")
@@ -276,8 +278,8 @@ def _round_metrics(run: LoopRun, r: int) -> dict[str, Any]:
 
 def step_register(run: LoopRun, r: int, model: str, parent: str | None) -> tuple[dict[str, Any], list[Artifact]]:
     metrics = _round_metrics(run, r)
-    # the round's own settings, without `out`: lineage is relative to the run folder, which may move
-    config = {k: v for k, v in run.cfg_of(r).to_dict().items() if k not in ("out", "per_round")}
+    # the round's own settings, without `output_dir`: lineage is relative to the run folder, which may move
+    config = {k: v for k, v in run.cfg_of(r).to_dict().items() if k not in ("output_dir", "per_round")}
     run.registry.register_round(r, parent_model=parent, model=model, config=config,
                                 package_version=__version__, metrics=metrics)
     row = next(x for x in run.registry.rounds() if x["round"] == r)
@@ -357,4 +359,6 @@ def load_config(run_dir: str | Path) -> LoopConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a loop folder (no config.yaml); start one with `rlhf loop run`")
-    return LoopConfig.load(path)
+    with warnings.catch_warnings():  # the folder's own record: a key renamed since it was written is no news
+        warnings.simplefilter("ignore", RenamedSetting)
+        return LoopConfig.load(path)

@@ -77,10 +77,11 @@ def train_rm_then_rl(cfg: LoopConfig, model: str, start_model: str, data: Path, 
                                                             "max_steps": cfg.rm_steps, "lr": 2e-5}))
     algorithm = cfg.trainer.removeprefix("rm+")
     common = dict(model=model, prompts=str(prompts), reward=f"rm:{rm['final']}", output_dir=str(out_dir / "rl"),
-                  max_steps=cfg.steps, prompts_per_step=cfg.rl_prompts_per_step, group_size=cfg.rl_group_size,
-                  max_new_tokens=cfg.max_new_tokens, lr=cfg.lr, kl_coef=cfg.rl_kl_coef, seed=cfg.seed + round,
+                  max_steps=cfg.steps, prompts_per_step=cfg.rl_prompts_per_step,
+                  samples_per_prompt=cfg.rl_samples_per_prompt, max_new_tokens=cfg.max_new_tokens, lr=cfg.lr,
+                  kl_coef=cfg.rl_kl_coef, seed=cfg.seed + round,
                   precision=cfg.precision, save_every=max(2, cfg.steps // 4),
-                  batch_size=cfg.rl_prompts_per_step * cfg.rl_group_size)
+                  batch_size=cfg.rl_prompts_per_step * cfg.rl_samples_per_prompt)
     out = (run_ppo(PPOConfig(**common, inner_epochs=2, minibatches=2)) if algorithm == "ppo"
            else run_policy_gradient(PolicyGradientConfig(algorithm=algorithm, **common)))
     return {"final": out["final"], "reward_model": rm["final"], "rm_eval_accuracy": rm.get("eval", {}).get("accuracy"),

@@ -120,7 +120,7 @@ class BestOfNConfig(Config):
     demo_split: str = param("test", "demo split to use (with --tasks demo)", choices=("train", "test"))
     demo_per_family: int = param(16, "demo tasks per family (with --tasks demo)")
     demo_families: tuple[str, ...] = param(DEMO_FAMILIES, "demo task families")
-    n: int = param(8, "responses sampled per prompt")
+    samples_per_prompt: int = param(8, "responses sampled per prompt (the n of best-of-n)", old_names=("n",))
     reward: str = param("gold", "reward spec (see `rlhf grpo --help`)")
     max_new_tokens: int = param(64, "longest response in tokens")
     temperature: float = param(1.0, "sampling temperature")
@@ -131,7 +131,7 @@ class BestOfNConfig(Config):
 
     def validate(self) -> None:
         check(bool(self.prompts) != bool(self.tasks), "give exactly one of prompts (a JSONL file) or tasks=demo")
-        check(self.n >= 1, "n must be ≥ 1")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt must be ≥ 1")
         check(self.temperature > 0, "temperature must be > 0 (n greedy samples would all be the same)")
         check(self.max_new_tokens >= 1 and self.batch_size >= 1, "max_new_tokens and batch_size must be ≥ 1")
         parse_reward_spec(self.reward)
@@ -145,11 +145,11 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     reward = build_reward(cfg.reward)
     tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, seed=cfg.seed).to(inference_device())
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              n=cfg.n, batch_size=cfg.batch_size, seed=cfg.seed)
+                              n=cfg.samples_per_prompt, batch_size=cfg.batch_size, seed=cfg.seed)
     results = best_of_n(model, tokenizer, prompts, reward, sampling)
     out = Path(cfg.out)
     _write_jsonl(out, [r.record() for r in results])
-    summary = {**summarize(results), "n": cfg.n, "out": str(out)}
+    summary = {**summarize(results), "n": cfg.samples_per_prompt, "out": str(out)}
     atomic_write_text(out.with_name(out.name + ".summary.json"), json.dumps(summary, indent=2))
     return summary
 
@@ -163,7 +163,7 @@ class ExpertIterationConfig(TrainConfig):
     demo_per_family: int = param(64, "demo train tasks per family (with --tasks demo)")
     demo_families: tuple[str, ...] = param(DEMO_FAMILIES, "demo task families")
     rounds: int = param(2, "K: rounds of sample → keep best → SFT")
-    n: int = param(8, "responses sampled per prompt each round")
+    samples_per_prompt: int = param(8, "responses sampled per prompt each round", old_names=("n",))
     reward: str = param("gold", "reward spec (see `rlhf grpo --help`)")
     threshold: float = param(0.5, "keep a prompt's best response only if its reward is ≥ this")
     max_new_tokens: int = param(64, "longest response in tokens")
@@ -178,7 +178,7 @@ class ExpertIterationConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check(bool(self.prompts) != bool(self.tasks), "give exactly one of prompts (a JSONL file) or tasks=demo")
-        check(self.rounds >= 1 and self.n >= 1, "rounds and n must be ≥ 1")
+        check(self.rounds >= 1 and self.samples_per_prompt >= 1, "rounds and samples_per_prompt must be ≥ 1")
         check(self.temperature > 0, "temperature must be > 0")
         parse_reward_spec(self.reward)
 
@@ -204,7 +204,8 @@ def run_expert_iteration(cfg: ExpertIterationConfig) -> dict:
         # 1. best-of-n with the current model
         tokenizer, model = load_tokenizer(current), load_model(current, seed=cfg.seed).to(inference_device())
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  n=cfg.n, batch_size=cfg.gen_batch_size, seed=step_seed(cfg.seed, k, "expert-iter"))
+                                  n=cfg.samples_per_prompt, batch_size=cfg.gen_batch_size,
+                                  seed=step_seed(cfg.seed, k, "expert-iter"))
         results = best_of_n(model, tokenizer, prompts, reward, sampling)
         del model
         # 2. keep the best of each prompt that clears the threshold

@@ -68,6 +68,14 @@ from rlhfkit.train.loop import SupervisedTask, fit
 log = logging.getLogger(__name__)
 
 Item = EncodedPair | EncodedFeedback
+# The config field of a loss hyper-parameter named otherwise on the command line: SimPO's margin γ
+# would read as PPO's discount `--gamma`.
+FIELD_OF = {"gamma": "simpo_margin"}
+
+
+def field_of(hyperparameter: str) -> str:
+    """The DPOConfig field (and flag) that sets a loss hyper-parameter."""
+    return FIELD_OF.get(hyperparameter, hyperparameter)
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class DPOConfig(TrainConfig):
     label_smoothing: float | None = param(None, "dpo: assumed label flip rate in [0, 0.5] (conservative DPO); "
                                                 "None = 0")
     flip_rate: float | None = param(None, "robust: known label flip rate in [0, 0.5); None = 0.1")
-    gamma: float | None = param(None, "simpo: target reward margin γ ≥ 0; None = 1.0")
+    simpo_margin: float | None = param(None, "simpo: target reward margin γ ≥ 0; None = 1.0", old_names=("gamma",))
     odds_ratio_weight: float | None = param(None, "orpo: weight λ of the odds-ratio term; None = 0.1")
     desirable_weight: float | None = param(None, "kto: weight λ_D of desirable examples; None = 1.0")
     undesirable_weight: float | None = param(None, "kto: weight λ_U of undesirable examples; None = 1.0")
@@ -117,9 +125,9 @@ class DPOConfig(TrainConfig):
         except ValueError as e:
             raise ConfigError(f"'loss': {e}") from None
         for name in HYPERPARAMETERS:
-            check(getattr(self, name) is None or name in spec.hyperparameters,
-                  f"'{name}' is not used by loss '{self.loss}' (its hyper-parameters: "
-                  f"{', '.join(spec.hyperparameters)})")
+            check(getattr(self, field_of(name)) is None or name in spec.hyperparameters,
+                  f"'{field_of(name)}' is not used by loss '{self.loss}' (its hyper-parameters: "
+                  f"{', '.join(map(field_of, spec.hyperparameters))})")
         check(not self.reference or spec.needs_reference,
               f"loss '{self.loss}' is reference-free: 'reference' is not used")
         hp = self.loss_hyperparameters
@@ -127,15 +135,16 @@ class DPOConfig(TrainConfig):
             check(name not in hp or hp[name] > 0, f"{name} must be > 0")
         check(0 <= hp.get("label_smoothing", 0) <= 0.5, "label_smoothing must be in [0, 0.5]")
         check(0 <= hp.get("flip_rate", 0) < 0.5, "flip_rate must be in [0, 0.5)")
-        check(hp.get("gamma", 0) >= 0, "gamma must be ≥ 0")
+        check(hp.get("gamma", 0) >= 0, "simpo_margin must be ≥ 0")
         check(self.max_eval_examples >= 1, "max_eval_examples must be ≥ 1")
         check(self.nll_weight >= 0, "nll_weight must be ≥ 0")
         check(self.nll_weight == 0 or spec.paired, f"nll_weight needs paired data; loss '{self.loss}' is unpaired")
 
     @property
     def loss_hyperparameters(self) -> dict[str, float]:
-        """The loss's hyper-parameters: the values set here, else its defaults."""
-        return get_preference_loss(self.loss).with_defaults({name: getattr(self, name) for name in HYPERPARAMETERS})
+        """The loss's hyper-parameters by the loss function's names: the values set here, else its defaults."""
+        return get_preference_loss(self.loss).with_defaults({name: getattr(self, field_of(name))
+                                                             for name in HYPERPARAMETERS})
 
 
 # ----------------------------------------------------------------------------- 1. data

@@ -8,7 +8,7 @@ loop with checkpoint, resume and logging.
 An algorithm's file (`policy_gradient.py`, `ppo.py`) keeps only what differs: how it turns
 scores into advantages, its per-token loss, its critic, and the state it carries across steps.
 
-A step is one rollout: `prompts_per_step × group_size` sampled responses, then
+A step is one rollout: `prompts_per_step × samples_per_prompt` sampled responses, then
 `inner_epochs × minibatches` optimizer updates on them. Everything random in a step is a
 pure function of (seed, step) — its prompts, its sampling seed, its minibatch order — so a
 resumed run repeats exactly what the uninterrupted run did, with no RNG state to carry.
@@ -55,7 +55,7 @@ from rlhfkit.train.engine import SCHEDULES, Engine, TrainConfig, set_training_at
 class OnlineConfig(TrainConfig):
     """Fields every online recipe shares: prompts, reward, sampling, KL, update schedule.
 
-    Steps count rollouts: each step samples `prompts_per_step × group_size` responses,
+    Steps count rollouts: each step samples `prompts_per_step × samples_per_prompt` responses,
     then runs `inner_epochs × minibatches` optimizer updates on them (the lr schedule and
     warmup count rollouts too). `batch_size` is the micro-batch of sequences per forward.
     """
@@ -68,7 +68,7 @@ class OnlineConfig(TrainConfig):
                                 "weighted: 'gold:1.0,length:0.1'")
     reward_normalize: bool = param(False, "normalize each reward source by its running mean/std before weighting")
     prompts_per_step: int = param(8, "prompts per rollout step")
-    group_size: int = param(4, "responses sampled per prompt")
+    samples_per_prompt: int = param(4, "responses sampled per prompt", old_names=("group_size",))
     max_new_tokens: int = param(64, "longest response in tokens")
     temperature: float = param(1.0, "sampling temperature (log-probs use the same temperature)")
     top_p: float = param(1.0, "nucleus sampling threshold")
@@ -89,7 +89,7 @@ class OnlineConfig(TrainConfig):
         check(bool(self.prompts) != bool(self.tasks), "give exactly one of prompts (a JSONL file) or tasks=demo")
         check(self.demo_per_family >= 1, "demo_per_family must be ≥ 1")
         check(self.prompts_per_step >= 1, "prompts_per_step must be ≥ 1")
-        check(self.group_size >= 1, "group_size must be ≥ 1")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt must be ≥ 1")
         check(self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1")
         check(self.max_new_tokens < self.max_length, "max_new_tokens must be < max_length (room for the prompt)")
         check(self.temperature > 0, "temperature must be > 0 for sampling")
@@ -100,8 +100,8 @@ class OnlineConfig(TrainConfig):
         check(0 < self.clip_eps < 1, "clip_eps must be in (0, 1)")
         check(self.inner_epochs >= 1, "inner_epochs must be ≥ 1")
         check(self.minibatches >= 1, "minibatches must be ≥ 1")
-        check((self.prompts_per_step * self.group_size) % self.minibatches == 0,
-              "prompts_per_step × group_size must be a multiple of minibatches")
+        check((self.prompts_per_step * self.samples_per_prompt) % self.minibatches == 0,
+              "prompts_per_step × samples_per_prompt must be a multiple of minibatches")
         check(self.grad_accum == 1, "grad_accum is not used by online recipes (micro-batches come from "
                                     "batch_size); leave it at 1")
         parse_reward_spec(self.reward)  # a bad spec fails now, not after the model has loaded
@@ -112,7 +112,8 @@ class OnlineConfig(TrainConfig):
 
     def sampling(self, seed: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, n=self.group_size, batch_size=self.gen_batch_size, seed=seed)
+                              top_k=self.top_k, n=self.samples_per_prompt, batch_size=self.gen_batch_size,
+                              seed=seed)
 
 
 # ============================================================================ what a step samples

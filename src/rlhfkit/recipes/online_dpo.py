@@ -50,7 +50,8 @@ class OnlineDPOConfig(OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(self.group_size >= 2, "group_size must be ≥ 2: a pair needs two responses to one prompt")
+        check(self.samples_per_prompt >= 2,
+              "samples_per_prompt must be ≥ 2: a pair needs two responses to one prompt")
         check(self.temperature == 1.0, "online DPO scores responses under π itself: keep temperature 1.0")
         check(self.updates_per_step == 1, "online DPO takes one optimizer step per rollout: leave inner_epochs "
                                           "and minibatches at 1")

@@ -109,8 +109,8 @@ class PolicyGradientConfig(OnlineConfig):
     def validate(self) -> None:
         super().validate()
         algo = ALGORITHMS[self.algorithm]
-        check(self.group_size >= algo.min_group_size,
-              f"{self.algorithm} needs group_size ≥ {algo.min_group_size} (samples per prompt)")
+        check(self.samples_per_prompt >= algo.min_group_size,
+              f"{self.algorithm} needs samples_per_prompt ≥ {algo.min_group_size}")
         check(0 <= self.baseline_decay < 1, "baseline_decay must be in [0, 1)")
 
     @property
@@ -142,7 +142,7 @@ class RLOOConfig(PolicyGradientConfig):
 class ReMaxConfig(PolicyGradientConfig):
     kind = "remax"
     algorithm: str = param("remax", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
-    group_size: int = param(1, "responses sampled per prompt")
+    samples_per_prompt: int = param(1, "responses sampled per prompt", old_names=("group_size",))
     output_dir: str = param("runs/remax", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
 
 
@@ -150,7 +150,7 @@ class ReMaxConfig(PolicyGradientConfig):
 class ReinforceConfig(PolicyGradientConfig):
     kind = "reinforce"
     algorithm: str = param("reinforce", "advantage estimator (set by the command)", choices=tuple(ALGORITHMS))
-    group_size: int = param(1, "responses sampled per prompt")
+    samples_per_prompt: int = param(1, "responses sampled per prompt", old_names=("group_size",))
     output_dir: str = param("runs/reinforce", "run folder: checkpoints, metrics.jsonl, config.yaml, final/")
 
 
@@ -210,8 +210,8 @@ def shaped_scores(run: PolicyGradientRun, rollout: Rollout) -> Tensor:
 def advantages(run: PolicyGradientRun, rollout: Rollout, scores: Tensor, greedy_scores: Tensor | None) -> Tensor:
     """Step 4: the algorithm's estimator. REINFORCE reads its baseline, then folds this batch in."""
     cfg = run.cfg
-    inputs = BaselineInputs(group_size=cfg.group_size, scale=cfg.scale_advantages, greedy_scores=greedy_scores,
-                            moving_baseline=run.baseline.value)
+    inputs = BaselineInputs(group_size=cfg.samples_per_prompt, scale=cfg.scale_advantages,
+                            greedy_scores=greedy_scores, moving_baseline=run.baseline.value)
     algorithm = ALGORITHMS[cfg.algorithm]
     adv = algorithm.advantages(scores, inputs)
     if algorithm.moving_baseline:

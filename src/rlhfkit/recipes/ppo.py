@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PPOConfig(OnlineConfig):
     kind = "ppo"
-    group_size: int = param(1, "responses sampled per prompt")
+    samples_per_prompt: int = param(1, "responses sampled per prompt", old_names=("group_size",))
     inner_epochs: int = param(4, "PPO epochs over each rollout batch")
     minibatches: int = param(2, "optimizer steps per epoch over the rollout batch")
     kl_coef: float = param(0.05, "β: initial weight of the per-token KL penalty in the reward")
