@@ -5,6 +5,7 @@ cost; on a 2-core machine running subprocess tests (DDP) beside the main process
 oversubscribed OpenMP threads make steps tens of times slower. One thread each.
 """
 
+import logging
 import os
 
 import pytest
@@ -74,3 +75,13 @@ def labeling_accounts():
     with the password "correct horse battery"."""
     return _labeling_accounts
 
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger():
+    """The CLI's callback installs a rich logging handler on the root logger; put it back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

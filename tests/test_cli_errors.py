@@ -1,25 +1,13 @@
 """The `rlhf` command: help texts, and user mistakes shown as one clear line with exit code 2."""
 
 import json
-import logging
 
-import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 
 # A wide terminal so rich does not wrap the help and error lines we look for.
 runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"})
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    # The CLI's callback installs a rich logging handler on the root logger; put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def one_line(text: str) -> str:

@@ -5,7 +5,6 @@ The commands are enumerated from the typer app, so a new command fails
 `test_every_command_has_a_broken_input` until it gets an entry in BROKEN.
 """
 
-import logging
 
 import pytest
 import typer
@@ -68,16 +67,6 @@ def command_paths(group, prefix: str = "") -> list[str]:
 
 
 COMMANDS = command_paths(typer.main.get_command(app))
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    # The CLI's callback installs a rich logging handler on the root logger; put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_every_command_has_a_broken_input():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -23,16 +22,6 @@ from rlhfkit.loop.registry import Registry
 from rlhfkit.train.identity import IDENTITY_FILE
 
 runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"})
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    # The CLI's callback installs a rich logging handler on the root logger; put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

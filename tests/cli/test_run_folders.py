@@ -6,26 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.train.metrics import read_metrics
 
 runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"})
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    # The CLI's callback installs a rich logging handler on the root logger; put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

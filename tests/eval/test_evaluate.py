@@ -4,7 +4,6 @@ diversity numbers, prompt loading, and the whole evaluation on tiny models with 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 
@@ -251,15 +250,6 @@ def test_reward_model_accuracy_and_scores(tmp_path, reference_dir, scripted_gree
 # ----------------------------------------------------------------------------- rlhf eval
 
 runner = CliRunner(env={"COLUMNS": "220", "NO_COLOR": "1"})
-
-
-@pytest.fixture
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_cli_eval_prints_the_table_and_writes_eval_json(tmp_path, reference_dir, monkeypatch, restore_root_logger):

@@ -6,7 +6,6 @@ losses; the per-rollout lr schedule; the CLI commands.
 """
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -341,15 +340,6 @@ def test_expert_iteration_rounds_and_resume(tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 runner = CliRunner(env={"COLUMNS": "200", "TERMINAL_WIDTH": "200", "NO_COLOR": "1"})
-
-
-@pytest.fixture
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_cli_commands(tmp_path, restore_root_logger):

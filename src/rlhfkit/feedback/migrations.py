@@ -5,7 +5,7 @@ version. An older database is upgraded by running, in one transaction, every ste
 between its version and the latest. A database newer than this code is refused rather than
 guessed at.
 
-To change the schema: edit `models.py`, bump `SCHEMA_VERSION`, and add the step that
+To change the schema: edit `models.py` and add to `UPGRADES` the step that
 brings a database of the previous version to the new one, e.g.
 
     def _v2_add_vote_duration(conn: Connection) -> None:
@@ -21,8 +21,6 @@ from collections.abc import Callable, Mapping
 from sqlalchemy import Column, Connection, DateTime, Engine, Integer, MetaData, String, Table, inspect, select, text
 
 from rlhfkit.feedback.models import Base, username_key
-
-SCHEMA_VERSION = 2
 
 Upgrade = Callable[[Connection], None]
 
@@ -50,6 +48,7 @@ def _v2_claim_leases_and_username_keys(conn: Connection) -> None:
 
 # version v -> the step that upgrades a database at version v - 1 to v.
 UPGRADES: Mapping[int, Upgrade] = {2: _v2_claim_leases_and_username_keys}
+SCHEMA_VERSION = max(UPGRADES)
 
 _version_metadata = MetaData()
 schema_version_table = Table("schema_version", _version_metadata, Column("version", Integer, nullable=False))
