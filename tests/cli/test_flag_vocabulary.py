@@ -182,6 +182,7 @@ RENAMED = [
     ("best-of-n", "--n", "--samples-per-prompt", "2"),
     ("expert-iter", "--n", "--samples-per-prompt", "2"),
     ("generate", "--n", "--samples-per-prompt", "2"),
+    ("eval", "--n-samples", "--samples-per-prompt", "2"),
     ("judge pairs", "--template", "--judge-template", "t.txt"),
     ("judge agreement", "--template", "--judge-template", "t.txt"),
     ("judge agreement", "--human", "--data", "h.jsonl"),

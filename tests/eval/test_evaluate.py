@@ -175,7 +175,7 @@ def scripted_greedy(monkeypatch, reference_dir):
 
 def _cfg(tmp_path, reference_dir, **kw):
     base = dict(model=("tiny", reference_dir), reference=reference_dir, n_per_family=2, max_new_tokens=6,
-                n_samples=2, sample_prompts=3, batch_size=8, n_boot=200, judge_cache="none",
+                samples_per_prompt=2, sample_prompts=3, batch_size=8, n_boot=200, judge_cache="none",
                 output_dir=str(tmp_path / "eval"), keep_samples=2)
     base.update(kw)
     return EvalConfig(**base)
@@ -261,7 +261,7 @@ def test_cli_eval_prints_the_table_and_writes_eval_json(tmp_path, reference_dir,
     out = tmp_path / "ev"
     result = runner.invoke(app, ["eval", "--model", f"tiny,{reference_dir}", "--reference", reference_dir,
                                  "--names", "policy,sft", "--n-per-family", "1", "--max-new-tokens", "4",
-                                 "--n-samples", "2", "--sample-prompts", "2", "--n-boot", "100",
+                                 "--samples-per-prompt", "2", "--sample-prompts", "2", "--n-boot", "100",
                                  "--judge", "http://127.0.0.1:9/v1", "--judge-cache", "none", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     assert built == ["http://127.0.0.1:9/v1"]

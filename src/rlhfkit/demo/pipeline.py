@@ -360,7 +360,7 @@ def stage_judge_eval(ctx: DemoContext) -> dict[str, Any]:
                      reference=str(ctx.path("sft", "final")), tasks=str(ctx.path("data", "test_tasks.jsonl")),
                      judge=s.model, judge_cache=str(ctx.path("eval", "judge_cache.sqlite")),
                      judge_max_new_tokens=s.judge_max_new_tokens, max_new_tokens=s.max_new_tokens,
-                     n_samples=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed,
+                     samples_per_prompt=2, sample_prompts=4, output_dir=str(ctx.path("eval")), seed=s.seed,
                      precision=s.precision,
                      # the stages' exact-match batches: in bf16 a greedy answer can depend on which
                      # prompts share its batch, and one model must show one accuracy in the report

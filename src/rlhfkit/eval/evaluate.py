@@ -79,8 +79,8 @@ class EvalConfig(Config):
     reward_model: str | None = param(None, "a trained reward model folder: scores every model's answers")
     pairs: str | None = param(None, "held-out preference pairs: the reward model's accuracy on them")
     max_new_tokens: int = param(48, "longest answer in tokens")
-    n_samples: int = param(4, "samples per prompt for diversity and KL")
-    sample_prompts: int = param(16, "prompts sampled n_samples times each")
+    samples_per_prompt: int = param(4, "samples per prompt for diversity and KL", old_names=("n_samples",))
+    sample_prompts: int = param(16, "prompts sampled samples_per_prompt times each")
     temperature: float = param(1.0, "sampling temperature for diversity and KL (KL needs 1.0)")
     batch_size: int = param(16, "sequences generated together")
     keep_samples: int = param(6, "answers per kind (open / checkable) kept for the report")
@@ -96,7 +96,7 @@ class EvalConfig(Config):
               f"--names has {len(self.names)} names for {len(self.model)} models")
         check(self.n_per_family >= 1, "n_per_family must be ≥ 1")
         check(self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1")
-        check(self.n_samples >= 1, "n_samples must be ≥ 1")
+        check(self.samples_per_prompt >= 1, "samples_per_prompt must be ≥ 1")
         check(self.sample_prompts >= 0, "sample_prompts must be ≥ 0")
         check(self.temperature > 0, "temperature must be > 0 (samples measure diversity)")
         check(self.batch_size >= 1, "batch_size must be ≥ 1")
@@ -213,7 +213,7 @@ def _greedy(cfg: EvalConfig) -> SamplingConfig:
 
 
 def _sampling(cfg: EvalConfig) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.n_samples,
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.samples_per_prompt,
                           batch_size=cfg.batch_size, seed=cfg.seed)
 
 
@@ -356,7 +356,7 @@ def measure_model(run: EvalRun, path: str, label: str) -> dict[str, Any]:
         greedy_texts += texts
     if run.reward_model is not None:
         row["reward"] = _reward_scores(run, greedy_texts)
-    n = run.cfg.n_samples
+    n = run.cfg.samples_per_prompt
     samples = generate(model, tokenizer, [p.prompt for p in run.sampled], _sampling(run.cfg)) if run.sampled else []
     groups = [[g.text for g in samples[i * n:(i + 1) * n]] for i in range(len(run.sampled))]
     row["diversity"] = {**diversity_numbers(groups, greedy_texts, tokenizer, seed=run.cfg.seed),
