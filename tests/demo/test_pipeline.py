@@ -36,6 +36,10 @@ def test_presets_full_is_a_larger_loop_and_compare_adds_the_algorithms(tmp_path)
     assert (quick.rounds, quick.test_per_family, quick.eval_base, quick.compare_algorithms) == (2, 100, False, False)
     assert (full.rounds, full.loop_prompts, full.loop_steps, full.test_per_family) == (5, 128, 32, 200)
     assert full.eval_base and not full.compare_algorithms
+    # every round of --full draws fresh prompts: 5 × 128 from a pool of 4 × 200; the quick loop's pool is SFT's
+    loop = full.loop_config("sft")
+    assert loop.demo_per_family * 4 >= full.rounds * full.loop_prompts
+    assert quick.loop_config("sft").demo_per_family == quick.train_per_family
     both = DemoSettings.full(tmp_path, compare=True)
     assert both.compare_algorithms and both.rounds == 5 and both.dpo_losses == ("dpo", "ipo", "kto")
     compare = DemoSettings.compare(tmp_path)
