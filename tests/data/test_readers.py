@@ -352,8 +352,16 @@ def test_several_bad_lines_in_one_error(tmp_path):
         assert f"{path}:{n}:" in text
 
 
+def test_one_problem_on_every_record_is_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a"}] * 3)   # completion missing, three times
+    err = read_error(read_sft, path)
+    assert [e.line for e in err.errors] == [1, 2, 3]
+    assert "\n" not in str(err)
+    assert str(err).startswith(f"{path}:1: field 'completion': ") and str(err).endswith("(the same on 2 more records)")
+
+
 def test_error_list_is_capped(tmp_path):
-    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a"}] * (MAX_REPORTED_ERRORS + 5))
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a"}, {"completion": "b"}] * MAX_REPORTED_ERRORS)
     err = read_error(read_sft, path)
     assert len(err.errors) == MAX_REPORTED_ERRORS
     assert [e.line for e in err.errors] == list(range(1, MAX_REPORTED_ERRORS + 1))

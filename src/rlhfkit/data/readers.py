@@ -255,6 +255,14 @@ def _collect(source, split: str, parse: Callable, columns: str = "") -> list:
     errors = errors[:MAX_REPORTED_ERRORS]
     if len(errors) == 1:
         raise errors[0]
+    if errors and len({(e.field, e.message) for e in errors}) == 1:
+        # one problem on every record (the wrong kind of file): one line, not the same line N times
+        first = errors[0]
+        more = "+" if len(errors) >= MAX_REPORTED_ERRORS else ""
+        err = DataError(f"{first.message} (the same on {len(errors) - 1}{more} more records)", path=first.path,
+                        line=first.line, field=first.field, record=first.record)
+        err.errors = errors
+        raise err
     if errors:
         lines = "\n  ".join(str(e) for e in errors)
         more = f" (first {MAX_REPORTED_ERRORS} shown)" if len(errors) >= MAX_REPORTED_ERRORS else ""
