@@ -124,12 +124,12 @@ def test_help_shows_every_field_with_its_help_default_and_choices(cli):
         if cells.startswith("--"):
             rows[cells.split()[0]] = " ".join(cells.split())
     assert "YAML file with any of the fields below" in rows["--config"]
-    for flag, help_text in [("--max-steps", "optimizer steps to run (default: 3)"),
-                            ("--lr", "peak learning rate (default: 0.5)"),
-                            ("--verbose", "print every step (default: --no-verbose)"),
-                            ("--schedule", "learning-rate schedule [cosine|linear|constant] (default: cosine)"),
-                            ("--widths", "layer widths, comma-separated (default: 1,2)"),
-                            ("--tags", "free-form tags (default: x)")]:
+    for flag, help_text in [("--max-steps", "optimizer steps to run [default: 3]"),
+                            ("--lr", "peak learning rate [default: 0.5]"),
+                            ("--verbose", "print every step [default: --no-verbose]"),
+                            ("--schedule", "learning-rate schedule [cosine|linear|constant] [default: cosine]"),
+                            ("--widths", "layer widths, comma-separated [default: 1,2]"),
+                            ("--tags", "free-form tags [default: x]")]:
         assert help_text in rows[flag], rows
     assert "--no-verbose" in rows["--verbose"]
     assert set(rows) == {"--config", "--max-steps", "--lr", "--verbose", "--schedule", "--widths", "--tags", "--help"}
@@ -196,6 +196,6 @@ def test_a_config_file_of_another_recipe_names_its_command(run_cli, tmp_path):
 def test_a_fixed_algorithm_is_hidden_from_help_but_accepted(run_cli, tmp_path):
     result, _ = run_cli("run", "--help")
     assert "--algorithm" not in result.output and "--tracker" in result.output
-    assert "(default: runs/run)" in result.output and "(default: )" not in result.output
+    assert "[default: runs/run]" in result.output and "[default: ]" not in result.output
     result, cfg = run_cli("run", "--output-dir", tmp_path / "r", "--algorithm", "other")
     assert result.exit_code == 0 and cfg.algorithm == "other"

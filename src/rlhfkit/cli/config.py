@@ -137,7 +137,7 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type[Config], run: Call
         choices = f.metadata.get("choices")
         text = f.metadata.get("help", "") + (f" [{'|'.join(choices)}]" if choices else "")
         shown = ("--" if default else "--no-") + f.name.replace("_", "-") if tp is bool else default_text(default)
-        text += f" (default: {shown})" if shown else ""
+        text += f" [default: {shown}]" if shown else ""  # as typer shows a hand-written option's
         text = escape(text)  # rich markup would swallow "[cosine|linear|constant]" as a style tag
         hidden = f.name == "algorithm" and default == cfg_cls.kind
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp | None,
