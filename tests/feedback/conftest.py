@@ -88,13 +88,15 @@ def database(tmp_path) -> Database:
 
 
 def seed_project(database: Database, *, annotators=("ann1", "ann2"), overlap: int = 2,
-         records=PAIR_RECORDS + RANK_RECORDS, model_version: str | None = "sft-v1", guidelines: str = "") -> int:
-    """An admin 'admin', the given annotators, and one project with one round; the project id."""
+         records=PAIR_RECORDS + RANK_RECORDS, model_version: str | None = "sft-v1", guidelines: str = "",
+         open_to_all: bool = True) -> int:
+    """An admin 'admin', the given annotators, and one project with one round (open to all
+    annotators unless told otherwise); the project id."""
     with database.write() as session:
         create_user(session, "admin", PASSWORD, ADMIN)
         for name in annotators:
             create_user(session, name, PASSWORD, ANNOTATOR)
-        project = create_project(session, "demo", overlap=overlap, guidelines_md=guidelines)
+        project = create_project(session, "demo", overlap=overlap, guidelines_md=guidelines, open_to_all=open_to_all)
         add_round(session, project, records, model_version)
         session.commit()
         return project.id

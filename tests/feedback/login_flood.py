@@ -46,7 +46,7 @@ def seed(db_path: Path, voters: int, items: int) -> int:
     with database.write() as session:
         for i in range(voters):
             create_user(session, f"voter{i:02d}", PASSWORD, ANNOTATOR)
-        project = create_project(session, "flood", overlap=1)
+        project = create_project(session, "flood", overlap=1, open_to_all=True)
         add_round(session, project, [{"prompt": f"q{i}", "responses": [f"a{i}", f"b{i}"]} for i in range(items)])
         session.commit()
         project_id = project.id

@@ -130,7 +130,7 @@ def test_admin_releases_claims_on_the_dashboard_and_from_the_cli(app, database, 
     result = CliRunner().invoke(label_app, ["release", "--project", "demo", "--db", url])
     assert result.exit_code == 0 and "released 1 claim in 'demo'" in result.output, result.output
     result = CliRunner().invoke(label_app, ["release", "--project", "demo", "--annotator", "ghost", "--db", url])
-    assert result.exit_code == 1 and "no account named 'ghost'" in result.output
+    assert result.exit_code == 2 and "no account named 'ghost'" in result.output
 
 
 def test_serve_takes_the_claim_lease(monkeypatch, tmp_path):

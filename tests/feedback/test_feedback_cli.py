@@ -34,10 +34,10 @@ def test_accounts_import_and_export(tmp_path):
     assert run("create-admin", "root", "--password", good, "--db", db).exit_code == 0
     assert run("add-annotator", "ann", "--password", good, "--db", db).exit_code == 0
     taken = run("add-annotator", "ANN", "--password", good, "--db", db)
-    assert taken.exit_code == 1 and "taken" in taken.output
+    assert taken.exit_code == 2 and "taken" in taken.output
     for weak, why in [("short", "10 to 1024"), ("password123", "common"), ("bob-the-bobcat", "username")]:
         result = run("add-annotator", "bob", "--password", weak, "--db", db)
-        assert result.exit_code == 1 and why in result.output, (weak, result.output)
+        assert result.exit_code == 2 and why in result.output, (weak, result.output)
 
     first = run("import", candidates, "--project", "helpful", "--model-version", "sft-v1", "--overlap", "3",
                 "--db", db)
@@ -58,8 +58,8 @@ def test_accounts_import_and_export(tmp_path):
     exported = run("export", out, "--project", "helpful", "--format", "soft", "--db", db)
     assert exported.exit_code == 0 and "wrote 0 soft records" in exported.output
     assert out.read_text() == ""
-    assert run("export", out, "--project", "nope", "--db", db).exit_code == 1
-    assert run("export", out, "--project", "helpful", "--format", "csv", "--db", db).exit_code == 1
+    assert run("export", out, "--project", "nope", "--db", db).exit_code == 2
+    assert run("export", out, "--project", "helpful", "--format", "csv", "--db", db).exit_code == 2
 
 
 def test_import_reports_the_bad_line(tmp_path):
@@ -67,7 +67,7 @@ def test_import_reports_the_bad_line(tmp_path):
     bad.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n"
                    + json.dumps({"prompt": "p", "responses": ["a", "b"], "gold": 5}) + "\n")
     result = run("import", bad, "--project", "x", "--db", tmp_path / "f.db")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert f"{bad}:2: field 'gold'" in result.output
     database = open_database(str(tmp_path / "f.db"))
     with database.read() as session:

@@ -192,7 +192,7 @@ def test_project_names_refuse_line_breaks_and_control_characters(app, seeded, lo
     candidates.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"]}) + "\n")
     url = seeded.database.engine.url.render_as_string(hide_password=False)
     result = CliRunner().invoke(label_app, ["import", str(candidates), "--project", "a\nb", "--db", url])
-    assert result.exit_code == 1 and "line breaks" in result.output
+    assert result.exit_code == 2 and "line breaks" in result.output
     # an existing project keeps working: its settings can still be saved
     pid = seeded.project_id
     with seeded.database.write() as session:

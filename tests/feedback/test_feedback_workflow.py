@@ -182,7 +182,8 @@ def voted(database, seed):
         yield session, session.get(Project, project_id)
 
 
-PROVENANCE = {"source": "human", "rationale": None, "round": 1, "model_version": "sft-v1", "project": "demo"}
+PROVENANCE = {"source": "human", "rationale": None, "round": 1, "model_version": "sft-v1", "project": "demo",
+              "item_meta": {}}
 
 
 def test_export_pairs(voted):

@@ -10,24 +10,25 @@ import typer
 
 from rlhfkit.cli.errors import fail
 from rlhfkit.cli.help_format import App
+from rlhfkit.cli.label_accounts import add_account_commands
+from rlhfkit.cli.label_ops import DB_OPTION, add_commands, parse_moment
 from rlhfkit.data.errors import DataError, SkipReport
+from rlhfkit.feedback import audit
 from rlhfkit.feedback.assignment import CLAIM_LEASE, release_claims
-from rlhfkit.feedback.db import DEFAULT_DATABASE, open_database
+from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.export import FORMATS, export_records, write_jsonl
 from rlhfkit.feedback.models import ADMIN, ANNOTATOR
 from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.projects import add_round, create_project, find_project
 from rlhfkit.feedback.quality import flagged_annotators
-from rlhfkit.feedback.records import read_candidate_sets
-from rlhfkit.feedback.users import create_user, find_user
+from rlhfkit.feedback.records import read_numbered_file
+from rlhfkit.feedback.users import IDLE_TIMEOUT, create_user, find_user
 
 label_app = App(
     help="Collect human preference labels in the browser and export them for training.",
     no_args_is_help=True, rich_markup_mode="markdown",
 )
 
-DB_OPTION = typer.Option(DEFAULT_DATABASE, "--db", envvar="RLHFKIT_FEEDBACK_DB",
-                         help="Database URL (sqlite:///file.db, postgresql://...) or a SQLite file path.")
 PASSWORD_OPTION = typer.Option(..., "--password", prompt=True, hide_input=True, confirmation_prompt=True,
                                envvar="RLHFKIT_PASSWORD",
                                help=f"Asked for when not given (min. {MIN_PASSWORD} characters, not a common "
@@ -43,6 +44,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
           claim_lease_minutes: float = typer.Option(
               CLAIM_LEASE.total_seconds() / 60, min=1,
               help="How long a claimed item stays with its annotator unanswered before others get it."),
+          idle_timeout_hours: float = typer.Option(
+              IDLE_TIMEOUT.total_seconds() / 3600, min=0.05,
+              help="A login session unused this long ends (it also ends 7 days after login)."),
           log_level: str = typer.Option("info", help="uvicorn log level.")) -> None:
     """Run the labeling web app.
 
@@ -59,7 +63,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
     if not is_loopback:
         typer.secho(f"warning: listening on {host}, reachable from other machines; use HTTPS "
                     "(a reverse proxy) and --secure-cookies", fg="yellow", err=True)
-    app = create_app(db, cookie_secure=secure_cookies, claim_lease=timedelta(minutes=claim_lease_minutes))
+    app = create_app(db, cookie_secure=secure_cookies, claim_lease=timedelta(minutes=claim_lease_minutes),
+                     idle_timeout=timedelta(hours=idle_timeout_hours))
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
 
@@ -67,10 +72,11 @@ def _add_user(db: str, username: str, password: str, role: str) -> None:
     database = open_database(db)
     try:
         with database.write() as session:
-            create_user(session, username, password, role)
+            user = create_user(session, username, password, role)
+            audit.record(session, audit.CLI, "user.create", f"user:{user.username}", role=role)
             session.commit()
     except DataError as e:
-        fail(e.message, code=1)
+        fail(e.message)
     finally:
         database.close()
     typer.echo(f"created {role} {username!r}")
@@ -109,19 +115,23 @@ def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, response
     """
     database = open_database(db)
     try:
-        records = read_candidate_sets(path)
+        lines, records = read_numbered_file(path)  # checked whole before any write
         with database.write() as session:
             target = find_project(session, project)
             if target is None:
                 text = guidelines.read_text(encoding="utf-8") if guidelines else ""
-                target = create_project(session, project, overlap=overlap, guidelines_md=text)
+                target = create_project(session, project, overlap=overlap, guidelines_md=text,
+                                        open_to_all=True)  # restrict: `rlhf label members`
+                audit.record(session, audit.CLI, "project.create", f"project:{target.name}", overlap=overlap)
                 typer.echo(f"created project {project!r} (overlap {overlap})")
-            new_round = add_round(session, target, records, model_version)
+            new_round = add_round(session, target, records, model_version, source=str(path), lines=lines)
+            audit.record(session, audit.CLI, "round.import", f"project:{target.name}", round=new_round.number,
+                         items=len(records), model_version=new_round.model_version, via="cli", file=str(path))
             session.commit()
             typer.echo(f"round {new_round.number}: {len(records)} items "
                        f"(model version {new_round.model_version or 'not given'})")
     except DataError as e:
-        fail(str(e), code=1)
+        fail(str(e))
     finally:
         database.close()
 
@@ -140,11 +150,13 @@ def release(project: str = typer.Option(..., "--project", help="Project name."),
         with database.write() as session:
             target = find_project(session, project)
             if target is None:
-                fail(f"no project named {project!r}", code=1)
+                fail(f"no project named {project!r}")
             user = find_user(session, annotator) if annotator else None
             if annotator and user is None:
-                fail(f"no account named {annotator!r}", code=1)
+                fail(f"no account named {annotator!r}")
             count = release_claims(session, target, user)
+            audit.record(session, audit.CLI, "claims.release", f"project:{target.name}", count=count,
+                         annotator=annotator)
             session.commit()
     finally:
         database.close()
@@ -160,6 +172,8 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
            round: list[int] | None = typer.Option(None, "--round", help="Only this round (repeatable)."),
            exclude_flagged: bool = typer.Option(False, help="Leave out annotators flagged as outliers."),
            no_gold: bool = typer.Option(False, "--no-gold", help="Leave out gold items."),
+           as_of: str | None = typer.Option(None, "--as-of", help="The votes as they stood at this time "
+                                            "(ISO 8601, UTC; edits and undos since are rolled back)."),
            db: str = DB_OPTION) -> None:
     """Export votes as training data (pairs, rankings or soft labels) with provenance.
 
@@ -167,17 +181,24 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
     (the file feeds the reward-model and DPO trainers as it is)
     """
     if format not in FORMATS:
-        fail(f"unknown format {format!r} (use {', '.join(FORMATS)})", code=1)
+        fail(f"unknown format {format!r} (use {', '.join(FORMATS)})")
+    moment = parse_moment(as_of, "--as-of") if as_of else None
     database = open_database(db)
     try:
         with database.read() as session:
             target = find_project(session, project)
             if target is None:
-                fail(f"no project named {project!r}", code=1)
+                fail(f"no project named {project!r}")
             excluded = flagged_annotators(session, target) if exclude_flagged else set()
             skips = SkipReport()
             records = export_records(session, target, format=format, rounds=round or None,
-                                     exclude_annotators=excluded, include_gold=not no_gold, skips=skips)
+                                     exclude_annotators=excluded, include_gold=not no_gold, skips=skips,
+                                     as_of=moment)
+        with database.write() as log:  # recorded before the data leaves (see feedback/audit.py)
+            audit.record(log, audit.CLI, "export", f"project:{project}", format=format, rows=len(records),
+                         rounds=round or None, exclude_flagged=exclude_flagged, as_of=moment, via="cli",
+                         file=str(output))
+            log.commit()
         count = write_jsonl(records, output)
     finally:
         database.close()
@@ -186,4 +207,6 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
 
 
 def register(app: typer.Typer) -> None:
+    add_commands(label_app)  # backup, restore, audit (cli/label_ops.py)
+    add_account_commands(label_app)  # deactivate, activate, reset-password, revoke-sessions, members
     app.add_typer(label_app, name="label", help="Human feedback collection: the labeling web app.")

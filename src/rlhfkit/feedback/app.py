@@ -22,6 +22,7 @@ from rlhfkit.feedback.middleware import RequestGuard, SecurityHeaders
 from rlhfkit.feedback.models import Setting
 from rlhfkit.feedback.routes import admin, api, auth, label
 from rlhfkit.feedback.throttle import LoginThrottle, PasswordChecks
+from rlhfkit.feedback.users import IDLE_TIMEOUT
 from rlhfkit.feedback.web import NotAuthenticated, csrf_protect, login_redirect, optional_user, render
 
 SECURITY_HEADERS = {
@@ -75,11 +76,12 @@ def _slash_redirect(router: Router):
 
 
 def create_app(db: str | Database, *, cookie_secure: bool = False, claim_lease: timedelta = CLAIM_LEASE,
-               login_throttle: LoginThrottle | None = None) -> FastAPI:
+               login_throttle: LoginThrottle | None = None, idle_timeout: timedelta = IDLE_TIMEOUT) -> FastAPI:
     """The labeling app on database `db` (a URL, a SQLite path, or an open `Database`).
 
     `cookie_secure` marks cookies Secure and sends HSTS: set it when the app is served over
-    HTTPS. A claimed item is held for `claim_lease`, then offered to others again.
+    HTTPS. A claimed item is held for `claim_lease`, then offered to others again. A login
+    session unused for `idle_timeout` ends (besides its absolute lifetime, users.SESSION_LIFETIME).
     """
     database = db if isinstance(db, Database) else open_database(db)
     app = FastAPI(title="rlhfkit labeling", docs_url=None, redoc_url=None, openapi_url=None,
@@ -89,6 +91,7 @@ def create_app(db: str | Database, *, cookie_secure: bool = False, claim_lease: 
     app.state.secret_key = secret_key(database)
     app.state.cookie_secure = cookie_secure
     app.state.claim_lease = claim_lease
+    app.state.idle_timeout = idle_timeout
     app.state.login_throttle = login_throttle or LoginThrottle()
     app.state.password_checks = PasswordChecks()
 

@@ -17,8 +17,25 @@ brings a database of the previous version to the new one, e.g.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
-from sqlalchemy import Column, Connection, DateTime, Engine, Integer, MetaData, String, Table, inspect, select, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+    select,
+    text,
+)
 
 from rlhfkit.feedback.models import Base, username_key
 
@@ -46,8 +63,60 @@ def _v2_claim_leases_and_username_keys(conn: Connection) -> None:
     conn.execute(text("CREATE UNIQUE INDEX ix_users_username_key ON users (username_key)"))
 
 
+def _v3_session_idle_and_project_members(conn: Connection) -> None:
+    """Login sessions get `last_seen_at` (for the idle timeout; set to now, so an upgrade
+    logs nobody out); projects get `open_to_all` and the `project_members` table. Every
+    project that exists at the upgrade is made open to all annotators: what it was before.
+    Each part is skipped when already there (a database stamped older by hand in tests)."""
+    stamp = DateTime(timezone=True)
+    columns = {table: {c["name"] for c in inspect(conn).get_columns(table)} for table in ("login_sessions", "projects")}
+    if "last_seen_at" not in columns["login_sessions"]:
+        conn.execute(text(f"ALTER TABLE login_sessions ADD COLUMN last_seen_at {stamp.compile(dialect=conn.dialect)}"))
+        conn.execute(text("CREATE INDEX ix_login_sessions_last_seen_at ON login_sessions (last_seen_at)"))
+        conn.execute(text("CREATE INDEX ix_login_sessions_expires_at ON login_sessions (expires_at)"))
+    conn.execute(text("UPDATE login_sessions SET last_seen_at = :now"), {"now": datetime.now(UTC)})
+    if "open_to_all" not in columns["projects"]:
+        conn.execute(text("ALTER TABLE projects ADD COLUMN open_to_all BOOLEAN NOT NULL DEFAULT FALSE"))
+    conn.execute(text("UPDATE projects SET open_to_all = TRUE"))
+    metadata = MetaData()
+    for referenced in ("users", "projects"):  # only so that the foreign keys resolve
+        Table(referenced, metadata, Column("id", Integer, primary_key=True))
+    Table("project_members", metadata,
+          Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True),
+          Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True),
+          ).create(conn, checkfirst=True)
+
+
+def _v4_audit_log_and_vote_history(conn: Connection) -> None:
+    """The audit log of admin actions and exports, and the versions of votes that edits
+    replaced or undos deleted (both start empty: nothing before the upgrade was recorded).
+    The tables are spelled out as they were at version 4, not taken from models.py, which
+    may have moved on; `checkfirst` leaves a table that is already there alone."""
+    metadata = MetaData()
+    for referenced in ("items", "users", "projects"):  # only so that the foreign keys resolve
+        Table(referenced, metadata, Column("id", Integer, primary_key=True))
+    stamp = DateTime(timezone=True)
+    audit = Table("audit_log", metadata,
+                  Column("id", Integer, primary_key=True), Column("at", stamp, nullable=False, index=True),
+                  Column("actor", String(64), nullable=False), Column("action", String(64), nullable=False, index=True),
+                  Column("target", String(500), nullable=False), Column("detail", JSON, nullable=False))
+    history = Table("vote_history", metadata,
+                    Column("id", Integer, primary_key=True), Column("vote_id", Integer, nullable=False, index=True),
+                    *(Column(f"{name}_id", Integer, ForeignKey(f"{name}s.id", ondelete="CASCADE"),
+                             nullable=False, index=True) for name in ("item", "user", "project")),
+                    Column("ranks", JSON, nullable=False), Column("both_bad", Boolean, nullable=False),
+                    Column("strength", Integer), Column("rationale", Text),
+                    Column("display_order", JSON, nullable=False),
+                    Column("valid_from", stamp, nullable=False), Column("replaced_at", stamp, nullable=False),
+                    Column("reason", String(16), nullable=False))
+    audit.create(conn, checkfirst=True)
+    history.create(conn, checkfirst=True)
+
+
 # version v -> the step that upgrades a database at version v - 1 to v.
-UPGRADES: Mapping[int, Upgrade] = {2: _v2_claim_leases_and_username_keys}
+UPGRADES: Mapping[int, Upgrade] = {2: _v2_claim_leases_and_username_keys,
+                                   3: _v3_session_idle_and_project_members,
+                                   4: _v4_audit_log_and_vote_history}
 SCHEMA_VERSION = max(UPGRADES)
 
 _version_metadata = MetaData()

@@ -76,7 +76,11 @@ class LoginSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    # The last request seen on it (refreshed at most every few minutes, see users.py): a
+    # session idle longer than the server's idle timeout has ended. None = created_at.
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                          default=utcnow, index=True)
 
     user: Mapped[User] = relationship()
 
@@ -98,8 +102,22 @@ class Project(Base):
     overlap: Mapped[int] = mapped_column(Integer, default=2)
     guidelines_md: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # True: every annotator may label it; False: only its members (`ProjectMember`). Admins
+    # see every project. Projects from before schema 3 were made open (what they were).
+    open_to_all: Mapped[bool] = mapped_column(Boolean, default=False)
 
     rounds: Mapped[list[Round]] = relationship(back_populates="project", order_by="Round.number")
+
+
+class ProjectMember(Base):
+    """Annotator `user_id` may see and label project `project_id` (when it is not open to all).
+    The primary key (project_id, user_id) makes the check on every claim and vote one index
+    lookup."""
+
+    __tablename__ = "project_members"
+
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True)
 
 
 class Round(Base):
@@ -164,7 +182,8 @@ class Assignment(Base):
 
 
 class Vote(Base):
-    """One annotator's answer to one item (edits overwrite it; undo deletes it)."""
+    """One annotator's answer to one item (edits overwrite it; undo deletes it; the version
+    replaced or deleted goes to `vote_history`)."""
 
     __tablename__ = "votes"
     __table_args__ = (UniqueConstraint("item_id", "user_id"),)
@@ -182,6 +201,48 @@ class Vote(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Bumped on every save: orders "my last votes" without trusting clock resolution.
     sequence: Mapped[int] = mapped_column(Integer, default=0, index=True)
+
+    item: Mapped[Item] = relationship()
+    user: Mapped[User] = relationship()
+
+
+class AuditEntry(Base):
+    """One admin action or export (who, what, when), written in the transaction of the action
+    itself: a change without its audit row is never committed. See audit.py."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # A user id (as text) or "cli" for a command run on the server's machine. No foreign key:
+    # the log outlives the accounts it names.
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(500), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class VoteHistory(Base):
+    """A version of a vote that an edit replaced or an undo deleted: with `votes`, the labels
+    of a round as they stood at any moment (a version holds from `valid_from` until
+    `replaced_at`). `vote_id` has no foreign key: an undone vote's row is gone."""
+
+    __tablename__ = "vote_history"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    vote_id: Mapped[int] = mapped_column(Integer, index=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    ranks: Mapped[list[int]] = mapped_column(JSON)
+    both_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON)
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    replaced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "edit" (a newer answer replaced it) or "undo" (the annotator took it back).
+    reason: Mapped[str] = mapped_column(String(16))
 
     item: Mapped[Item] = relationship()
     user: Mapped[User] = relationship()

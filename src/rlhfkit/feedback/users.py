@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,9 @@ from rlhfkit.feedback.security import (
 
 MAX_USERNAME = 64
 SESSION_LIFETIME = timedelta(days=7)
+# A session unused this long has ended, whatever its lifetime (`rlhf label serve --idle-timeout-hours`).
+IDLE_TIMEOUT = timedelta(hours=12)
+TOUCH_INTERVAL = timedelta(minutes=5)
 # Control, format (zero-width, bidi overrides), surrogate, private-use and unassigned
 # characters, and line/paragraph separators: nothing a person types as a name.
 _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
@@ -110,23 +113,70 @@ def authenticate(database: Database, username: str, password: str) -> User | Non
     return user
 
 
-def start_session(session: Session, user: User) -> str:
+def start_session(session: Session, user: User, now: datetime | None = None) -> str:
     """A new session token for `user` (goes into the cookie; only its digest is stored)."""
+    now = now or utcnow()
     token = new_token()
-    session.add(LoginSession(token_hash=token_digest(token), user_id=user.id,
-                             expires_at=utcnow() + SESSION_LIFETIME))
+    session.add(LoginSession(token_hash=token_digest(token), user_id=user.id, created_at=now, last_seen_at=now,
+                             expires_at=now + SESSION_LIFETIME))
     session.flush()
     return token
 
 
-def user_for_token(session: Session, token: str) -> User | None:
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # SQLite gives naive UTC back
+
+
+def last_seen(login: LoginSession) -> datetime:
+    return _aware(login.last_seen_at or login.created_at)
+
+
+def live_login(session: Session, token: str, *, idle_timeout: timedelta = IDLE_TIMEOUT,
+               now: datetime | None = None) -> LoginSession | None:
+    """The session `token` names, with its user loaded, while it runs: not past its absolute
+    lifetime, not idle longer than `idle_timeout`, and its user active. Reads only."""
+    now = now or utcnow()
     login = session.get(LoginSession, token_digest(token))
-    if login is None:
+    if login is None or _aware(login.expires_at) <= now or last_seen(login) + idle_timeout <= now:
         return None
-    expires = login.expires_at if login.expires_at.tzinfo else login.expires_at.replace(tzinfo=UTC)
-    if expires < datetime.now(UTC) or not login.user.active:
-        return None
-    return login.user
+    return login if login.user.active else None
+
+
+def user_for_token(session: Session, token: str, *, idle_timeout: timedelta = IDLE_TIMEOUT,
+                   now: datetime | None = None) -> User | None:
+    login = live_login(session, token, idle_timeout=idle_timeout, now=now)
+    return None if login is None else login.user
+
+
+def touch_interval(idle_timeout: timedelta) -> timedelta:
+    """How stale `last_seen_at` may get before a request refreshes it: a write at most every
+    few minutes per session, not one per request (the SQLite write lock is the votes')."""
+    return min(TOUCH_INTERVAL, idle_timeout / 10)
+
+
+def touch_session(database: Database, token: str, *, idle_timeout: timedelta = IDLE_TIMEOUT,
+                  now: datetime | None = None) -> None:
+    """Note a request on session `token`: one short UPDATE, only when `last_seen_at` is older
+    than `touch_interval` (the caller checks first, so most requests never get here)."""
+    now = now or utcnow()
+    with database.write() as session:
+        session.execute(update(LoginSession).where(
+            LoginSession.token_hash == token_digest(token),
+            or_(LoginSession.last_seen_at.is_(None), LoginSession.last_seen_at < now - touch_interval(idle_timeout)))
+            .values(last_seen_at=now))
+        session.commit()
+
+
+def purge_expired_sessions(session: Session, *, idle_timeout: timedelta = IDLE_TIMEOUT,
+                           now: datetime | None = None) -> int:
+    """Delete the session rows that can no longer log anyone in (past their lifetime or idle
+    too long): two indexed range deletes, run at each login. The number deleted."""
+    now = now or utcnow()
+    result = session.execute(delete(LoginSession).where(or_(
+        LoginSession.expires_at <= now, LoginSession.last_seen_at <= now - idle_timeout,
+        and_(LoginSession.last_seen_at.is_(None), LoginSession.created_at <= now - idle_timeout)))
+        .execution_options(synchronize_session=False))
+    return result.rowcount
 
 
 def end_session(session: Session, token: str) -> None:

@@ -21,7 +21,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback.assignment import CLAIM_LEASE
-from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote, utcnow
+from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote, VoteHistory, utcnow
 
 LETTERS = "ABCDEFGHI"
 MAX_RATIONALE = 5000
@@ -139,8 +139,20 @@ def to_shown_order(ranks: list[int], order: list[int]) -> tuple[int, ...]:
     return tuple(ranks[index] for index in order)
 
 
+def keep_version(session: Session, vote: Vote, reason: str) -> VoteHistory:
+    """Copy `vote` as it stands into `vote_history` before an edit ("edit") or an undo
+    ("undo") changes it, so the labels of a round at any earlier moment can be rebuilt."""
+    version = VoteHistory(vote_id=vote.id, item_id=vote.item_id, user_id=vote.user_id, project_id=vote.project_id,
+                          ranks=list(vote.ranks), both_bad=vote.both_bad, strength=vote.strength,
+                          rationale=vote.rationale, display_order=list(vote.display_order),
+                          valid_from=vote.updated_at, replaced_at=utcnow(), reason=reason)
+    session.add(version)
+    return version
+
+
 def save_vote(session: Session, assignment: Assignment, answer: VoteInput) -> Vote:
-    """Store (or overwrite) the assignment holder's vote. Flushes; the caller commits."""
+    """Store (or overwrite) the assignment holder's vote; an overwritten version is kept in
+    `vote_history`. Flushes; the caller commits."""
     item = assignment.item
     if len(answer.shown_ranks) != len(item.responses):
         raise VoteError(f"expected {len(item.responses)} ranks")
@@ -149,6 +161,8 @@ def save_vote(session: Session, assignment: Assignment, answer: VoteInput) -> Vo
     if vote is None:
         vote = Vote(item_id=item.id, user_id=assignment.user_id, project_id=item.project_id)
         session.add(vote)
+    else:
+        keep_version(session, vote, "edit")
     vote.ranks = to_item_order(answer.shown_ranks, assignment.display_order)
     vote.both_bad = answer.both_bad
     vote.strength = answer.strength
@@ -181,13 +195,14 @@ def own_vote_for_item(session: Session, user: User, item_id: int) -> Vote | None
 
 
 def undo_last_vote(session: Session, project: Project, user: User, *, lease: timedelta = CLAIM_LEASE) -> Item | None:
-    """Delete `user`'s most recently saved vote in `project`; returns its item (to show it
-    again, claimed anew for `lease`), or None when they have no vote. Flushes; the caller
-    commits."""
+    """Delete `user`'s most recently saved vote in `project` (kept in `vote_history`); returns
+    its item (to show it again, claimed anew for `lease`), or None when they have no vote.
+    Flushes; the caller commits."""
     last = own_votes(session, user, project, limit=1)
     if not last:
         return None
     item = last[0].item
+    keep_version(session, last[0], "undo")
     session.execute(delete(Vote).where(Vote.id == last[0].id))
     session.execute(update(Assignment).where(Assignment.item_id == item.id, Assignment.user_id == user.id)
                     .values(lease_expires_at=utcnow() + lease).execution_options(synchronize_session=False))

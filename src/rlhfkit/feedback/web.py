@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback.db import Database
-from rlhfkit.feedback.models import Project, User
+from rlhfkit.feedback.membership import can_access
+from rlhfkit.feedback.models import Project, User, utcnow
 from rlhfkit.feedback.security import csrf_ok, csrf_token, unsign
-from rlhfkit.feedback.users import user_for_token
+from rlhfkit.feedback.users import last_seen, live_login, touch_interval, touch_session
 
 SESSION_COOKIE = "rlhf_session"
 # Before login there is no session to tie a CSRF token to: a random, signed cookie stands in.
@@ -96,18 +97,34 @@ def anon_token(request: Request) -> str | None:
     return unsign(request.cookies.get(ANON_COOKIE), secret(request))
 
 
-def optional_user(request: Request) -> User | None:
+def idle_timeout(request: Request) -> timedelta:
+    return request.app.state.idle_timeout
+
+
+def _live_session(request: Request) -> tuple[User, datetime] | None:
+    """(the logged-in user, when their session was last seen), or None."""
     token = session_token(request)
     if token is None:
         return None
     with database(request).read() as session:
-        return user_for_token(session, token)  # detached, with its columns loaded
+        login = live_login(session, token, idle_timeout=idle_timeout(request))
+        return None if login is None else (login.user, last_seen(login))  # detached, columns loaded
+
+
+def optional_user(request: Request) -> User | None:
+    live = _live_session(request)
+    return None if live is None else live[0]
 
 
 def current_user(request: Request) -> User:
-    user = optional_user(request)
-    if user is None:
+    """The logged-in user; their session's idle clock restarts (a short write at most every
+    few minutes, before the route opens its own transaction)."""
+    live = _live_session(request)
+    if live is None:
         raise NotAuthenticated()
+    user, seen = live
+    if seen + touch_interval(idle_timeout(request)) < utcnow():
+        touch_session(database(request), session_token(request), idle_timeout=idle_timeout(request))
     return user
 
 
@@ -171,5 +188,14 @@ def error_text(error: DataError) -> str:
 def get_project(session: Session, project_id: int) -> Project:
     project = session.get(Project, project_id)
     if project is None:
+        raise HTTPException(status_code=404, detail="no such project")
+    return project
+
+
+def get_project_for(session: Session, project_id: int, user: User) -> Project:
+    """The project, when `user` may label it; else 404, the answer for a project that does
+    not exist (a non-member does not learn that it does)."""
+    project = session.get(Project, project_id)
+    if project is None or not can_access(session, project, user):
         raise HTTPException(status_code=404, detail="no such project")
     return project

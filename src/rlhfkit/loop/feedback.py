@@ -190,7 +190,7 @@ def send_to_labeling_app(cfg: LoopConfig, run_dir: Path, round: int, comparisons
     try:
         with database.write() as session:
             project = find_project(session, name) or create_project(
-                session, name, overlap=cfg.overlap,
+                session, name, overlap=cfg.overlap, open_to_all=True,
                 guidelines_md="Pick the better response: correct, helpful, and no longer than needed.")
             target = _find_round(session, project, tag)
             if target is None:

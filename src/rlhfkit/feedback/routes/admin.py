@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
@@ -10,18 +11,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import DataError
+from rlhfkit.feedback import audit
 from rlhfkit.feedback import projects as project_service
 from rlhfkit.feedback import users as user_service
 from rlhfkit.feedback.assignment import claim_counts, release_claims
 from rlhfkit.feedback.export import FORMATS, export_records, to_jsonl
-from rlhfkit.feedback.models import ANNOTATOR, ROLES, Item, Project, User, Vote
+from rlhfkit.feedback.models import ANNOTATOR, ROLES, Item, Project, Round, User, Vote
 from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.quality import flagged_annotators, project_report
-from rlhfkit.feedback.records import parse_jsonl_lines
+from rlhfkit.feedback.records import CandidateSet, read_stream
 from rlhfkit.feedback.web import (
     RoundNumber,
     RowId,
     current_admin,
+    database,
     error_text,
     get_project,
     read_db,
@@ -32,20 +35,27 @@ from rlhfkit.feedback.web import (
 
 router = APIRouter(prefix="/admin")
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+AUDIT_ROWS = 20  # the latest audit entries on the admin page; `rlhf label audit` shows them all
 
 
-def _read_upload(upload: UploadFile | None) -> list | None:
-    """The records of an uploaded JSONL file, or None when no file was chosen."""
+def _read_upload(upload: UploadFile | None) -> list[tuple[int, CandidateSet]] | None:
+    """(line number, record) for an uploaded JSONL file, or None when no file was chosen.
+
+    Starlette keeps the upload in a temporary file: it is read one line at a time, and every
+    problem (encoding, nesting, types, a repeated id) is one `file:line: field: problem` line."""
     if upload is None or not upload.filename:
         return None
-    data = upload.file.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
+    upload.file.seek(0, 2)
+    if upload.file.tell() > MAX_UPLOAD_BYTES:
         raise DataError(f"file larger than {MAX_UPLOAD_BYTES // 2**20} MiB", path=upload.filename)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DataError("not UTF-8 text", path=upload.filename) from None
-    return parse_jsonl_lines(text.splitlines(), path=upload.filename)
+    upload.file.seek(0)
+    return read_stream(upload.file, path=upload.filename)
+
+
+def _add_uploaded_round(db: Session, project: Project, upload: UploadFile,
+                        records: list[tuple[int, CandidateSet]], model_version: str) -> Round:
+    return project_service.add_round(db, project, [c for _, c in records], model_version or None,
+                                     source=upload.filename, lines=[n for n, _ in records])
 
 
 def _home(request: Request, db: Session, admin: User, *, error: str | None = None, status_code: int = 200):
@@ -53,9 +63,13 @@ def _home(request: Request, db: Session, admin: User, *, error: str | None = Non
              "item_count": db.scalar(select(func.count(Item.id)).where(Item.project_id == p.id)),
              "vote_count": db.scalar(select(func.count(Vote.id)).where(Vote.project_id == p.id))}
             for p in db.scalars(select(Project).order_by(Project.name))]
+    entries = audit.latest(db, limit=AUDIT_ROWS)
+    names = audit.actor_names(db, entries)
+    log = [{"at": audit.when(e).strftime("%Y-%m-%d %H:%M:%S"), "actor": names[e.actor], "action": e.action,
+            "target": e.target, "detail": json.dumps(e.detail, ensure_ascii=False, sort_keys=True)} for e in entries]
     return render(request, "admin_home.html", {"rows": rows, "users": user_service.list_users(db),
-                                               "roles": ROLES, "error": error, "min_password": MIN_PASSWORD},
-                  user=admin, status_code=status_code)
+                                               "roles": ROLES, "error": error, "min_password": MIN_PASSWORD,
+                                               "audit": log}, user=admin, status_code=status_code)
 
 
 @router.get("")
@@ -68,7 +82,8 @@ def create_user(request: Request, username: str = Form(""), password: str = Form
                 role: str = Form(ANNOTATOR), admin: User = Depends(current_admin),
                 db: Session = Depends(write_db)):
     try:
-        user_service.create_user(db, username, password, role)
+        user = user_service.create_user(db, username, password, role)
+        audit.record(db, admin, "user.create", f"user:{user.username}", role=role)
     except DataError as e:
         db.rollback()
         return _home(request, db, admin, error=error_text(e), status_code=400)
@@ -83,14 +98,22 @@ def create_project(request: Request, name: str = Form(""), overlap: int = Form(2
                    db: Session = Depends(write_db)):
     try:
         records = _read_upload(file)
-        project = project_service.create_project(db, name, overlap=overlap, guidelines_md=guidelines)
+        project = project_service.create_project(db, name, overlap=overlap, guidelines_md=guidelines,
+                                                     open_to_all=True)  # restrict: `rlhf label members`
+        audit.record(db, admin, "project.create", f"project:{project.name}", overlap=overlap)
         if records:
-            project_service.add_round(db, project, records, model_version or None)
+            new_round = _add_uploaded_round(db, project, file, records, model_version)
+            _record_import(db, admin, project, new_round, len(records))
     except DataError as e:
         db.rollback()
         return _home(request, db, admin, error=error_text(e), status_code=400)
     db.commit()
     return redirect(f"/admin/p/{project.id}")
+
+
+def _record_import(db: Session, admin: User, project: Project, new_round: Round, items: int) -> None:
+    audit.record(db, admin, "round.import", f"project:{project.name}", round=new_round.number,
+                 items=items, model_version=new_round.model_version, via="web")
 
 
 def _dashboard(request: Request, db: Session, admin: User, project: Project, round_number: int | None,
@@ -117,7 +140,8 @@ def add_round(request: Request, project_id: RowId, model_version: str = Form("")
         records = _read_upload(file)
         if not records:
             raise DataError("choose a JSONL file of prompts and responses", field="file")
-        project_service.add_round(db, project, records, model_version or None)
+        new_round = _add_uploaded_round(db, project, file, records, model_version)
+        _record_import(db, admin, project, new_round, len(records))
     except DataError as e:
         db.rollback()
         return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
@@ -134,6 +158,8 @@ def update_settings(request: Request, project_id: RowId, overlap: int = Form(...
     except DataError as e:
         db.rollback()
         return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
+    audit.record(db, admin, "project.settings", f"project:{project.name}", overlap=[project.overlap, overlap],
+                 guidelines_changed=project.guidelines_md != guidelines)
     project.overlap = overlap
     project.guidelines_md = guidelines
     db.commit()
@@ -148,20 +174,26 @@ def release(request: Request, project_id: RowId, username: str = Form(""), admin
     annotator = user_service.find_user(db, username) if username.strip() else None
     if username.strip() and annotator is None:
         return _dashboard(request, db, admin, project, None, error=f"no account named {username!r}", status_code=400)
-    release_claims(db, project, annotator)
+    count = release_claims(db, project, annotator)
+    audit.record(db, admin, "claims.release", f"project:{project.name}", count=count,
+                 annotator=annotator.username if annotator else None)
     db.commit()
     return redirect(f"/admin/p/{project_id}")
 
 
 @router.get("/p/{project_id}/export")
-def export(project_id: RowId, format: str = "pairs", round: RoundNumber = None, exclude_flagged: bool = False,
-           admin: User = Depends(current_admin), db: Session = Depends(read_db)):
+def export(request: Request, project_id: RowId, format: str = "pairs", round: RoundNumber = None,
+           exclude_flagged: bool = False, admin: User = Depends(current_admin), db: Session = Depends(read_db)):
     if format not in FORMATS:
         raise HTTPException(status_code=400, detail=f"format must be one of {', '.join(FORMATS)}")
     project = get_project(db, project_id)
     excluded = flagged_annotators(db, project) if exclude_flagged else set()
     records = export_records(db, project, format=format, rounds=None if round is None else [round],
                              exclude_annotators=excluded)
+    with database(request).write() as log:  # recorded before the data leaves; see audit.py
+        audit.record(log, admin, "export", f"project:{project.name}", format=format, rows=len(records),
+                     round=round, exclude_flagged=exclude_flagged, via="web")
+        log.commit()
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", project.name).strip("-") or "project"
     return Response(to_jsonl(records), media_type="application/x-ndjson",
                     headers={"Content-Disposition": f'attachment; filename="{slug}-{format}.jsonl"'})

@@ -17,7 +17,7 @@ from rlhfkit.feedback.web import (
     RowId,
     claim_lease,
     current_user,
-    get_project,
+    get_project_for,
     page_csrf_token,
     read_db,
     write_db,
@@ -57,7 +57,7 @@ def me(request: Request, user: User = Depends(current_user)):
 @router.post("/p/{project_id}/next")
 def next_item(request: Request, project_id: RowId, user: User = Depends(current_user),
               db: Session = Depends(write_db)):
-    assignment = next_assignment(db, get_project(db, project_id), user, lease=claim_lease(request))
+    assignment = next_assignment(db, get_project_for(db, project_id, user), user, lease=claim_lease(request))
     db.commit()
     return {"item": None if assignment is None else _assignment_json(assignment)}
 
@@ -65,7 +65,7 @@ def next_item(request: Request, project_id: RowId, user: User = Depends(current_
 @router.post("/p/{project_id}/items/{item_id}/vote")
 def vote(request: Request, project_id: RowId, item_id: RowId, body: VoteBody, user: User = Depends(current_user),
          db: Session = Depends(write_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     assignment = assignment_for(db, item_id, user)
     if assignment is None or assignment.project_id != project.id:
         raise HTTPException(status_code=404, detail="no such item among yours")
@@ -86,7 +86,7 @@ def vote(request: Request, project_id: RowId, item_id: RowId, body: VoteBody, us
 
 @router.post("/p/{project_id}/undo")
 def undo(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(write_db)):
-    item = votes.undo_last_vote(db, get_project(db, project_id), user, lease=claim_lease(request))
+    item = votes.undo_last_vote(db, get_project_for(db, project_id, user), user, lease=claim_lease(request))
     db.commit()
     return {"undone_item_id": None if item is None else item.id}
 

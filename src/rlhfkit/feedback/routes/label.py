@@ -11,12 +11,13 @@ from sqlalchemy.orm import Session
 from rlhfkit.feedback import votes
 from rlhfkit.feedback.assignment import assignment_for, confirm_claim, has_work, held_assignment, next_assignment
 from rlhfkit.feedback.guidelines import render_guidelines
+from rlhfkit.feedback.membership import visible_projects
 from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote
 from rlhfkit.feedback.web import (
     RowId,
     claim_lease,
     current_user,
-    get_project,
+    get_project_for,
     read_db,
     redirect,
     render,
@@ -72,14 +73,14 @@ def projects(request: Request, user: User = Depends(current_user), db: Session =
                            .group_by(Vote.project_id)).all())
     rows = [{"project": p, "done": mine.get(p.id, 0),
              "item_count": db.scalar(select(func.count(Item.id)).where(Item.project_id == p.id))}
-            for p in db.scalars(select(Project).order_by(Project.name))]
+            for p in db.scalars(visible_projects(user))]
     return render(request, "projects.html", {"rows": rows}, user=user)
 
 
 @router.get("/p/{project_id}/guidelines")
 def guidelines(request: Request, project_id: RowId, user: User = Depends(current_user),
                db: Session = Depends(read_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     return render(request, "guidelines.html", {"project": project,
                                                "guidelines_html": render_guidelines(project.guidelines_md)},
                   user=user)
@@ -94,7 +95,7 @@ def _done_page(request: Request, db: Session, project: Project, user: User):
 def label_next(request: Request, project_id: RowId, undone: int = 0, user: User = Depends(current_user),
                db: Session = Depends(read_db)):
     """The item being worked on, else a button that claims the next one (a GET claims nothing)."""
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     held = held_assignment(db, project, user)
     if held is not None:
         return redirect(f"/p/{project.id}/items/{held.item_id}" + ("?undone=1" if undone else ""))
@@ -113,7 +114,7 @@ def _claim_next(request: Request, db: Session, project: Project, user: User):
 
 @router.post("/p/{project_id}/label")
 def claim(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(write_db)):
-    return _claim_next(request, db, get_project(db, project_id), user)
+    return _claim_next(request, db, get_project_for(db, project_id, user), user)
 
 
 def _own_assignment(db: Session, project: Project, item_id: int, user: User) -> Assignment:
@@ -127,7 +128,7 @@ def _own_assignment(db: Session, project: Project, item_id: int, user: User) -> 
 @router.get("/p/{project_id}/items/{item_id}")
 def label_item(request: Request, project_id: RowId, item_id: RowId, undone: int = 0,
                user: User = Depends(current_user), db: Session = Depends(read_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     assignment = _own_assignment(db, project, item_id, user)
     vote = votes.own_vote_for_item(db, user, item_id)
     return _label_page(request, db, project, assignment, user, _prefill_from_vote(vote, assignment),
@@ -139,7 +140,7 @@ def label_item(request: Request, project_id: RowId, item_id: RowId, undone: int 
 def submit_vote(request: Request, project_id: RowId, item_id: RowId, choice: str = Form(""),
                 ranking: str = Form(""), strength: str = Form(""), rationale: str = Form(""),
                 all_bad: str = Form(""), user: User = Depends(current_user), db: Session = Depends(write_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     assignment = _own_assignment(db, project, item_id, user)
     if not confirm_claim(db, project, assignment, lease=claim_lease(request)):
         db.commit()
@@ -162,7 +163,7 @@ def submit_vote(request: Request, project_id: RowId, item_id: RowId, choice: str
 
 @router.post("/p/{project_id}/undo")
 def undo(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(write_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     item = votes.undo_last_vote(db, project, user, lease=claim_lease(request))
     db.commit()
     if item is None:
@@ -172,7 +173,7 @@ def undo(request: Request, project_id: RowId, user: User = Depends(current_user)
 
 @router.get("/p/{project_id}/history")
 def history(request: Request, project_id: RowId, user: User = Depends(current_user), db: Session = Depends(read_db)):
-    project = get_project(db, project_id)
+    project = get_project_for(db, project_id, user)
     rows = []
     for vote in votes.own_votes(db, user, project, limit=50):
         shown = votes.to_shown_order(vote.ranks, vote.display_order)
