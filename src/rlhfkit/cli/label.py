@@ -136,6 +136,14 @@ def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, response
         database.close()
 
 
+def _project(session, name: str):
+    """The project called `name`, or one `error:` line."""
+    target = find_project(session, name)
+    if target is None:
+        fail(f"no project named {name!r}")
+    return target
+
+
 @label_app.command("release")
 def release(project: str = typer.Option(..., "--project", help="Project name."),
             annotator: str | None = typer.Option(None, "--annotator", help="Only this annotator's claims."),
@@ -148,9 +156,7 @@ def release(project: str = typer.Option(..., "--project", help="Project name."),
     database = open_database(db)
     try:
         with database.write() as session:
-            target = find_project(session, project)
-            if target is None:
-                fail(f"no project named {project!r}")
+            target = _project(session, project)
             user = find_user(session, annotator) if annotator else None
             if annotator and user is None:
                 fail(f"no account named {annotator!r}")
@@ -186,9 +192,7 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
     database = open_database(db)
     try:
         with database.read() as session:
-            target = find_project(session, project)
-            if target is None:
-                fail(f"no project named {project!r}")
+            target = _project(session, project)
             excluded = flagged_annotators(session, target) if exclude_flagged else set()
             skips = SkipReport()
             records = export_records(session, target, format=format, rounds=round or None,

@@ -181,7 +181,17 @@ class Assignment(Base):
     user: Mapped[User] = relationship()
 
 
-class Vote(Base):
+class VoteAnswer:
+    """What an annotator answered: the columns a vote and each earlier version of it share."""
+
+    ranks: Mapped[list[int]] = mapped_column(JSON)
+    both_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
+    display_order: Mapped[list[int]] = mapped_column(JSON)
+
+
+class Vote(VoteAnswer, Base):
     """One annotator's answer to one item (edits overwrite it; undo deletes it; the version
     replaced or deleted goes to `vote_history`)."""
 
@@ -192,11 +202,6 @@ class Vote(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
-    ranks: Mapped[list[int]] = mapped_column(JSON)
-    both_bad: Mapped[bool] = mapped_column(Boolean, default=False)
-    strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
-    display_order: Mapped[list[int]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Bumped on every save: orders "my last votes" without trusting clock resolution.
@@ -222,7 +227,7 @@ class AuditEntry(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class VoteHistory(Base):
+class VoteHistory(VoteAnswer, Base):
     """A version of a vote that an edit replaced or an undo deleted: with `votes`, the labels
     of a round as they stood at any moment (a version holds from `valid_from` until
     `replaced_at`). `vote_id` has no foreign key: an undone vote's row is gone."""
@@ -234,11 +239,6 @@ class VoteHistory(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
-    ranks: Mapped[list[int]] = mapped_column(JSON)
-    both_bad: Mapped[bool] = mapped_column(Boolean, default=False)
-    strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
-    display_order: Mapped[list[int]] = mapped_column(JSON)
     valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     replaced_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # "edit" (a newer answer replaced it) or "undo" (the annotator took it back).
