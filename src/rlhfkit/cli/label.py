@@ -11,7 +11,7 @@ import typer
 from rlhfkit.cli.errors import fail
 from rlhfkit.cli.help_format import App
 from rlhfkit.cli.label_accounts import add_account_commands
-from rlhfkit.cli.label_ops import DB_OPTION, add_commands, parse_moment
+from rlhfkit.cli.label_ops import DB_OPTION, add_commands, in_transaction, parse_moment
 from rlhfkit.data.errors import DataError, SkipReport
 from rlhfkit.feedback import audit
 from rlhfkit.feedback.assignment import CLAIM_LEASE, release_claims
@@ -69,16 +69,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind; keep the 
 
 
 def _add_user(db: str, username: str, password: str, role: str) -> None:
-    database = open_database(db)
-    try:
-        with database.write() as session:
-            user = create_user(session, username, password, role)
-            audit.record(session, audit.CLI, "user.create", f"user:{user.username}", role=role)
-            session.commit()
-    except DataError as e:
-        fail(e.message)
-    finally:
-        database.close()
+    def change(session) -> None:
+        user = create_user(session, username, password, role)
+        audit.record(session, audit.CLI, "user.create", f"user:{user.username}", role=role)
+
+    in_transaction(db, change)
     typer.echo(f"created {role} {username!r}")
 
 
@@ -153,19 +148,17 @@ def release(project: str = typer.Option(..., "--project", help="Project name."),
     Example: `rlhf label release --project helpfulness --annotator bob --db feedback.db`
     (claims also expire by themselves: see `rlhf label serve --claim-lease-minutes`)
     """
-    database = open_database(db)
-    try:
-        with database.write() as session:
-            target = _project(session, project)
-            user = find_user(session, annotator) if annotator else None
-            if annotator and user is None:
-                fail(f"no account named {annotator!r}")
-            count = release_claims(session, target, user)
-            audit.record(session, audit.CLI, "claims.release", f"project:{target.name}", count=count,
-                         annotator=annotator)
-            session.commit()
-    finally:
-        database.close()
+    def change(session) -> int:
+        target = _project(session, project)
+        user = find_user(session, annotator) if annotator else None
+        if annotator and user is None:
+            fail(f"no account named {annotator!r}")
+        count = release_claims(session, target, user)
+        audit.record(session, audit.CLI, "claims.release", f"project:{target.name}", count=count,
+                     annotator=annotator)
+        return count
+
+    count = in_transaction(db, change)
     typer.echo(f"released {count} claim{'' if count == 1 else 's'} in {project!r}"
                + (f" held by {annotator!r}" if annotator else ""))
 

@@ -9,11 +9,9 @@ from typing import TypeVar
 import typer
 from sqlalchemy.orm import Session
 
-from rlhfkit.cli.errors import fail
-from rlhfkit.cli.label_ops import DB_OPTION
+from rlhfkit.cli.label_ops import DB_OPTION, in_transaction
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback import accounts, audit, membership
-from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.models import User
 from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.projects import find_project
@@ -24,20 +22,6 @@ NEW_PASSWORD_OPTION = typer.Option(..., "--password", prompt="New password", hid
                                    confirmation_prompt=True, envvar="RLHFKIT_PASSWORD",
                                    help=f"Asked for when not given (min. {MIN_PASSWORD} characters, not a common "
                                         "password, not the username).")
-
-
-def _in_transaction(db: str, change: Callable[[Session], T]) -> T:
-    """Run `change` in one write transaction; a DataError becomes one `error:` line."""
-    database = open_database(db)
-    try:
-        with database.write() as session:
-            result = change(session)
-            session.commit()
-            return result
-    except DataError as e:
-        fail(e.message)
-    finally:
-        database.close()
 
 
 def _account_change(username: str, action: str, change: Callable[[Session, User], T]) -> Callable[[Session], T]:
@@ -61,7 +45,7 @@ def deactivate_command(username: str = USER_ARGUMENT, db: str = DB_OPTION) -> No
 
     Example: `rlhf label deactivate bob --db feedback.db`
     """
-    ended = _in_transaction(db, _account_change(username, "user.deactivate", accounts.deactivate))
+    ended = in_transaction(db, _account_change(username, "user.deactivate", accounts.deactivate))
     typer.echo(f"deactivated {username!r} ({_plural(ended, 'session')} ended)")
 
 
@@ -70,7 +54,7 @@ def activate_command(username: str = USER_ARGUMENT, db: str = DB_OPTION) -> None
 
     Example: `rlhf label activate bob --db feedback.db`
     """
-    _in_transaction(db, _account_change(username, "user.activate", accounts.activate))
+    in_transaction(db, _account_change(username, "user.activate", accounts.activate))
     typer.echo(f"activated {username!r}")
 
 
@@ -80,7 +64,7 @@ def reset_password_command(username: str = USER_ARGUMENT, password: str = NEW_PA
 
     Example: `rlhf label reset-password bob --db feedback.db` (asks for the password)
     """
-    ended = _in_transaction(db, _account_change(username, "user.password_reset",
+    ended = in_transaction(db, _account_change(username, "user.password_reset",
                                                        lambda s, u: accounts.reset_password(s, u, password)))
     typer.echo(f"new password set for {username!r} ({_plural(ended, 'session')} ended)")
 
@@ -90,7 +74,7 @@ def revoke_sessions_command(username: str = USER_ARGUMENT, db: str = DB_OPTION) 
 
     Example: `rlhf label revoke-sessions bob --db feedback.db`
     """
-    ended = _in_transaction(db, _account_change(username, "user.sessions_revoked", accounts.revoke_sessions))
+    ended = in_transaction(db, _account_change(username, "user.sessions_revoked", accounts.revoke_sessions))
     typer.echo(f"ended {_plural(ended, 'session')} of {username!r}")
 
 
@@ -121,7 +105,7 @@ def members_command(project: str = typer.Option(..., "--project", help="Project 
                          open_to_all=target.open_to_all)
         return membership.access_summary(session, target)
 
-    typer.echo(f"{project!r}: {_in_transaction(db, change)}")
+    typer.echo(f"{project!r}: {in_transaction(db, change)}")
 
 
 def add_account_commands(group: typer.Typer) -> None:

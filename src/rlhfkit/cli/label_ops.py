@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from sqlalchemy.orm import Session
 
 from rlhfkit.cli.errors import fail
+from rlhfkit.data.errors import DataError
 from rlhfkit.feedback import audit
 from rlhfkit.feedback.backup import backup, check_sqlite_file, in_use, local_file, restore, sqlite_file
 from rlhfkit.feedback.db import DEFAULT_DATABASE, Database, open_database
@@ -24,8 +28,23 @@ from rlhfkit.feedback.migrations import SchemaError
 
 DB_OPTION = typer.Option(DEFAULT_DATABASE, "--db", envvar="RLHFKIT_FEEDBACK_DB",
                          help="Database URL (sqlite:///file.db, postgresql://...) or a SQLite file path.")
+T = TypeVar("T")
 _AGE = re.compile(r"(\d+)([mhd])")
 _AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+
+
+def in_transaction(db: str, change: Callable[[Session], T]) -> T:
+    """Run `change` in one write transaction; a DataError becomes one `error:` line."""
+    database = open_database(db)
+    try:
+        with database.write() as session:
+            result = change(session)
+            session.commit()
+            return result
+    except DataError as e:
+        fail(e.message)
+    finally:
+        database.close()
 
 
 def parse_moment(text: str, option: str) -> datetime:
