@@ -146,7 +146,7 @@ def test_export_as_of_on_the_command_line(database, seed, app, login, api_header
     project_id = seed(database, records=[{"prompt": "2+2?", "responses": ["4", "5"]}])
     ann = login(app, "ann1")
     _vote(ann, api_headers(ann), project_id, "A")
-    db = database.engine.url.database
+    db = database.engine.url.render_as_string(hide_password=False)
     out = tmp_path / "o.jsonl"
     result = runner.invoke(cli_app, ["label", "export", str(out), "--project", "demo", "--as-of", "2000-01-01",
                                      "--db", db])

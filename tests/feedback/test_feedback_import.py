@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app as rlhf_app
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.export import export_records
-from rlhfkit.feedback.models import ADMIN, Item, Round
+from rlhfkit.feedback.models import ADMIN, Item, Round, Vote
 from rlhfkit.feedback.projects import add_round, create_project, find_project
 from rlhfkit.feedback.users import create_user
 
@@ -116,28 +116,38 @@ def test_add_round_refuses_repeated_ids(database):
                                          {"id": "b", "prompt": "r", "responses": ["x", "y"]}])
 
 
-def test_export_item_ids_are_unique_and_carry_meta(database):
+def test_export_item_ids_are_unique_and_carry_meta(tmp_path):
+    """A database from before imports refused repeated ids (schema 4, no unique index) holds
+    id 'a' on items of two rounds; the upgrade to 5 renames the later one `a#<row id>` and
+    adds the unique index, so the export's item_id names one item."""
+    path = tmp_path / "v4.db"
+    database = open_database(str(path))
     with database.write() as session:
         user = create_user(session, "root", "correct horse battery", ADMIN)
         project = create_project(session, "p", overlap=1)
-        new_round = add_round(session, project, [
+        add_round(session, project, [
             {"id": "a", "prompt": "p", "responses": ["x", "y"], "meta": {"source": "s1", "n": [1, 2]}},
             {"prompt": "q", "responses": ["x", "y"]}])
-        # a database from before the check: the same id on two items of two rounds
-        legacy = Round(project_id=project.id, number=2)
-        session.add(legacy)
-        session.flush()
-        session.add(Item(round_id=legacy.id, project_id=project.id, position=0, external_id="a",
-                         prompt="old", responses=["x", "y"], meta={}))
-        session.flush()
-        from rlhfkit.feedback.models import Vote
+        session.commit()
+        user_id, project_id = user.id, project.id
+    database.close()
+    with open_database(str(path), upgrade=False).engine.begin() as conn:
+        conn.execute(text("DROP INDEX ux_items_project_external_id"))
+        conn.execute(text("UPDATE schema_version SET version = 4"))
+        conn.execute(text("INSERT INTO rounds (project_id, number, created_at) VALUES (:p, 2, '2026-01-01')"),
+                     {"p": project_id})
+        conn.execute(text("INSERT INTO items (round_id, project_id, position, external_id, prompt, responses, meta) "
+                          "SELECT max(id), :p, 0, 'a', '\"old\"', '[\"x\", \"y\"]', '{}' FROM rounds"),
+                     {"p": project_id})
+    database = open_database(str(path))  # upgrades 4 -> 5
+    with database.write() as session:
         for item in session.scalars(select(Item)):
-            session.add(Vote(item_id=item.id, user_id=user.id, project_id=project.id, ranks=[0, 1],
+            session.add(Vote(item_id=item.id, user_id=user_id, project_id=project_id, ranks=[0, 1],
                              display_order=[0, 1]))
         session.commit()
         items = {i.prompt: i for i in session.scalars(select(Item))}
-        records = export_records(session, project, format="rankings")
+        records = export_records(session, find_project(session, "p"), format="rankings")
+    database.close()
     ids = {r["prompt"]: r["item_id"] for r in records}
-    assert ids == {"p": f"a#{items['p'].id}", "q": f"#{items['q'].id}", "old": f"a#{items['old'].id}"}
+    assert ids == {"p": "a", "q": f"#{items['q'].id}", "old": f"a#{items['old'].id}"}
     assert {r["prompt"]: r["item_meta"] for r in records}["p"] == {"source": "s1", "n": [1, 2]}
-    assert new_round.number == 1

@@ -4,17 +4,23 @@ goes to loopback."""
 
 from __future__ import annotations
 
+import json
 import re
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 from rlhfkit.feedback.db import open_database
-from rlhfkit.feedback.models import Vote
+from rlhfkit.feedback.models import Item, Project, Round, Vote, utcnow
+from rlhfkit.feedback.projects import STALE_STAGING
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 PASSWORD = "correct horse battery"
@@ -142,3 +148,76 @@ def test_sigkill_mid_session_keeps_every_acknowledged_vote(labeled_db, server_pr
         restarted.stop()
     votes = stored_votes(url)
     assert {ack["vote_id"] for ack in acknowledged} <= set(votes)
+
+
+def _project_id(url: str, name: str) -> int:
+    database = open_database(url)
+    with database.read() as session:
+        project_id = session.scalar(select(Project.id).where(Project.name == name))
+    database.close()
+    return project_id
+
+
+def _staged_items(url: str, project: str) -> tuple[int, int]:
+    """(items in rounds being imported, items in published rounds) of `project`."""
+    database = open_database(url)
+    with database.read() as session:
+        rows = session.execute(select(Round.number, func.count(Item.id)).join(Item, Item.round_id == Round.id)
+                               .join(Project, Round.project_id == Project.id).where(Project.name == project)
+                               .group_by(Round.number)).all()
+    database.close()
+    return sum(n for number, n in rows if number < 0), sum(n for number, n in rows if number > 0)
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_mid_import_loses_no_vote_and_shows_no_half_round(labeled_db, server_process, tmp_path):
+    """`rlhf label import` of 40k items killed after its first chunks while 4 annotators vote:
+    every acknowledged vote is kept, annotators never see the half-written round, the
+    database is consistent, and the import runs again once the dead one's round is stale."""
+    url, project_id = labeled_db
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"question {i}", "responses": ["yes", "no"]}) + "\n"
+                           for i in range(40_000)))
+    command = [sys.executable, "-m", "rlhfkit.cli", "label", "import", str(big), "--project", "big", "--db", url]
+    server = server_process(url)
+    stop = threading.Event()
+    try:
+        clients = [login(server.url, f"ann{i:02d}") for i in range(4)]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(annotate, c, project_id, 25, stop) for c in clients]
+            importer = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and _staged_items(url, "big")[0] == 0 and importer.poll() is None:
+                time.sleep(0.05)
+            importer.send_signal(signal.SIGKILL)
+            importer.wait(timeout=10)
+            results = [f.result(timeout=60) for f in futures]
+        staged, published = _staged_items(url, "big")
+        assert 0 < staged < 40_000 and published == 0, "the kill did not land mid-import"
+        ann = clients[0]
+        assert re.search(r"<h2>big</h2>\s*<p[^>]*>0 labeled by you · 0 items in the project", ann.get("/projects").text)
+        big_id = _project_id(url, "big")
+        assert ann.post(f"/api/p/{big_id}/next").json()["item"] is None
+        for c in clients:
+            c.close()
+    finally:
+        server.stop()
+    acknowledged = [vote for result in results for vote in result]
+    assert len(acknowledged) == 100
+    assert {ack["vote_id"] for ack in acknowledged} <= set(stored_votes(url))
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert "is already in a round still being imported" in again.stderr
+    database = open_database(url)
+    with database.write() as session:  # as if STALE_STAGING had passed
+        session.execute(update(Round).where(Round.number < 0).values(created_at=utcnow() - STALE_STAGING))
+        session.commit()
+    database.close()
+    third = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert _staged_items(url, "big") == (0, 40_000)

@@ -17,9 +17,10 @@ from rlhfkit.feedback import audit
 from rlhfkit.feedback.assignment import CLAIM_LEASE, release_claims
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.export import FORMATS, export_records, write_jsonl
+from rlhfkit.feedback.imports import import_round as import_round_in_chunks
 from rlhfkit.feedback.models import ADMIN, ANNOTATOR
 from rlhfkit.feedback.passwords import MIN_PASSWORD
-from rlhfkit.feedback.projects import add_round, create_project, find_project
+from rlhfkit.feedback.projects import create_project, find_project
 from rlhfkit.feedback.quality import flagged_annotators
 from rlhfkit.feedback.records import read_numbered_file
 from rlhfkit.feedback.users import IDLE_TIMEOUT, create_user, find_user
@@ -118,13 +119,18 @@ def import_round(path: Path = typer.Argument(..., help="JSONL: {prompt, response
                 target = create_project(session, project, overlap=overlap, guidelines_md=text,
                                         open_to_all=True)  # restrict: `rlhf label members`
                 audit.record(session, audit.CLI, "project.create", f"project:{target.name}", overlap=overlap)
+                session.commit()
                 typer.echo(f"created project {project!r} (overlap {overlap})")
-            new_round = add_round(session, target, records, model_version, source=str(path), lines=lines)
+
+        def record_import(session, new_round) -> None:
             audit.record(session, audit.CLI, "round.import", f"project:{target.name}", round=new_round.number,
                          items=len(records), model_version=new_round.model_version, via="cli", file=str(path))
-            session.commit()
-            typer.echo(f"round {new_round.number}: {len(records)} items "
-                       f"(model version {new_round.model_version or 'not given'})")
+
+        # staged and written in chunks: annotators keep voting while a large file goes in
+        new_round = import_round_in_chunks(database, target.id, records, model_version, source=str(path),
+                                           lines=lines, on_publish=record_import)
+        typer.echo(f"round {new_round.number}: {len(records)} items "
+                   f"(model version {new_round.model_version or 'not given'})")
     except DataError as e:
         fail(str(e))
     finally:

@@ -29,7 +29,7 @@ from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rlhfkit.feedback.models import Assignment, Item, Project, Round, User, Vote, utcnow
+from rlhfkit.feedback.models import Assignment, Item, Project, Round, User, Vote, published, utcnow
 
 CLAIM_LEASE = timedelta(minutes=30)
 
@@ -72,7 +72,8 @@ def _claimable(project: Project, user: User, now: datetime):
     holders = select(func.count(Assignment.id)).where(Assignment.item_id == Item.id, _holds(now)).scalar_subquery()
     mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id, _holds(now))
     return (select(Item).join(Round, Item.round_id == Round.id)
-            .where(Item.project_id == project.id, ~mine, or_(Item.gold_ranks.is_not(None), holders < project.overlap))
+            .where(Item.project_id == project.id, published(), ~mine,
+                   or_(Item.gold_ranks.is_not(None), holders < project.overlap))
             .order_by(Round.number, Item.position).limit(1))
 
 

@@ -28,13 +28,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import SkipReport
 from rlhfkit.data.preference import pool_soft_labels, ranking_to_pairs
 from rlhfkit.data.schemas import PreferencePair, Provenance, Ranking, as_conversation
-from rlhfkit.feedback.models import PAIRWISE, Item, Project, Round, User, Vote, VoteHistory
+from rlhfkit.feedback.models import PAIRWISE, Item, Project, Round, User, Vote, VoteHistory, published
 
 FORMATS = ("pairs", "rankings", "soft")
 
@@ -58,7 +58,7 @@ def _vote_rows(session: Session, project: Project, rounds: Collection[int] | Non
     def query(model):
         q = (select(model, Item, Round.number, User.username)
              .join(Item, model.item_id == Item.id).join(Round, Item.round_id == Round.id)
-             .join(User, model.user_id == User.id).where(model.project_id == project.id)
+             .join(User, model.user_id == User.id).where(model.project_id == project.id, published())
              .order_by(Round.number, Item.position, User.username))
         q = q.where(Round.number.in_(list(rounds))) if rounds else q
         return q if include_gold else q.where(Item.gold_ranks.is_(None))
@@ -90,23 +90,14 @@ def _vote_rankings(session: Session, project: Project, rounds: Collection[int] |
     return out
 
 
-def _repeated_ids(session: Session, project: Project) -> set[str]:
-    """Imported ids that name several items of `project` (possible only in databases filled
-    before imports refused repeated ids)."""
-    return set(session.scalars(select(Item.external_id).where(Item.project_id == project.id,
-                                                              Item.external_id.is_not(None))
-                               .group_by(Item.external_id).having(func.count(Item.id) > 1)))
+def item_key(item: Item) -> str:
+    """The export's `item_id`: unique within the project (a unique index on the imported ids,
+    which cannot start with '#')."""
+    return f"#{item.id}" if item.external_id is None else item.external_id
 
 
-def item_key(item: Item, repeated: Collection[str] = ()) -> str:
-    """The export's `item_id`: unique within the project (imported ids cannot start with '#')."""
-    if item.external_id is None:
-        return f"#{item.id}"
-    return f"{item.external_id}#{item.id}" if item.external_id in repeated else item.external_id
-
-
-def _item_fields(item: Item, project: Project, repeated: Collection[str]) -> dict[str, Any]:
-    return {"item_id": item_key(item, repeated), "item_meta": item.meta or {}, "project": project.name}
+def _item_fields(item: Item, project: Project) -> dict[str, Any]:
+    return {"item_id": item_key(item), "item_meta": item.meta or {}, "project": project.name}
 
 
 def _provenance_fields(p: Provenance) -> dict[str, Any]:
@@ -114,11 +105,10 @@ def _provenance_fields(p: Provenance) -> dict[str, Any]:
             "round": p.round, "model_version": p.model_version}
 
 
-def _pair_record(pair: PreferencePair, item: Item, project: Project, repeated: Collection[str]
-                 ) -> dict[str, Any]:
+def _pair_record(pair: PreferencePair, item: Item, project: Project) -> dict[str, Any]:
     return {"prompt": item.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
             "label": pair.label, "margin": pair.margin, "both_bad": pair.both_bad,
-            **_provenance_fields(pair.provenance), **_item_fields(item, project, repeated),
+            **_provenance_fields(pair.provenance), **_item_fields(item, project),
             "vote_id": pair.meta["vote"]}
 
 
@@ -143,22 +133,21 @@ def export_records(session: Session, project: Project, *, format: str = "pairs",
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r} (use {', '.join(FORMATS)})")
     votes = _vote_rankings(session, project, rounds, set(exclude_annotators), include_gold, as_of)
-    repeated = _repeated_ids(session, project)
     if format == "rankings":
         return [{"prompt": item.prompt, "responses": list(r.responses), "ranks": list(r.ranks),
-                 "both_bad": r.both_bad, **_provenance_fields(r.provenance), **_item_fields(item, project, repeated),
+                 "both_bad": r.both_bad, **_provenance_fields(r.provenance), **_item_fields(item, project),
                  "vote_id": vote.id}
                 for r, vote, item in votes]
 
     items = {item.id: item for _r, _v, item in votes}
     pairs = [pair for r, vote, item in votes for pair in _vote_pairs(r, vote, item, skips)]
     if format == "pairs":
-        return [_pair_record(p, items[p.meta["item"]], project, repeated) for p in pairs]
+        return [_pair_record(p, items[p.meta["item"]], project) for p in pairs]
 
     records = []
     for pooled in pool_soft_labels(pairs):
         voters = sorted({v["annotator"] for v in pooled.meta["provenance"]})
-        record = _pair_record(pooled, items[pooled.meta["item"]], project, repeated)
+        record = _pair_record(pooled, items[pooled.meta["item"]], project)
         record.update(annotator=",".join(voters), source="human", num_votes=pooled.meta["num_votes"])
         record.pop("vote_id")  # pooled over several votes: the ids are in the pairs export
         records.append(record)

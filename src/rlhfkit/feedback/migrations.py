@@ -113,10 +113,31 @@ def _v4_audit_log_and_vote_history(conn: Connection) -> None:
     history.create(conn, checkfirst=True)
 
 
+def _v5_unique_item_ids(conn: Connection) -> None:
+    """An imported id names one item of its project: a unique index on
+    items (project_id, external_id). Databases filled before imports refused repeated ids may
+    hold an id several times: the first (lowest row id) keeps it and every later one is renamed
+    `<id>#<row id>`, the name the export already gave it."""
+    repeats = conn.execute(text(
+        "SELECT i.id, i.project_id, i.external_id FROM items i WHERE i.external_id IS NOT NULL AND EXISTS ("
+        "SELECT 1 FROM items j WHERE j.project_id = i.project_id AND j.external_id = i.external_id "
+        "AND j.id < i.id) ORDER BY i.id")).all()
+    for row_id, project_id, external_id in repeats:
+        new_id, n = f"{external_id}#{row_id}", 1
+        while conn.execute(text("SELECT 1 FROM items WHERE project_id = :p AND external_id = :e"),
+                           {"p": project_id, "e": new_id}).first():
+            n += 1  # an imported id that happens to read `<id>#<row id>` already
+            new_id = f"{external_id}#{row_id}.{n}"
+        conn.execute(text("UPDATE items SET external_id = :e WHERE id = :id"), {"e": new_id, "id": row_id})
+    conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ux_items_project_external_id "
+                      "ON items (project_id, external_id)"))
+
+
 # version v -> the step that upgrades a database at version v - 1 to v.
 UPGRADES: Mapping[int, Upgrade] = {2: _v2_claim_leases_and_username_keys,
                                    3: _v3_session_idle_and_project_members,
-                                   4: _v4_audit_log_and_vote_history}
+                                   4: _v4_audit_log_and_vote_history,
+                                   5: _v5_unique_item_ids}
 SCHEMA_VERSION = max(UPGRADES)
 
 _version_metadata = MetaData()

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -106,6 +107,7 @@ class Project(Base):
     # see every project. Projects from before schema 3 were made open (what they were).
     open_to_all: Mapped[bool] = mapped_column(Boolean, default=False)
 
+    # Every round, the ones being imported included (see `published()`).
     rounds: Mapped[list[Round]] = relationship(back_populates="project", order_by="Round.number")
 
 
@@ -121,6 +123,10 @@ class ProjectMember(Base):
 
 
 class Round(Base):
+    """A round of a project. Rounds annotators see are numbered 1, 2, …; a round still being
+    imported has a negative number and is invisible to every query that filters with
+    `published()` (imports.py: a large import is written in chunks, then published at once)."""
+
     __tablename__ = "rounds"
     __table_args__ = (UniqueConstraint("project_id", "number"),)
 
@@ -134,8 +140,17 @@ class Round(Base):
     items: Mapped[list[Item]] = relationship(back_populates="round", order_by="Item.position")
 
 
+def published():
+    """SQL: the round is published (not one being imported). Every query that shows items,
+    rounds or votes to annotators, reports or exports joins `Round` and filters with this."""
+    return Round.number > 0
+
+
 class Item(Base):
+    """An imported id names one item of its project (unique index; NULL ids are not compared)."""
+
     __tablename__ = "items"
+    __table_args__ = (Index("ux_items_project_external_id", "project_id", "external_id", unique=True),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)

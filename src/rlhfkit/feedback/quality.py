@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from rlhfkit.feedback import agreement
-from rlhfkit.feedback.models import ANNOTATOR, PAIRWISE, Item, Project, Round, User, Vote
+from rlhfkit.feedback.models import ANNOTATOR, PAIRWISE, Item, Project, Round, User, Vote, published
 
 OUTLIER_GAP = 0.25
 OUTLIER_MIN_COUNT = 3
@@ -123,7 +123,7 @@ def round_progress(session: Session, project: Project, annotator_count: int) -> 
     per_item_target = min(project.overlap, annotator_count)
     votes_per_item = Counter(session.scalars(select(Vote.item_id).where(Vote.project_id == project.id)))
     progress = []
-    for rnd in session.scalars(select(Round).where(Round.project_id == project.id).order_by(Round.number)):
+    for rnd in session.scalars(select(Round).where(Round.project_id == project.id, published()).order_by(Round.number)):
         items = session.execute(select(Item.id, Item.gold_ranks).where(Item.round_id == rnd.id)).all()
         targets = {item_id: (annotator_count if gold is not None else per_item_target) for item_id, gold in items}
         progress.append(RoundProgress(

@@ -24,7 +24,7 @@ from rlhfkit.data.schemas import as_conversation
 from rlhfkit.feedback.agreement import fleiss_kappa, percent_agreement
 from rlhfkit.feedback.db import open_database
 from rlhfkit.feedback.export import export_records
-from rlhfkit.feedback.models import Item, Round, Vote
+from rlhfkit.feedback.models import Item, Round, Vote, published
 from rlhfkit.feedback.projects import add_round, create_project, find_project
 from rlhfkit.judge.loading import backend_from_spec
 from rlhfkit.judge.pairwise import PairwiseJudge, label_pairs_with_judge
@@ -172,7 +172,7 @@ def _round_tag(run_dir: Path, round: int) -> str:
 
 
 def _find_round(session, project, tag: str) -> Round | None:
-    return session.scalar(select(Round).where(Round.project_id == project.id, Round.model_version == tag))
+    return session.scalar(select(Round).where(Round.project_id == project.id, Round.model_version == tag, published()))
 
 
 def _status(session, db_url: str, project, target: Round) -> LabelStatus:

@@ -16,7 +16,8 @@ from rlhfkit.feedback import projects as project_service
 from rlhfkit.feedback import users as user_service
 from rlhfkit.feedback.assignment import claim_counts, release_claims
 from rlhfkit.feedback.export import FORMATS, export_records, to_jsonl
-from rlhfkit.feedback.models import ANNOTATOR, ROLES, Item, Project, Round, User, Vote
+from rlhfkit.feedback.imports import import_round
+from rlhfkit.feedback.models import ANNOTATOR, ROLES, Project, Round, User, Vote
 from rlhfkit.feedback.passwords import MIN_PASSWORD
 from rlhfkit.feedback.quality import flagged_annotators, project_report
 from rlhfkit.feedback.records import CandidateSet, read_stream
@@ -52,15 +53,21 @@ def _read_upload(upload: UploadFile | None) -> list[tuple[int, CandidateSet]] | 
     return read_stream(upload.file, path=upload.filename)
 
 
-def _add_uploaded_round(db: Session, project: Project, upload: UploadFile,
-                        records: list[tuple[int, CandidateSet]], model_version: str) -> Round:
-    return project_service.add_round(db, project, [c for _, c in records], model_version or None,
-                                     source=upload.filename, lines=[n for n, _ in records])
+def _import_upload(request: Request, admin: User, project: Project, upload: UploadFile,
+                   records: list[tuple[int, CandidateSet]], model_version: str) -> Round:
+    """The upload as the project's next round, staged and written in chunks (imports.py), so
+    annotators keep voting while it goes in; its audit row commits with the round."""
+    def record_import(session: Session, new_round: Round) -> None:
+        audit.record(session, admin, "round.import", f"project:{project.name}", round=new_round.number,
+                     items=len(records), model_version=new_round.model_version, via="web")
+
+    return import_round(database(request), project.id, [c for _, c in records], model_version or None,
+                        source=upload.filename, lines=[n for n, _ in records], on_publish=record_import)
 
 
 def _home(request: Request, db: Session, admin: User, *, error: str | None = None, status_code: int = 200):
     rows = [{"project": p,
-             "item_count": db.scalar(select(func.count(Item.id)).where(Item.project_id == p.id)),
+             "item_count": project_service.item_count(db, p.id),
              "vote_count": db.scalar(select(func.count(Vote.id)).where(Vote.project_id == p.id))}
             for p in db.scalars(select(Project).order_by(Project.name))]
     entries = audit.latest(db, limit=AUDIT_ROWS)
@@ -95,25 +102,22 @@ def create_user(request: Request, username: str = Form(""), password: str = Form
 def create_project(request: Request, name: str = Form(""), overlap: int = Form(2),
                    guidelines: str = Form(""), model_version: str = Form(""),
                    file: UploadFile | None = File(None), admin: User = Depends(current_admin),
-                   db: Session = Depends(write_db)):
+                   db: Session = Depends(read_db)):
+    # No write transaction is held while the upload is read and imported: the project is
+    # created in one short transaction, the round goes in chunks (a failed import leaves the
+    # project, empty, with the error shown).
     try:
         records = _read_upload(file)
-        project = project_service.create_project(db, name, overlap=overlap, guidelines_md=guidelines,
+        with database(request).write() as session:
+            project = project_service.create_project(session, name, overlap=overlap, guidelines_md=guidelines,
                                                      open_to_all=True)  # restrict: `rlhf label members`
-        audit.record(db, admin, "project.create", f"project:{project.name}", overlap=overlap)
+            audit.record(session, admin, "project.create", f"project:{project.name}", overlap=overlap)
+            session.commit()
         if records:
-            new_round = _add_uploaded_round(db, project, file, records, model_version)
-            _record_import(db, admin, project, new_round, len(records))
+            _import_upload(request, admin, project, file, records, model_version)
     except DataError as e:
-        db.rollback()
         return _home(request, db, admin, error=error_text(e), status_code=400)
-    db.commit()
     return redirect(f"/admin/p/{project.id}")
-
-
-def _record_import(db: Session, admin: User, project: Project, new_round: Round, items: int) -> None:
-    audit.record(db, admin, "round.import", f"project:{project.name}", round=new_round.number,
-                 items=items, model_version=new_round.model_version, via="web")
 
 
 def _dashboard(request: Request, db: Session, admin: User, project: Project, round_number: int | None,
@@ -134,18 +138,15 @@ def dashboard(request: Request, project_id: RowId, round: RoundNumber = None,
 @router.post("/p/{project_id}/rounds")
 def add_round(request: Request, project_id: RowId, model_version: str = Form(""),
               file: UploadFile | None = File(None), admin: User = Depends(current_admin),
-              db: Session = Depends(write_db)):
+              db: Session = Depends(read_db)):
     project = get_project(db, project_id)
     try:
         records = _read_upload(file)
         if not records:
             raise DataError("choose a JSONL file of prompts and responses", field="file")
-        new_round = _add_uploaded_round(db, project, file, records, model_version)
-        _record_import(db, admin, project, new_round, len(records))
+        _import_upload(request, admin, project, file, records, model_version)
     except DataError as e:
-        db.rollback()
         return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
-    db.commit()
     return redirect(f"/admin/p/{project_id}")
 
 

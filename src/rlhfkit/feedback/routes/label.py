@@ -12,7 +12,8 @@ from rlhfkit.feedback import votes
 from rlhfkit.feedback.assignment import assignment_for, confirm_claim, has_work, held_assignment, next_assignment
 from rlhfkit.feedback.guidelines import render_guidelines
 from rlhfkit.feedback.membership import visible_projects
-from rlhfkit.feedback.models import PAIRWISE, Assignment, Item, Project, User, Vote
+from rlhfkit.feedback.models import PAIRWISE, Assignment, Project, User, Vote
+from rlhfkit.feedback.projects import item_count
 from rlhfkit.feedback.web import (
     RowId,
     claim_lease,
@@ -72,7 +73,7 @@ def projects(request: Request, user: User = Depends(current_user), db: Session =
     mine = dict(db.execute(select(Vote.project_id, func.count(Vote.id)).where(Vote.user_id == user.id)
                            .group_by(Vote.project_id)).all())
     rows = [{"project": p, "done": mine.get(p.id, 0),
-             "item_count": db.scalar(select(func.count(Item.id)).where(Item.project_id == p.id))}
+             "item_count": item_count(db, p.id)}
             for p in db.scalars(visible_projects(user))]
     return render(request, "projects.html", {"rows": rows}, user=user)
 
