@@ -35,7 +35,9 @@ def test_every_route_refuses_anonymous_requests(app, seeded, csrf):
              f"/p/{pid}/history", "/admin", f"/admin/p/{pid}", f"/admin/p/{pid}/export"]
     api = ["/api/me", "/api/votes", "/api/votes/1"]
     posts = [f"/p/{pid}/label", f"/p/{pid}/items/1", f"/p/{pid}/undo", "/admin/users", "/admin/projects",
-             f"/admin/p/{pid}/rounds", f"/admin/p/{pid}/settings", f"/admin/p/{pid}/release", "/logout"]
+             f"/admin/p/{pid}/rounds", f"/admin/p/{pid}/settings", f"/admin/p/{pid}/release",
+             f"/admin/p/{pid}/members", "/admin/users/2/deactivate", "/admin/users/2/activate",
+             "/admin/users/2/password", "/admin/users/2/revoke-sessions", "/logout"]
     api_posts = [f"/api/p/{pid}/next", f"/api/p/{pid}/items/1/vote", f"/api/p/{pid}/undo"]
     public = {("GET", "/"), ("GET", "/login"), ("POST", "/login")}
     # Every route of the app is in one of the lists above: a new route cannot slip by untested.

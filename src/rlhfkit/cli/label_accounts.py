@@ -94,15 +94,10 @@ def members_command(project: str = typer.Option(..., "--project", help="Project 
         target = find_project(session, project)
         if target is None:
             raise DataError(f"no project named {project!r}", field="project")
-        membership.add_members(session, target, membership.parse_names(add))
-        membership.remove_members(session, target, membership.parse_names(remove))
-        if open_to_all is not None:
-            target.open_to_all = open_to_all
-        session.flush()
-        if add or remove or open_to_all is not None:
-            audit.record(session, audit.CLI, "project.members", f"project:{target.name}",
-                         added=membership.parse_names(add), removed=membership.parse_names(remove),
-                         open_to_all=target.open_to_all)
+        detail = membership.change_access(session, target, add=membership.parse_names(add),
+                                          remove=membership.parse_names(remove), open_to_all=open_to_all)
+        if detail is not None:
+            audit.record(session, audit.CLI, "project.members", f"project:{target.name}", **detail)
         return membership.access_summary(session, target)
 
     typer.echo(f"{project!r}: {in_transaction(db, change)}")

@@ -26,6 +26,12 @@ def require_user(session: Session, username: str) -> User:
     return user
 
 
+def refuse_self(actor: User, user: User, what: str) -> None:
+    """A DataError when `actor` would act on their own account (`what`: "deactivate your own account")."""
+    if actor.id == user.id:
+        raise DataError(f"you cannot {what}", field="username")
+
+
 def revoke_sessions(session: Session, user: User) -> int:
     """End every login session of `user`; the number ended."""
     result = session.execute(delete(LoginSession).where(LoginSession.user_id == user.id)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import Select, delete, exists, or_, select, update
 from sqlalchemy.orm import Session
@@ -43,6 +44,20 @@ def member_names(session: Session, project: Project) -> list[str]:
 def parse_names(text: str | None) -> list[str]:
     """'alice, bob' -> ['alice', 'bob']."""
     return [name.strip() for name in (text or "").split(",") if name.strip()]
+
+
+# The web form's choice of access -> open_to_all ("" leaves it as it is).
+ACCESS_CHOICES = {"open": True, "members": False}
+
+
+def parse_access(value: str | None) -> bool | None:
+    """'open' -> True, 'members' -> False, '' -> None (unchanged); anything else a DataError."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value not in ACCESS_CHOICES:
+        raise DataError(f"access must be one of {', '.join(ACCESS_CHOICES)}", field="access")
+    return ACCESS_CHOICES[value]
 
 
 def _annotators(session: Session, names: Iterable[str]) -> list[User]:
@@ -80,6 +95,22 @@ def remove_members(session: Session, project: Project, names: Iterable[str]) -> 
                         .values(lease_expires_at=now).execution_options(synchronize_session=False))
     session.flush()
     return users
+
+
+def change_access(session: Session, project: Project, *, add: Iterable[str] = (), remove: Iterable[str] = (),
+                  open_to_all: bool | None = None) -> dict[str, Any] | None:
+    """Add the `add` annotators, then take off the `remove` ones, then open or restrict the
+    project when `open_to_all` is given; flushes. The audit detail of the change
+    (added, removed, open_to_all), or None when nothing was asked."""
+    added, removed = list(add), list(remove)
+    add_members(session, project, added)
+    remove_members(session, project, removed)
+    if open_to_all is not None:
+        project.open_to_all = open_to_all
+    session.flush()
+    if not added and not removed and open_to_all is None:
+        return None
+    return {"added": added, "removed": removed, "open_to_all": project.open_to_all}
 
 
 def access_summary(session: Session, project: Project) -> str:

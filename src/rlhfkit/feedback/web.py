@@ -29,9 +29,10 @@ ANON_COOKIE = "rlhf_anon"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# The largest id a row can have (SQLite INTEGER, PostgreSQL BIGINT). An id in a path beyond it
-# is answered 404 like any other id that names no row (app.py maps path errors to 404).
-MAX_ID = 2**63 - 1
+# The largest id a row can have on every backend: the id columns are INTEGER, 32-bit on
+# PostgreSQL (64-bit on SQLite). An id in a path beyond it is answered 404 like any other id
+# that names no row (app.py maps path errors to 404), never a database error.
+MAX_ID = 2**31 - 1
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 RoundNumber = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
@@ -190,6 +191,13 @@ def get_project(session: Session, project_id: int) -> Project:
     if project is None:
         raise HTTPException(status_code=404, detail="no such project")
     return project
+
+
+def get_user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise HTTPException(status_code=404, detail="no such account")
+    return user
 
 
 def get_project_for(session: Session, project_id: int, user: User) -> Project:

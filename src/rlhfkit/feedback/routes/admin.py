@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import Response
@@ -11,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.feedback import audit
+from rlhfkit.feedback import accounts, audit, membership
 from rlhfkit.feedback import projects as project_service
 from rlhfkit.feedback import users as user_service
 from rlhfkit.feedback.assignment import claim_counts, release_claims
@@ -28,6 +30,7 @@ from rlhfkit.feedback.web import (
     database,
     error_text,
     get_project,
+    get_user,
     read_db,
     redirect,
     render,
@@ -98,6 +101,51 @@ def create_user(request: Request, username: str = Form(""), password: str = Form
     return redirect("/admin")
 
 
+def _account_action(request: Request, db: Session, admin: User, user_id: int, action: str,
+                    change: Callable[[Session, User], Any], *, refuse_self: str | None = None):
+    """`change` applied to the account `user_id`, with its audit row (the CLI's action name) in
+    the same transaction; a DataError re-renders the admin page with its one-line message."""
+    user = get_user(db, user_id)
+    try:
+        if refuse_self:
+            accounts.refuse_self(admin, user, refuse_self)
+        result = change(db, user)
+        audit.record(db, admin, action, f"user:{user.username}", via="web",
+                     **({"sessions_ended": result} if isinstance(result, int) else {}))
+    except DataError as e:
+        db.rollback()
+        return _home(request, db, admin, error=error_text(e), status_code=400)
+    db.commit()
+    return redirect("/admin")
+
+
+@router.post("/users/{user_id}/deactivate")
+def deactivate_user(request: Request, user_id: RowId, admin: User = Depends(current_admin),
+                    db: Session = Depends(write_db)):
+    return _account_action(request, db, admin, user_id, "user.deactivate", accounts.deactivate,
+                           refuse_self="deactivate your own account")
+
+
+@router.post("/users/{user_id}/activate")
+def activate_user(request: Request, user_id: RowId, admin: User = Depends(current_admin),
+                  db: Session = Depends(write_db)):
+    return _account_action(request, db, admin, user_id, "user.activate", accounts.activate)
+
+
+@router.post("/users/{user_id}/password")
+def reset_password(request: Request, user_id: RowId, password: str = Form(""),
+                   admin: User = Depends(current_admin), db: Session = Depends(write_db)):
+    return _account_action(request, db, admin, user_id, "user.password_reset",
+                           lambda session, user: accounts.reset_password(session, user, password))
+
+
+@router.post("/users/{user_id}/revoke-sessions")
+def revoke_sessions(request: Request, user_id: RowId, admin: User = Depends(current_admin),
+                    db: Session = Depends(write_db)):
+    return _account_action(request, db, admin, user_id, "user.sessions_revoked", accounts.revoke_sessions,
+                           refuse_self="revoke your own sessions (log out instead)")
+
+
 @router.post("/projects")
 def create_project(request: Request, name: str = Form(""), overlap: int = Form(2),
                    guidelines: str = Form(""), model_version: str = Form(""),
@@ -110,7 +158,7 @@ def create_project(request: Request, name: str = Form(""), overlap: int = Form(2
         records = _read_upload(file)
         with database(request).write() as session:
             project = project_service.create_project(session, name, overlap=overlap, guidelines_md=guidelines,
-                                                     open_to_all=True)  # restrict: `rlhf label members`
+                                                     open_to_all=True)  # restrict: dashboard, `label members`
             audit.record(session, admin, "project.create", f"project:{project.name}", overlap=overlap)
             session.commit()
         if records:
@@ -126,6 +174,8 @@ def _dashboard(request: Request, db: Session, admin: User, project: Project, rou
     running, expired = claim_counts(db, project)
     return render(request, "dashboard.html", {"project": project, "report": report, "formats": FORMATS,
                                               "claims": {"running": running, "expired": expired},
+                                              "members": membership.member_names(db, project),
+                                              "access": membership.access_summary(db, project),
                                               "error": error}, user=admin, status_code=status_code)
 
 
@@ -163,6 +213,24 @@ def update_settings(request: Request, project_id: RowId, overlap: int = Form(...
                  guidelines_changed=project.guidelines_md != guidelines)
     project.overlap = overlap
     project.guidelines_md = guidelines
+    db.commit()
+    return redirect(f"/admin/p/{project_id}")
+
+
+@router.post("/p/{project_id}/members")
+def members(request: Request, project_id: RowId, add: str = Form(""), remove: str = Form(""),
+            access: str = Form(""), admin: User = Depends(current_admin), db: Session = Depends(write_db)):
+    """Add members, take members off (their claims are released), open or restrict the project."""
+    project = get_project(db, project_id)
+    try:
+        detail = membership.change_access(db, project, add=membership.parse_names(add),
+                                          remove=membership.parse_names(remove),
+                                          open_to_all=membership.parse_access(access))
+        if detail is not None:
+            audit.record(db, admin, "project.members", f"project:{project.name}", **detail, via="web")
+    except DataError as e:
+        db.rollback()
+        return _dashboard(request, db, admin, project, None, error=error_text(e), status_code=400)
     db.commit()
     return redirect(f"/admin/p/{project_id}")
 
