@@ -25,15 +25,21 @@ def test_loss_mask_covers_exactly_the_response():
     assert tok.decode([lab for _, lab in counted]) == "ok<|im_end|>\n"
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager", "fp32-matmul"])  # fp32-matmul: CPU training
+def _use(model, attention: str) -> None:
+    """fp32-matmul: CPU training; packed-sdpa: GPU training (both rlhfkit's, padding-free)."""
+    from rlhfkit.models.attention import NAME, PACKED_SDPA, register
+
+    if attention in ("fp32-matmul", "packed-sdpa"):
+        register()
+        attention = {"fp32-matmul": NAME, "packed-sdpa": PACKED_SDPA}[attention]
+    model.set_attn_implementation(attention)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "fp32-matmul", "packed-sdpa"])
 def test_packed_rows_do_not_attend_across_examples(attention):
     tok = tiny_tokenizer()
     model = tiny_causal_lm(seed=3)
-    if attention == "fp32-matmul":
-        from rlhfkit.models.attention import register
-
-        attention = register()
-    model.set_attn_implementation(attention)
+    _use(model, attention)
     a = encode_pair(tok, as_conversation("first prompt"), "alpha")
     b = encode_pair(tok, as_conversation("second"), "beta gamma")
     packed = collate_packed([a, b])
@@ -51,7 +57,7 @@ def test_packed_rows_do_not_attend_across_examples(attention):
     torch.testing.assert_close(lp2[0, len(a2):], lp_packed[0, len(a):], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "fp32-matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "fp32-matmul", "packed-sdpa"])
 def test_packing_into_several_rows_keeps_each_examples_logprobs_and_order(attention):
     """With a row cap, first-fit by decreasing length puts the examples in several rows,
     padded at the end; every example's log-probs equal its own padded row's, segment ids keep
@@ -60,11 +66,7 @@ def test_packing_into_several_rows_keeps_each_examples_logprobs_and_order(attent
 
     tok = tiny_tokenizer()
     model = tiny_causal_lm(seed=3)
-    if attention == "fp32-matmul":
-        from rlhfkit.models.attention import register
-
-        attention = register()
-    model.set_attn_implementation(attention)
+    _use(model, attention)
     texts = [("one", "a b c d e f"), ("two", "x"), ("three", "long answer here"), ("four", "y z")]
     exs = [encode_pair(tok, as_conversation(p), r) for p, r in texts]
     lengths = sorted(len(e) for e in exs)

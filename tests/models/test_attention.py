@@ -78,3 +78,53 @@ def test_grouped_query_heads_are_shared(kv_heads):
         out[impl] = _logprobs(model, batch).detach()
     a, b = out.values()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_spans_of_packed_rows():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    assert attention.sequence_spans(pos, 2, 6) == [[(0, 3), (3, 5), (5, 6)], [(0, 4), (4, 6)]]
+    assert attention.sequence_spans(None, 2, 6) == [[(0, 6)], [(0, 6)]]
+    assert attention.sequence_spans(torch.arange(6)[None], 2, 6) == [[(0, 6)], [(0, 6)]]  # broadcast row
+
+
+@pytest.mark.parametrize("name", [attention.NAME, attention.PACKED_SDPA])
+def test_packed_rows_cost_the_sum_of_squares_not_the_row_squared(name, monkeypatch):
+    """No T×T mask is built for a packed row and the kernel sees each sequence alone: scores
+    of n_i × n_i, Σ n_i² in all (here 5² + 3² + 4² = 50 of the row's 12² = 144)."""
+    from rlhfkit.data.packing import collate_packed
+
+    tok = tiny_tokenizer()
+    attention.register()
+    model = tiny_causal_lm(seed=1)
+    model.set_attn_implementation(name)
+    shapes = []
+    real = attention._per_sequence
+
+    def spy(kernel, query, key, value, spans):
+        shapes.extend((e - s) for row in spans for s, e in row)
+        return real(kernel, query, key, value, spans)
+
+    monkeypatch.setattr(attention, "_per_sequence", spy)
+    exs = [encode_pair(tok, as_conversation(p), r) for p, r in [("one", "a b"), ("two", "c"), ("three", "d e f")]]
+    packed = collate_packed(exs, tok.pad_token_id)
+    logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+    assert torch.isfinite(logits).all()
+    layers = model.config.num_hidden_layers
+    assert sorted(shapes) == sorted([len(e) for e in exs] * layers)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name](batch_size=1, attention_mask=None) is None
+
+
+def test_queries_after_cached_keys_see_every_earlier_token():
+    """Decoding with a KV cache (no padding mask): one new query attends to all cached keys,
+    as in a full forward pass."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(seed=1)
+    model.set_attn_implementation(attention.register())
+    ids = torch.tensor([tok("hello there world", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1]
+        first = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], cache=first.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)

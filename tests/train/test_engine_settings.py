@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhfkit.models.attention import NAME as FP32_MATMUL
+from rlhfkit.models.attention import PACKED_SDPA
 from rlhfkit.models.loading import load_model
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.recipes.sft import SFTConfig
@@ -13,7 +14,8 @@ from rlhfkit.train.engine import Engine, resolve_attention
 def test_resolve_attention():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_attention("auto", cpu) == FP32_MATMUL
-    assert resolve_attention("auto", gpu) is None  # the model's own (SDPA / flash)
+    assert resolve_attention("auto", gpu) == PACKED_SDPA  # transformers' SDPA, packed rows per sequence
+    assert resolve_attention("model", gpu) is None  # the model's own (SDPA / flash)
     assert resolve_attention("sdpa", cpu) == "sdpa"
     assert resolve_attention("fp32-matmul", gpu) == FP32_MATMUL
 

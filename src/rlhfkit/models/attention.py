@@ -17,6 +17,17 @@ the embedded model at 72 tokens), so doing them in fp32 costs little and matches
 numerics. Above `MATMUL_MAX_ELEMENTS` score elements per call (B·H·T·S), where the T×S
 probabilities it keeps for the backward would cost too much memory, it hands the same
 inputs to PyTorch's SDPA instead (which takes the same additive mask).
+
+**Packed rows are padding-free here** (`PACKED_SDPA` is the same for GPUs, with SDPA's fused
+causal kernel per sequence): for a row whose position ids restart at 0 at each sequence (the
+packed batches of `data.packing`), transformers would build a dense T×T block-causal mask and
+the kernel would compute all T² scores, most of them masked. Both kernels here skip that mask
+(the mask function returns None when the model gets no 2-D attention mask) and attend within
+each sequence [s, e) of the row,
+
+    O[s:e] = softmax(Q[s:e] K[s:e]ᵀ · scale + causal) V[s:e],
+
+so a row of sequences of lengths n_i costs Σ n_i² instead of (Σ n_i)², whatever its width.
 """
 
 from __future__ import annotations
@@ -25,8 +36,59 @@ import torch
 from torch import nn
 
 NAME = "rlhfkit_fp32_matmul"
+PACKED_SDPA = "rlhfkit_packed_sdpa"
 # 64 M fp32 scores = 256 MB kept per layer for the backward (8 × 9 heads × 944²).
 MATMUL_MAX_ELEMENTS = 64 * 2**20
+
+
+def sequence_spans(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[tuple[int, int]]]:
+    """Per row, the [start, end) of each sequence: a new one wherever the position id is 0
+    (packed rows; the padding after them is a sequence of its own). Without position ids,
+    or with plain ones (0, 1, …), each row is one sequence. Cached for the last tensor seen:
+    every layer of one forward pass gets the same `position_ids`."""
+    if position_ids is None:
+        return [[(0, length)]] * batch
+    if _spans_cache[0] is position_ids and _spans_cache[1] == (batch, length):
+        return _spans_cache[2]
+    starts = (position_ids.expand(batch, -1) == 0)
+    starts[:, 0] = True
+    spans = []
+    for row in starts.cpu().tolist():
+        begin = [i for i, s in enumerate(row) if s]
+        spans.append(list(zip(begin, begin[1:] + [length], strict=True)))
+    _spans_cache[:] = [position_ids, (batch, length), spans]
+    return spans
+
+
+_spans_cache: list = [None, None, None]
+
+
+def _causal(t: int, s: int, device: torch.device) -> torch.Tensor:
+    """(t, s) additive mask: query i (the last t of s positions) sees keys ≤ its own position."""
+    allowed = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+    return torch.zeros(t, s, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def _matmul(query, key, value, mask, scaling: float, p: float, training: bool):
+    """fp32 A = softmax(Q Kᵀ · scale + M), O = A V with autocast off; (O, A)."""
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+        if mask is not None:
+            scores = scores + mask.float()
+        weights = nn.functional.softmax(scores, dim=-1)
+        weights = nn.functional.dropout(weights, p=p, training=training)
+        return torch.matmul(weights, value.float()), weights
+
+
+def _per_sequence(kernel, query, key, value, spans) -> torch.Tensor:
+    """(B, H, T, d): `kernel(q, k, v)` on each sequence [s, e) of each row, joined back."""
+    if all(len(row_spans) == 1 for row_spans in spans):  # one sequence per row: one call
+        return kernel(query, key, value)
+    rows = []
+    for b, row_spans in enumerate(spans):
+        parts = [kernel(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]) for s, e in row_spans]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
 def fp32_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -37,33 +99,66 @@ def fp32_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    mask = None if attention_mask is None else attention_mask[:, :, :, :key.shape[-2]]
     p = dropout if module.training else 0.0
     b, h, t, _ = query.shape
+    if attention_mask is None and t != key.shape[-2]:  # queries after cached keys
+        out = _matmul(query, key, value, _causal(t, key.shape[-2], query.device), scaling, p, module.training)[0]
+        return out.transpose(1, 2).contiguous().to(query.dtype), None
+    if attention_mask is None:  # packed rows or no padding: causal within each sequence
+        spans = sequence_spans(kwargs.get("position_ids"), b, t)
+        kernel = lambda q, k, v: _matmul(q, k, v, _causal(q.shape[-2], k.shape[-2], q.device),  # noqa: E731
+                                         scaling, p, module.training)[0]
+        return _per_sequence(kernel, query, key, value, spans).transpose(1, 2).contiguous().to(query.dtype), None
+    mask = attention_mask[:, :, :, :key.shape[-2]]
     if b * h * t * key.shape[-2] > MATMUL_MAX_ELEMENTS:
-        if mask is not None:  # SDPA wants the mask in the query's dtype; a finite minimum keeps
-            # fully masked (padding) rows uniform rather than NaN, as in the matmul path
-            mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
+        # SDPA wants the mask in the query's dtype; a finite minimum keeps fully masked
+        # (padding) rows uniform rather than NaN, as in the matmul path
+        mask = mask.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
                                                          scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    with torch.autocast(query.device.type, enabled=False):
-        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-        if mask is not None:
-            scores = scores + mask.float()
-        weights = nn.functional.softmax(scores, dim=-1)
-        weights = nn.functional.dropout(weights, p=p, training=module.training)
-        out = torch.matmul(weights, value.float())
+    out, weights = _matmul(query, key, value, mask, scaling, p, module.training)
     return out.transpose(1, 2).contiguous().to(query.dtype), weights
 
 
+def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with packed rows attended one sequence at a time through
+    SDPA's causal kernel (no T×T mask); padded rows go to transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415 — see register
+
+    b, _, t, _ = query.shape
+    if attention_mask is not None or t != key.shape[-2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    p = dropout if module.training else 0.0
+    kernel = lambda q, k, v: nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, dropout_p=p, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+    spans = sequence_spans(kwargs.get("position_ids"), b, t)
+    return _per_sequence(kernel, query, key, value, spans).transpose(1, 2).contiguous(), None
+
+
+def _unless_packed(mask_function):
+    """transformers' mask function, except that no mask is built when the model gets no 2-D
+    attention mask (packed rows, or rows without padding): the kernels mask per sequence."""
+    def build(*args, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            return None
+        return mask_function(*args, attention_mask=attention_mask, **kwargs)
+    return build
+
+
 def register() -> str:
-    """Make NAME a valid `attn_implementation` (idempotent); returns NAME."""
+    """Make NAME (and PACKED_SDPA) valid `attn_implementation`s (idempotent); returns NAME."""
     # Both registries live in transformers' modeling stack (~2 s to import): imported when a
     # model is built, not when the CLI starts.
     from transformers import AttentionInterface  # noqa: PLC0415 — see above
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: PLC0415 — see above
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask  # noqa: PLC0415
 
     AttentionInterface.register(NAME, fp32_matmul_attention)
-    AttentionMaskInterface.register(NAME, eager_mask)
+    AttentionMaskInterface.register(NAME, _unless_packed(eager_mask))
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, _unless_packed(sdpa_mask))
     return NAME

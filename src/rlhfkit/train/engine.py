@@ -48,7 +48,7 @@ from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress, read_me
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-ATTENTIONS = ("auto", "fp32-matmul", "eager", "sdpa", "flash_attention_2")
+ATTENTIONS = ("auto", "fp32-matmul", "packed-sdpa", "model", "eager", "sdpa", "flash_attention_2")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -79,8 +79,9 @@ class TrainConfig(Config):
     resume: bool = param(True, "resume the run folder's run from its latest checkpoint (--no-resume: move its "
                                "earlier run into replaced-<time>/ and start over)")
     tracker: str = param("none", "also log to tensorboard or wandb (if installed)", choices=TRACKERS)
-    attention: str = param("auto", "attention kernel for training: auto (fp32-matmul on CPU, the model's own "
-                           "choice on GPUs), fp32-matmul (models/attention.py), eager, sdpa or flash_attention_2",
+    attention: str = param("auto", "attention kernel for training: auto (fp32-matmul on CPU, packed-sdpa on "
+                           "GPUs), fp32-matmul or packed-sdpa (models/attention.py: packed rows cost Σ len², not "
+                           "row²), model (the model's own), eager, sdpa or flash_attention_2",
                            choices=ATTENTIONS)
     logprob_chunk: int = param(512, "tokens per chunk of the output projection (memory vs speed)")
     progress: bool = param(True, "show a progress bar")
@@ -111,14 +112,18 @@ def resolve_attention(attention: str, device: torch.device) -> str | None:
     """The transformers attn_implementation to train with; None keeps the model's own.
 
     On CPU, "auto" is rlhfkit's fp32 matmul attention: PyTorch's SDPA backward is several
-    times slower at RLHF's short sequences (see `rlhfkit.models.attention`).
+    times slower at RLHF's short sequences; on GPUs it is transformers' SDPA with packed rows
+    attended one sequence at a time (see `rlhfkit.models.attention`).
     """
     if attention == "auto":
-        attention = "fp32-matmul" if device.type == "cpu" else "model"
+        attention = "fp32-matmul" if device.type == "cpu" else "packed-sdpa"
     if attention == "model":
         return None
     if attention == "fp32-matmul":
         return fp32_attention.register()
+    if attention == "packed-sdpa":
+        fp32_attention.register()
+        return fp32_attention.PACKED_SDPA
     return attention
 
 
