@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -57,6 +59,9 @@ def _first_line(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
+
+
 def describe(e: BaseException) -> tuple[str, int]:
     """(the one line after `error: `, the exit code) for an exception a command raised."""
     if isinstance(e, USER_ERRORS):
@@ -87,6 +92,11 @@ class GuardedGroup(FlagGroup):
         except KeyboardInterrupt as e:
             Console(stderr=True).print(f"[yellow]{escape(interrupted_message(e))}[/]")
             raise typer.Exit(INTERRUPTED_EXIT) from None
+        except BrokenPipeError:
+            # the reader went away (`rlhf … --help | head`): stop quietly, as `cat` does; stdout
+            # goes to /dev/null so the interpreter's final flush does not raise again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(BROKEN_PIPE_EXIT) from None
         except Exception as e:
             if _verbose(ctx):
                 raise  # `rlhf --verbose ...`: the full traceback, for a bug report
