@@ -17,6 +17,7 @@ from rlhfkit.recipes.policy_gradient import (
     ReinforceConfig,
     ReMaxConfig,
     RLOOConfig,
+    command_of,
     run_policy_gradient,
 )
 from rlhfkit.recipes.ppo import PPOConfig, run_ppo
@@ -28,7 +29,8 @@ ONLINE = (
     ("grpo", GRPOConfig, "GRPO: k samples per prompt, group-normalized advantages, KL to the reference in the loss."),
     ("rloo", RLOOConfig, "RLOO: k samples per prompt, leave-one-out baseline, KL in the reward (or the loss)."),
     ("remax", ReMaxConfig, "ReMax: REINFORCE with the greedy decode's reward as the baseline."),
-    ("reinforce", ReinforceConfig, "REINFORCE with a moving-average baseline."),
+    ("reinforce", ReinforceConfig, "REINFORCE with a moving-average baseline (--algorithm reinforce++: "
+                                   "batch-whitened returns of per-token KL-penalized rewards)."),
 )
 
 
@@ -44,8 +46,10 @@ def _sft(cfg):
 
 
 def _policy_gradient(cfg):
-    if cfg.algorithm != cfg.kind:  # the command names the algorithm; a different --algorithm is a mistake
-        raise ConfigError(f"'rlhf {cfg.kind}' runs {cfg.kind}; for {cfg.algorithm} use 'rlhf {cfg.algorithm}'")
+    command = command_of(cfg.algorithm)
+    if command != cfg.kind:  # the command names the algorithm (family); another --algorithm is a mistake
+        option = f" --algorithm {cfg.algorithm}" if command != cfg.algorithm else ""
+        raise ConfigError(f"'rlhf {cfg.kind}' runs {cfg.kind}; for {cfg.algorithm} use 'rlhf {command}{option}'")
     result = run_policy_gradient(cfg)
     console.print(f"[green]{cfg.kind} done[/] → {result['final']}  ({format_metrics(result['metrics'])})")
 

@@ -1,4 +1,4 @@
-"""Policy-gradient losses for the online methods (PPO, GRPO, RLOO, ReMax, REINFORCE).
+"""Policy-gradient losses for the online methods (PPO, GRPO, GSPO, RLOO, ReMax, REINFORCE).
 
 Pure functions over explicit tensors. Each returns its per-token loss ℓ (B, T) with
 detached diagnostics; `aggregate` masks ℓ and turns it into the number to minimize, so the
@@ -11,6 +11,9 @@ How per-token losses ℓ_{i,t} become one number is the `aggregation`, one table
     "token"               Σ_{i,t} m ℓ / Σ_{i,t} m          every token weighs the same (DAPO)
     "sequence"            Σ_i (Σ_t m ℓ / Σ_t m) / B        every response weighs the same (GRPO)
     "seq-mean-token-sum"  Σ_i Σ_t m ℓ / B                  −A·Σ_t log π per response (REINFORCE)
+
+Dr. GRPO's constant denominator, Σ_{i,t} m ℓ / (B · L_max), is "seq-mean-token-sum" of
+`constant_length_normalized` ℓ / L_max.
 
 The denominator (Σ m or B) is the batch's `loss_units`; a recipe that splits a minibatch
 into micro-batches (and processes) passes the whole minibatch's units as `normalizer`, so
@@ -79,10 +82,41 @@ def aggregate(per_token: Tensor, mask: Tensor, aggregation: str,
     return total / (loss_units(mask, aggregation) if normalizer is None else normalizer)
 
 
+def constant_length_normalized(per_token: Tensor, max_length: int) -> Tensor:
+    """Dr. GRPO's fixed length normalizer: ℓ_{i,t} / L_max, per token.
+
+    Under "seq-mean-token-sum" the loss becomes Σ_{i,t} m ℓ / (B · L_max): the denominator is
+    a constant (the configured maximum response length), not the response's own length, so
+    a short response's tokens weigh no more than a long one's and the length bias of the
+    per-response mean goes away. per_token: (B, T). max_length: L_max ≥ 1. Returns (B, T).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be ≥ 1, got {max_length}")
+    return per_token / max_length
+
+
 def _same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"these must share one (B, T) shape: {shapes}")
+
+
+def _clip_high(clip_eps: float, clip_eps_high: float | None) -> float:
+    """ε_high (ε unless given), after checking the clip range."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (0.0 < clip_eps < 1.0 and high > 0.0):
+        raise ValueError(f"clip_eps must be in (0, 1) and clip_eps_high > 0, "
+                         f"got {clip_eps}, {high}")
+    return high
+
+
+def _clipped_surrogate(ratio: Tensor, advantages: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
+    """(−min(ρA, clip(ρ, 1 − low, 1 + high)·A), where clipping acted as 0/1), both (B, T)."""
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - low, 1.0 + high) * advantages
+    # Clipping acts only where the clipped term is the smaller one: there the token's
+    # gradient is zero. ρ outside the band with the "wrong" sign of A is not clipped.
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(ratio.dtype)
 
 
 def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -98,20 +132,12 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     (KL(π_old ‖ π), k3), ratio_mean.
     """
     _same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if not (0.0 < clip_eps < 1.0 and high > 0.0):
-        raise ValueError(f"clip_eps must be in (0, 1) and clip_eps_high > 0, "
-                         f"got {clip_eps}, {high}")
+    high = _clip_high(clip_eps, clip_eps_high)
     # Advantages and the sampling policy's log-probs are constants of this update; a
     # gradient through either (e.g. old_logp = logp on the first epoch) would change it.
     advantages, old_logp = advantages.detach(), old_logp.detach()
     ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
-    # Clipping acts only where the clipped term is the smaller one: there the token's
-    # gradient is zero. ρ outside the band with the "wrong" sign of A is not clipped.
-    clip_active = (clipped < unclipped).to(logp.dtype)
+    per_token, clip_active = _clipped_surrogate(ratio, advantages, clip_eps, high)
     metrics = {
         "clipfrac": masked_mean(clip_active, mask).detach(),
         "approx_kl": approx_kl(old_logp, logp, mask),
@@ -181,18 +207,62 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tens
     The KL to the reference is a loss term here (k3 is unbiased and ≥ 0), not a reward
     penalty as in PPO, so it does not mix into the group-normalized advantage.
     logp: (B, T) with gradient. old_logp, ref_logp: (B, T). advantages: (B,) one per
-    response (e.g. group_normalized_advantages). mask: (B, T).
+    response (e.g. group_normalized_advantages), or (B, T) one per token (A_{i,t}, e.g.
+    REINFORCE++'s batch_normalized_returns). mask: (B, T).
     Returns (surrogate (B, T), penalty (B, T), metrics): ℓ = surrogate + penalty, returned
     as its two terms so a recipe can log the surrogate alone. Metrics: those of
     ppo_policy_loss plus kl (token mean of the estimate k).
     """
     _same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
-    token_advantages = broadcast_sequence_advantages(advantages, mask)
+    token_advantages = advantages if advantages.dim() == 2 else broadcast_sequence_advantages(advantages, mask)
     surrogate, metrics = ppo_policy_loss(logp, old_logp, token_advantages, mask,
                                          clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+    return surrogate, *_kl_term(logp, ref_logp, mask, kl_coef, kl_estimator, metrics)
+
+
+def _kl_term(logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, kl_estimator: str,
+             metrics: Metrics) -> tuple[Tensor, Metrics]:
+    """(β · k(logp, ref_logp) (B, T), metrics with kl = its token mean)."""
     kl = get_kl_estimator(kl_estimator)(logp, ref_logp.detach())
     metrics["kl"] = masked_mean(kl.detach(), mask)
-    return surrogate, kl_coef * kl, metrics
+    return kl_coef * kl, metrics
+
+
+def gspo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor,
+              mask: Tensor, *, clip_eps: float, kl_coef: float, kl_estimator: str,
+              clip_eps_high: float | None = None) -> tuple[Tensor, Tensor, Metrics]:
+    """GSPO (Zheng et al., 2025): the clipped surrogate on a sequence-level importance ratio.
+
+        s_i     = exp((1/|y_i|) Σ_t (logp_{i,t} − old_logp_{i,t}))      geometric mean of the token ratios
+        ℓ_{i,t} = −min(s_i A_i, clip(s_i, 1 − ε, 1 + ε_high) A_i)  +  β · k(logp_{i,t}, ref_logp_{i,t})
+
+    One ratio and one clip decision per response, so a response is kept or dropped whole
+    and a few off-policy tokens cannot dominate it. Its ratio stays near 1, hence the paper's
+    narrow band (ε = 3e-4, ε_high = 4e-4). Per token the ratio is written
+    s_{i,t} = sg[s_i] · π_{i,t} / sg[π_{i,t}]: equal to s_i in value, and with the "sequence"
+    aggregation (a mean over each response's tokens) the gradient is exactly that of
+    −min(s_i A_i, clip(s_i) A_i), i.e. −A_i s_i (1/|y_i|) Σ_t ∇ logp_{i,t} while unclipped.
+    logp: (B, T) with gradient. old_logp, ref_logp: (B, T). advantages: (B,) one per response.
+    mask: (B, T). Returns (surrogate (B, T), penalty (B, T), metrics) as grpo_loss. Metrics:
+    clipfrac (share of tokens in clipped responses), approx_kl, ratio_mean (token mean of s_i),
+    kl.
+    """
+    _same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
+    if advantages.shape != (mask.shape[0],):
+        raise ValueError(f"GSPO needs one advantage per response, (B,) = ({mask.shape[0]},); "
+                         f"got {tuple(advantages.shape)}")
+    high = _clip_high(clip_eps, clip_eps_high)
+    advantages, old_logp = advantages.detach(), old_logp.detach()
+    log_s = masked_mean(logp.detach() - old_logp, mask, dim=1)               # (B,) log s_i
+    ratio = torch.exp(log_s.unsqueeze(1) + logp - logp.detach())              # value s_i, gradient of π_t
+    token_advantages = broadcast_sequence_advantages(advantages, mask)
+    surrogate, clip_active = _clipped_surrogate(ratio, token_advantages, clip_eps, high)
+    metrics = {
+        "clipfrac": masked_mean(clip_active, mask).detach(),
+        "approx_kl": approx_kl(old_logp, logp, mask),
+        "ratio_mean": masked_mean(ratio.detach(), mask),
+    }
+    return surrogate, *_kl_term(logp, ref_logp, mask, kl_coef, kl_estimator, metrics)
 
 
 def reinforce_loss(logp: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Metrics]:

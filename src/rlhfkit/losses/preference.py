@@ -136,8 +136,8 @@ def ipo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     constant, so both have the same gradient; this form is 0 at its optimum. A tie targets
     h = 0.
 
-    The paper averages per-token log-probs; this function takes the inputs as given, so pass
-    length-normalized log-probs for that variant. Shapes: the four log-prob inputs (B,);
+    The inputs are taken as given: pass per-token averages π/|y| (and ref/|y|) for the
+    averaged variant (TRL's choice), as the registry does with ``ipo_average``. Shapes: the four log-prob inputs (B,);
     label (B,) or None. Implicit rewards β·(π − ref).
     """
     _check_same_shape(policy_chosen_logps=policy_chosen_logps,
@@ -300,27 +300,41 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
 # --------------------------------------------------------------------------- RPO's NLL term
 
-def preferred_nll(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
-                  rejected_lengths: Tensor, label: Tensor | None = None) -> Tensor:
-    """The NLL term that RPO adds to a pairwise loss (Pang et al. 2024, "Iterative Reasoning
-    Preference Optimization"; TRL's ``rpo_alpha``): the mean per-token negative log-likelihood
-    of the preferred response, so the policy keeps (or raises) the likelihood of good answers
-    while the pairwise term separates them from bad ones.
+NLL_REDUCTIONS = ("sequence", "token")
 
-        nll_i = −[ l_i · π_c,i / |y_c,i|  +  (1 − l_i) · π_r,i / |y_r,i| ]      (B,)
+
+def preferred_nll(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+                  rejected_lengths: Tensor, label: Tensor | None = None, *, reduction: str = "sequence") -> Tensor:
+    """The NLL term that RPO adds to a pairwise loss (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization"; TRL's ``rpo_alpha``): the negative log-likelihood of the preferred
+    response, so the policy keeps (or raises) the likelihood of good answers while the pairwise
+    term separates them from bad ones. Two normalizations, each returned per pair (B,) so that
+    its batch mean is the named quantity:
+
+        "sequence"  nll_i = −[ l_i·π_c,i/|y_c,i| + (1 − l_i)·π_r,i/|y_r,i| ]
+                    mean = the mean over pairs of per-response token averages: every pair
+                    weighs the same, a short response's tokens count more;
+        "token"     nll_i = −B·[ l_i·π_c,i + (1 − l_i)·π_r,i ] / Σ_j [ l_j·|y_c,j| + (1 − l_j)·|y_r,j| ]
+                    mean = the NLL per token over all the batch's preferred tokens (the
+                    cross-entropy an SFT step on them would give, TRL's choice): every token
+                    weighs the same, a long response counts more.
 
     π_c, π_r: summed log-probs (B,); |y_c|, |y_r|: response token counts (B,); l: soft label
     (B,), None = 1 (a tie weighs both responses ½). Returns nll (B,) float32; a recipe adds
-    α · nll_i to each pair's loss.
+    α · nll_i to each pair's loss. "token" couples the pairs of one batch (its denominator).
     """
     _check_same_shape(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, label=label)
+    if reduction not in NLL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(NLL_REDUCTIONS)}, got {reduction!r}")
+    weight = torch.ones_like(policy_chosen_logps, dtype=torch.float32) if label is None else label.float()
+    if reduction == "token":
+        summed = weight * policy_chosen_logps.float() + (1 - weight) * policy_rejected_logps.float()
+        tokens = (weight * chosen_lengths.float() + (1 - weight) * rejected_lengths.float()).sum()
+        return -summed * summed.numel() / tokens
     chosen = policy_chosen_logps.float() / chosen_lengths.float()
     rejected = policy_rejected_logps.float() / rejected_lengths.float()
-    if label is None:
-        return -chosen
-    label = label.float()
-    return -(label * chosen + (1 - label) * rejected)
+    return -(weight * chosen + (1 - weight) * rejected)
 
 
 # --------------------------------------------------------------------------- unpaired

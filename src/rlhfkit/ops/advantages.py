@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rlhfkit.ops.kl import get_kl_estimator
+from rlhfkit.ops.stats import masked_whiten
 
 
 def _response_lengths(mask: Tensor) -> Tensor:
@@ -106,6 +107,81 @@ def group_normalized_advantages(scores: Tensor, group_size: int, *, scale: bool,
         # An all-equal group is 0/0 when eps = 0; its advantage is 0 by definition.
         centred = torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
     return centred.reshape(-1)
+
+
+# How group-centred rewards are scaled (TRL's `scale_rewards`): by the std of the group, of the
+# whole batch, or not at all.
+REWARD_SCALES = ("group", "batch", "none")
+
+
+def scaled_group_advantages(scores: Tensor, group_size: int, *, scale: str, eps: float = 1e-6) -> Tensor:
+    """GRPO's group-centred reward, divided by a std taken over the group, the batch, or nothing.
+
+        A_i = (r_i − mean_g) / (std_g + eps)      "group"  (GRPO; = group_normalized_advantages)
+        A_i = (r_i − mean_g) / (std_B + eps)      "batch"  (std of all B rewards, Bessel's n−1)
+        A_i =  r_i − mean_g                       "none"   (Dr. GRPO)
+
+    "batch" keeps the relative size of the groups' spreads: a prompt whose samples barely
+    differ gets small advantages instead of being blown up to unit scale. A batch whose
+    rewards are all equal gets A = 0. scores: (B,) grouped by prompt. Returns (B,).
+    """
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(REWARD_SCALES)}; got {scale!r}")
+    if scale != "batch":
+        return group_normalized_advantages(scores, group_size, scale=scale == "group", eps=eps)
+    if eps < 0:
+        raise ValueError(f"eps must be ≥ 0, got {eps}")
+    centred = group_normalized_advantages(scores, group_size, scale=False)
+    std = scores.std() if scores.numel() > 1 else torch.zeros((), dtype=scores.dtype, device=scores.device)
+    return centred / (std + eps) if float(std) > 0 else torch.zeros_like(centred)
+
+
+def informative_rows(scores: Tensor, group_size: int) -> Tensor:
+    """DAPO's dynamic-sampling filter: True on the rows of groups whose scores are not all equal.
+
+    A group whose k samples all score the same (all solved, all failed) has zero variance, so
+    every group-relative advantage in it is 0: it only dilutes the batch. scores: (B,)
+    grouped by prompt. Returns (B,) bool, constant within each group.
+    """
+    grouped = _grouped(scores, group_size, min_size=1)
+    spread = grouped.amax(dim=1) > grouped.amin(dim=1)
+    return spread.repeat_interleave(group_size)
+
+
+def overlong_penalty(lengths: Tensor, *, max_length: int, cache: int) -> Tensor:
+    """DAPO's soft overlong punishment, a reward to add: 0, then a linear ramp to −1, then −1.
+
+        p(L) = 0                               L ≤ L_max − L_cache
+        p(L) = (L_max − L_cache − L) / L_cache  L_max − L_cache < L ≤ L_max
+        p(L) = −1                              L > L_max
+
+    lengths: (B,) response lengths in tokens. max_length L_max ≥ 1, cache 0 ≤ L_cache ≤ L_max
+    (L_cache = 0: a hard −1 beyond L_max). Returns (B,) float.
+    """
+    if not 0 <= cache <= max_length or max_length < 1:
+        raise ValueError(f"need 1 ≤ max_length and 0 ≤ cache ≤ max_length, got {max_length}, {cache}")
+    lengths = lengths.to(torch.float32) if not lengths.is_floating_point() else lengths
+    start = max_length - cache
+    ramp = (start - lengths) / cache if cache > 0 else torch.zeros_like(lengths)
+    penalty = torch.where(lengths <= start, torch.zeros_like(lengths), ramp)
+    return torch.where(lengths > max_length, -torch.ones_like(lengths), penalty)
+
+
+def batch_normalized_returns(rewards: Tensor, mask: Tensor, *, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++: the return-to-go of per-token rewards, whitened over the whole batch.
+
+        G_{i,t} = Σ_{s ≥ t} r_{i,s}                       (γ = 1, no critic)
+        A_{i,t} = (G_{i,t} − μ) / √(σ² + eps)             μ, σ² over every real token of the batch
+
+    The batch mean is the only baseline, and the whitening bounds the step whatever the
+    reward scale. rewards: (B, T) per-token rewards, e.g. `kl_penalized_rewards` (score on
+    the last token, −β·kl on each), 0 on padding. mask: (B, T). Returns (B, T), 0 on padding.
+    """
+    if rewards.shape != mask.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and mask {tuple(mask.shape)} must have one (B, T) shape")
+    masked = rewards * mask.to(rewards.dtype)
+    returns = masked.flip(1).cumsum(1).flip(1)
+    return masked_whiten(returns, mask, eps=eps)
 
 
 def leave_one_out_advantages(scores: Tensor, group_size: int) -> Tensor:
