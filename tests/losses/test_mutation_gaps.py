@@ -375,11 +375,12 @@ def test_unknown_preference_loss_messages():
     # 'xpo' is 0.667 like 'ipo' and 'dpo', 0.571 like 'orpo', 0.5 like 'simpo': the three
     # best at cutoff 0.5, best first (ties in reverse alphabetical order, as difflib does).
     with pytest.raises(ValueError, match=exactly(
-            "unknown preference loss 'xpo'. Did you mean 'ipo' or 'dpo' or 'orpo'? "
-            "Valid names: dpo, hinge, ipo, kto, orpo, robust, simpo")):
+            "unknown preference loss 'xpo'. Did you mean 'ipo' or 'dpo' or 'orpo'? Valid names: "
+            "apo_down, apo_zero, bco_pair, dpo, exo_pair, hinge, ipo, kto, nca_pair, orpo, robust, simpo")):
         get_preference_loss("xpo")
     with pytest.raises(ValueError, match=exactly(
-            "unknown preference loss 'zzz'. Valid names: dpo, hinge, ipo, kto, orpo, robust, simpo")):
+            "unknown preference loss 'zzz'. Valid names: apo_down, apo_zero, bco_pair, dpo, exo_pair, hinge, ipo, "
+            "kto, nca_pair, orpo, robust, simpo")):
         get_preference_loss("zzz")
 
 

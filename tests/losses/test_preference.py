@@ -333,7 +333,8 @@ def test_bad_hyperparameters_and_shapes_raise():
 
 
 def test_registry_specs_match_their_functions():
-    assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"}
+    assert set(PREFERENCE_LOSSES) == {"dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto", "apo_zero",
+                                      "apo_down", "bco_pair", "nca_pair", "exo_pair"}
     for name, spec in PREFERENCE_LOSSES.items():
         assert spec.name == name
         assert spec.hyperparameters == tuple(LOSS_DEFAULTS[name]), name
@@ -358,7 +359,10 @@ def test_registry_call_by_name_matches_direct_call():
         x = inputs if spec.paired else kto_inputs
         base = spec.with_defaults({})
         for hp in spec.hyperparameters:
-            changed = {**base, hp: base[hp] * 1.5 + 0.05}
+            value = base[hp]
+            other = ({"sequence": "token"}[value] if isinstance(value, str) else not value
+                     if isinstance(value, bool) else value * 1.5 + 0.05)
+            changed = {**base, hp: other}
             assert spec.compute(x, changed)[0].sum().item() != pytest.approx(spec.compute(x, base)[0].sum().item(),
                                                                               abs=1e-9), (name, hp)
 

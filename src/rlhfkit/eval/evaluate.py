@@ -3,6 +3,8 @@
 For each model, on held-out prompts (the demo test split, or a file):
 
   * gold exact-match accuracy on the checkable tasks (`eval.accuracy.exact_match`, greedy);
+    with `pass_k` also pass@k and majority-vote accuracy over samples_per_prompt samples per
+    checkable task (`eval.pass_at_k`);
   * gold win rate against the reference on the checkable tasks: prompt by prompt, 1 when only
     the model answers correctly, 0 when only the reference does, ½ otherwise (paired bootstrap);
   * win rate against the reference model on the open prompts, judged pairwise in both
@@ -40,6 +42,7 @@ from rlhfkit.eval.accuracy import AccuracyResult, exact_match
 from rlhfkit.eval.calibration import confidence_calibration
 from rlhfkit.eval.diversity import diversity_numbers
 from rlhfkit.eval.kl import kl_of_generations
+from rlhfkit.eval.pass_at_k import sampled_accuracy
 from rlhfkit.eval.prompts import EvalPrompt, load_eval_prompts
 from rlhfkit.eval.reward import evaluate_reward_model
 from rlhfkit.eval.winrate import length_controlled_win_rate, win_rate
@@ -79,7 +82,11 @@ class EvalConfig(Config):
     reward_model: str | None = param(None, "a trained reward model folder: scores every model's answers")
     pairs: str | None = param(None, "held-out preference pairs: the reward model's accuracy on them")
     max_new_tokens: int = param(48, "longest answer in tokens")
-    samples_per_prompt: int = param(4, "samples per prompt for diversity and KL", old_names=("n_samples",))
+    samples_per_prompt: int = param(4, "samples per prompt for diversity and KL (and for pass@k with pass_k)",
+                                    old_names=("n_samples",))
+    pass_k: tuple[int, ...] = param((), "k values for pass@k, each ≤ samples_per_prompt (e.g. 1,4): samples every "
+                                        "checkable task samples_per_prompt times and reports pass@k and "
+                                        "majority-vote accuracy (empty = off)")
     sample_prompts: int = param(16, "prompts sampled samples_per_prompt times each")
     temperature: float = param(1.0, "sampling temperature for diversity and KL (KL needs 1.0)")
     batch_size: int = param(16, "sequences generated together")
@@ -97,6 +104,8 @@ class EvalConfig(Config):
         check(self.n_per_family >= 1, "n_per_family must be ≥ 1")
         check(self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1")
         check(self.samples_per_prompt >= 1, "samples_per_prompt must be ≥ 1")
+        check(all(1 <= k <= self.samples_per_prompt for k in self.pass_k),
+              f"pass_k values must be in [1, samples_per_prompt = {self.samples_per_prompt}], got {self.pass_k}")
         check(self.sample_prompts >= 0, "sample_prompts must be ≥ 0")
         check(self.temperature > 0, "temperature must be > 0 (samples measure diversity)")
         check(self.batch_size >= 1, "batch_size must be ≥ 1")
@@ -350,13 +359,18 @@ def measure_model(run: EvalRun, path: str, label: str) -> dict[str, Any]:
         block, texts = _checkable_answers(run, model, tokenizer, label, is_reference)
         row.update(block)
         greedy_texts += texts
+    n = run.cfg.samples_per_prompt
+    if run.checkable and run.cfg.pass_k:
+        row["sampled_accuracy"] = sampled_accuracy(
+            model, tokenizer, [p.task for p in run.checkable], n=n, ks=run.cfg.pass_k,
+            temperature=run.cfg.temperature, max_new_tokens=run.cfg.max_new_tokens, batch_size=run.cfg.batch_size,
+            seed=run.cfg.seed, n_boot=run.cfg.n_boot)
     if run.open_prompts:
         block, texts, truncated = _open_answers(run, model, tokenizer, label, is_reference)
         row.update(block)
         greedy_texts += texts
     if run.reward_model is not None:
         row["reward"] = _reward_scores(run, greedy_texts)
-    n = run.cfg.samples_per_prompt
     samples = generate(model, tokenizer, [p.prompt for p in run.sampled], _sampling(run.cfg)) if run.sampled else []
     groups = [[g.text for g in samples[i * n:(i + 1) * n]] for i in range(len(run.sampled))]
     row["diversity"] = {**diversity_numbers(groups, greedy_texts, tokenizer, seed=run.cfg.seed),

@@ -109,6 +109,21 @@ def accuracy_section(data: ReportData) -> str:
                     "Greedy decoding on held-out prompts that no training stage saw, scored by exact checkers.")
 
 
+def sampled_accuracy_section(data: ReportData) -> str:
+    blocks = [(label, m["sampled_accuracy"]) for label, m, _ in _eval_models(data) if m.get("sampled_accuracy")]
+    if not blocks:
+        return ""
+    ks = sorted({k for _, b in blocks for k in b["pass_at_k"]}, key=int)
+    rows = [[esc(label), str(b["samples_per_prompt"]), str(b["prompts"]),
+             *[ci_cell(b["pass_at_k"].get(k)) for k in ks], ci_cell(b["majority_vote"])] for label, b in blocks]
+    table = html_table(["model", "samples per prompt", "prompts", *[f"pass@{k}" for k in ks], "majority vote"], rows)
+    return section("sampled-accuracy", "Accuracy from several samples", table,
+                   "n samples per held-out checkable prompt at the eval temperature. pass@k: the unbiased "
+                   "estimate of the chance that at least one of k samples is right, 1 − C(n−c, k)/C(n, k) per "
+                   "prompt; majority vote: the most frequent extracted answer is right (ties: the answer given "
+                   "first). Bootstrap 95% intervals over prompts.")
+
+
 def win_rate_section(data: ReportData) -> str:
     rows = []
     for label, m, result in _eval_models(data):
@@ -273,6 +288,7 @@ def timings_section(data: ReportData) -> str:
 
 
 SECTIONS = (("summary", "Summary", summary_section), ("accuracy", "Gold accuracy", accuracy_section),
+            ("sampled-accuracy", "pass@k", sampled_accuracy_section),
             ("win-rates", "Win rates", win_rate_section), ("reward-model", "Reward model", reward_model_section),
             ("over-optimization", "Over-optimization", over_optimization_section),
             ("training", "Training curves", training_section), ("side-effects", "Length & diversity",

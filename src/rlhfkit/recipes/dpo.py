@@ -1,5 +1,5 @@
 """Direct preference optimization — DPO, conservative DPO, IPO, hinge/SLiC, robust DPO,
-SimPO, ORPO and KTO — top to bottom.
+SimPO, ORPO, KTO, APO, BCO, NCA and EXO — top to bottom.
 
 1. read preference pairs (rankings expand to pairs, ties kept as label 0.5), or for KTO
    unpaired thumbs-up/down feedback (pairs work too: each gives one desirable and one
@@ -49,13 +49,14 @@ from rlhfkit.data.readers import holds_unpaired, parse_columns, read_preferences
 from rlhfkit.data.reference_cache import sequence_sums
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.io import atomic_write_text
-from rlhfkit.losses.preference import kto_reference_point, preferred_nll
+from rlhfkit.losses.preference import NLL_REDUCTIONS, kto_reference_point, preferred_nll
 from rlhfkit.losses.preference_registry import (
     HYPERPARAMETERS,
     PREFERENCE_LOSSES,
     FeedbackLogps,
     PairLogps,
     PreferenceLossSpec,
+    check_hyperparameters,
     get_preference_loss,
 )
 from rlhfkit.losses.reward import non_tie_accuracy, pairwise_metrics
@@ -85,13 +86,16 @@ class DPOConfig(TrainConfig):
     loss: str = param("dpo", f"preference loss: {', '.join(PREFERENCE_LOSSES)}")
     beta: float | None = param(None, "β: KL strength toward the reference (SimPO: reward scale); "
                                      "None = per loss: 0.1, simpo 2.0")
-    label_smoothing: float | None = param(None, "dpo: assumed label flip rate in [0, 0.5] (conservative DPO); "
-                                                "None = 0")
+    label_smoothing: float | None = param(None, "dpo: assumed label flip rate in [0, 0.5] (conservative DPO), "
+                                                "exo_pair: ε in (0, 0.5]; None = 0, exo_pair 1e-3")
     flip_rate: float | None = param(None, "robust: known label flip rate in [0, 0.5); None = 0.1")
     simpo_margin: float | None = param(None, "simpo: target reward margin γ ≥ 0; None = 1.0", old_names=("gamma",))
     odds_ratio_weight: float | None = param(None, "orpo: weight λ of the odds-ratio term; None = 0.1")
     desirable_weight: float | None = param(None, "kto: weight λ_D of desirable examples; None = 1.0")
     undesirable_weight: float | None = param(None, "kto: weight λ_U of undesirable examples; None = 1.0")
+    ipo_average: bool | None = param(None, "ipo: per-token mean log-probs (TRL's choice; raise β); None = sums")
+    nll_reduction: str | None = param(None, "NLL of orpo and of nll_weight: sequence = mean of per-response token "
+                                            "means, token = batch token mean; None = sequence", choices=NLL_REDUCTIONS)
     nll_weight: float = param(0.0, "α ≥ 0: add α × the preferred response's mean per-token NLL to a paired "
                                    "loss (RPO; TRL's rpo_alpha); 0 = off")
     train_data: str = param("", "preference pairs or rankings (kto: also unpaired feedback): "
@@ -124,18 +128,14 @@ class DPOConfig(TrainConfig):
             spec = get_preference_loss(self.loss)
         except ValueError as e:
             raise ConfigError(f"'loss': {e}") from None
-        for name in HYPERPARAMETERS:
-            check(getattr(self, field_of(name)) is None or name in spec.hyperparameters,
+        for name in HYPERPARAMETERS:  # RPO's NLL term (nll_weight > 0) reads nll_reduction with any loss
+            check(getattr(self, field_of(name)) is None or name in spec.hyperparameters
+                  or (name == "nll_reduction" and self.nll_weight > 0),
                   f"'{field_of(name)}' is not used by loss '{self.loss}' (its hyper-parameters: "
                   f"{', '.join(map(field_of, spec.hyperparameters))})")
         check(not self.reference or spec.needs_reference,
               f"loss '{self.loss}' is reference-free: 'reference' is not used")
-        hp = self.loss_hyperparameters
-        for name in ("beta", "odds_ratio_weight", "desirable_weight", "undesirable_weight"):
-            check(name not in hp or hp[name] > 0, f"{name} must be > 0")
-        check(0 <= hp.get("label_smoothing", 0) <= 0.5, "label_smoothing must be in [0, 0.5]")
-        check(0 <= hp.get("flip_rate", 0) < 0.5, "flip_rate must be in [0, 0.5)")
-        check(hp.get("gamma", 0) >= 0, "simpo_margin must be ≥ 0")
+        check_hyperparameters(self.loss, self.loss_hyperparameters, field_of=field_of, error=ConfigError)
         check(self.max_eval_examples >= 1, "max_eval_examples must be ≥ 1")
         check(self.nll_weight >= 0, "nll_weight must be ≥ 0")
         check(self.nll_weight == 0 or spec.paired, f"nll_weight needs paired data; loss '{self.loss}' is unpaired")
@@ -273,13 +273,12 @@ def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float],
                     eval_set: Sequence[Item], *, pad_id: int, packing: bool,
                     ref_train: Tensor | None = None, ref_eval: Tensor | None = None,
                     live_reference: ReferencePolicy | None = None, eval_batch_size: int = 8,
-                    nll_weight: float = 0.0) -> SupervisedTask:
+                    nll_weight: float = 0.0, nll_reduction: str = "sequence") -> SupervisedTask:
     """The DPO-family task for `fit`: one unit = one pair (KTO: one example).
 
     `hyperparameters` missing a name take its default. `nll_weight` α adds α × `preferred_nll`
-    (RPO) to each pair's loss. Reference sums come from `ref_train`/`ref_eval` ((N, 2),
-    precomputed) or, when those are None, from `live_reference` each micro-batch;
-    reference-free losses need neither.
+    (RPO, by `nll_reduction`) to each pair's loss. Reference sums come from `ref_train`/`ref_eval`
+    ((N, 2), precomputed) or, when those are None, from `live_reference` each micro-batch.
     """
     if spec.needs_reference and ref_train is None and live_reference is None:
         raise ValueError(f"loss '{spec.name}' needs reference log-probs: pass ref_train or live_reference")
@@ -302,7 +301,7 @@ def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float],
         losses, metrics = spec.compute(pair_logps(sums[:b], sums[b:], ref, lengths[:b], lengths[b:], batch.label),
                                        hyperparameters)
         if nll_weight:
-            nll = preferred_nll(sums[:b], sums[b:], lengths[:b], lengths[b:], batch.label)
+            nll = preferred_nll(sums[:b], sums[b:], lengths[:b], lengths[b:], batch.label, reduction=nll_reduction)
             metrics = {**metrics, "nll/preferred": nll.detach()}
             losses = losses + nll_weight * nll
         # Σ over the micro-batch / the step's pair count: the step's gradient is the mean over all its pairs.
@@ -443,7 +442,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
              "skipped": skipped.counts, "skipped_examples": skipped.examples}, indent=2))
     task = preference_task(spec, hyperparameters, train, eval_set, pad_id=pad_id, packing=cfg.packing,
                            ref_train=ref_train, ref_eval=ref_eval, live_reference=live_reference,
-                           eval_batch_size=cfg.batch_size, nll_weight=cfg.nll_weight)
+                           eval_batch_size=cfg.batch_size, nll_weight=cfg.nll_weight,
+                           nll_reduction=cfg.nll_reduction or "sequence")
     metrics = fit(engine, task)
     final = engine.finish()
     return {"final": str(final), "metrics": metrics, "skipped": skipped.counts, "reference": reference_info}
