@@ -162,7 +162,8 @@ def test_voters_keep_voting_through_a_large_import_and_a_login_flood():
     project of the same database; no vote fails and every acknowledged one is exported."""
     script = Path(__file__).with_name("import_load.py")
     result = subprocess.run([sys.executable, str(script), "--voters", "4", "--flood-threads", "1",
-                             "--import-items", "10000"], capture_output=True, text=True, timeout=140)
+                             "--import-items", "10000", "--think-seconds", "0"], capture_output=True, text=True,
+                            timeout=140)
     assert result.returncode == 0, result.stderr[-2000:]
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     assert numbers["import"]["ok"], numbers

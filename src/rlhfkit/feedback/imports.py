@@ -6,8 +6,10 @@ wait behind it. `import_round` instead
 
 1. adds the round *staged*, under a negative number: every query that shows rounds, items or
    votes filters with `models.published()`, so no annotator, report or export sees it;
-2. writes the items in chunks of `CHUNK`, one short transaction each, so votes and
-   logins interleave with the import;
+2. writes the items in chunks of `CHUNK`, one short transaction each, and on SQLite pauses
+   `SQLITE_PAUSE_S` after each, so votes and logins interleave with the import (SQLite's
+   waiting writers poll for the lock, up to 100 ms apart: an import that took the lock back
+   the moment it let go would win every time and starve them);
 3. gives the round the project's next number in one last short transaction: the round
    appears whole, or not at all.
 
@@ -20,6 +22,7 @@ it once it has gone `STALE_STAGING` without a write.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -42,6 +45,7 @@ from rlhfkit.feedback.records import CandidateSet
 # Items per transaction: ≈ 16 ms of insert (2 cores, SQLite) between two votes' turns at the
 # write lock; 100k items take about as long in chunks of 500 as of 2000 (5.5 s vs 6.1 s).
 CHUNK = 500
+SQLITE_PAUSE_S = 0.1
 # Called in the publishing transaction with the session and the published round: the caller's
 # audit row commits with the round.
 OnPublish = Callable[[Session, Round], None]
@@ -55,12 +59,15 @@ def import_round(database: Database, project_id: int, records: Iterable[Candidat
     `projects.add_round`."""
     batch = RoundRecords.parse(records, model_version, source=source, lines=lines)
     staged = _stage(database, project_id, batch)
+    pause = SQLITE_PAUSE_S if database.engine.dialect.name == "sqlite" else 0.0
     try:
         for start in range(0, len(batch.sets), chunk):
             with database.write() as session:
                 insert_items(session, staged, batch, start, start + chunk)
                 session.execute(update(Round).where(Round.id == staged.id).values(created_at=utcnow()))
                 session.commit()
+            if pause and start + chunk < len(batch.sets):
+                time.sleep(pause)  # let the writers waiting for the lock in
         with database.write() as session:
             lock_project(session, project_id)
             published = session.get(Round, staged.id)
