@@ -260,6 +260,27 @@ def load_trained_reward_model(name_or_path: str) -> tuple[RewardModel, object]:
     return model.eval(), tokenizer
 
 
+def load_sequence_classifier(name_or_path: str) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of any saved Hugging Face sequence classifier (a toxicity model, a
+    trained reward model), in eval mode; the tokenizer gets a pad token (its eos) if it has none."""
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
+        raise ModelNotFound(f"no such folder: {name_or_path}")
+    path = resolve_model_path(name_or_path)
+    try:
+        if not is_reward_checkpoint(path):
+            raise ModelNotFound(f"'{name_or_path}' is not a sequence classifier (its config.json names no "
+                                "*ForSequenceClassification architecture)")
+        tokenizer = load_tokenizer(name_or_path)
+        model = AutoModelForSequenceClassification.from_pretrained(path)
+    except OSError as e:
+        raise ModelNotFound(f"cannot load classifier '{name_or_path}': {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
 @torch.no_grad()
 def pair_rewards(model: nn.Module, pairs: Sequence[EncodedPair], pad_id: int, *, batch_size: int = 16,
                  packed: bool = True) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ from rlhfkit.config import Config, check, param
 from rlhfkit.data.errors import DataError
 from rlhfkit.data.schemas import conversation_to_dicts
 from rlhfkit.io import atomic_write_text
+from rlhfkit.judge.reward import JUDGE_REWARD_BUILDERS
 from rlhfkit.models.device import inference_device
 from rlhfkit.models.loading import load_model, load_tokenizer
 from rlhfkit.recipes.online import step_seed
@@ -142,7 +143,7 @@ def run_best_of_n(cfg: BestOfNConfig) -> dict:
     <out>.summary.json)."""
     prompts = named_prompts(cfg.prompts, cfg.tasks, split=cfg.demo_split, per_family=cfg.demo_per_family,
                             seed=cfg.seed, families=cfg.demo_families)
-    reward = build_reward(cfg.reward)
+    reward = build_reward(cfg.reward, builders=JUDGE_REWARD_BUILDERS)
     tokenizer, model = load_tokenizer(cfg.model), load_model(cfg.model, seed=cfg.seed).to(inference_device())
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               n=cfg.samples_per_prompt, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -190,7 +191,7 @@ def run_expert_iteration(cfg: ExpertIterationConfig) -> dict:
     cfg.save(run_dir / "config.yaml")
     prompts = named_prompts(cfg.prompts, cfg.tasks, split="train", per_family=cfg.demo_per_family, seed=cfg.seed,
                             families=cfg.demo_families)
-    reward = build_reward(cfg.reward)
+    reward = build_reward(cfg.reward, builders=JUDGE_REWARD_BUILDERS)
     current = cfg.model
     summaries = []
     for k in range(1, cfg.rounds + 1):

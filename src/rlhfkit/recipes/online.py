@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from rlhfkit.config import check, param
 from rlhfkit.data.tokenize import pad_token_id
+from rlhfkit.judge.reward import JUDGE_REWARD_BUILDERS
 from rlhfkit.losses.policy import AGGREGATIONS, aggregate, loss_units
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.reference import ReferencePolicy
@@ -64,8 +65,11 @@ class OnlineConfig(TrainConfig):
     tasks: str = param("", "'demo' to train on the demo tasks instead of a prompts file", choices=("", "demo"))
     demo_per_family: int = param(64, "demo tasks per family (with --tasks demo)")
     demo_families: tuple[str, ...] = param(DEMO_FAMILIES, "demo task families to use (with --tasks demo)")
-    reward: str = param("gold", "reward spec: gold | rm:PATH | format:REGEX | length[:MIN-MAX] | exact | code, "
-                                "weighted: 'gold:1.0,length:0.1'")
+    reward: str = param("gold", "reward spec, terms NAME[:ARG][:WEIGHT] joined by commas: gold | exact | code | "
+                                "format:REGEX | length[:MIN-MAX] | rm:PATH[@mean|@min|@mean-Kstd] | "
+                                "classifier:PATH[:LABEL] | judge[:JUDGE] | judge-ref[:JUDGE] (JUDGE: embedded, "
+                                "tiny, local:PATH or URL#MODEL); e.g. 'gold:1.0,length:0.1' or "
+                                "'exact,classifier:models/tox:toxic:-0.5' (see docs/RL-ALGORITHMS.md, Rewards)")
     reward_normalize: bool = param(False, "normalize each reward source by its running mean/std before weighting")
     prompts_per_step: int = param(8, "prompts per rollout step")
     samples_per_prompt: int = param(4, "responses sampled per prompt", old_names=("group_size",))
@@ -195,7 +199,7 @@ def load_inputs(cfg: OnlineConfig) -> tuple[Any, list[RLPrompt], WeightedRewards
     prompts = named_prompts(cfg.prompts, cfg.tasks, split="train", per_family=cfg.demo_per_family, seed=cfg.seed,
                             families=cfg.demo_families)
     prompts = prompts_that_fit(prompts, tokenizer, room=cfg.max_length - cfg.max_new_tokens, source=cfg.prompts)
-    return tokenizer, prompts, build_reward(cfg.reward, normalize=cfg.reward_normalize)
+    return tokenizer, prompts, build_reward(cfg.reward, normalize=cfg.reward_normalize, builders=JUDGE_REWARD_BUILDERS)
 
 
 def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: list[RLPrompt],
