@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,33 @@ def test_a_login_flood_does_not_stall_the_voters():
     assert numbers["votes"] >= 30, numbers
     # Before: the flood held the write lock ~94% of the time (p95 several seconds).
     assert numbers["vote_p95_ms"] < 1000, numbers
+
+
+def test_password_checks_queue_for_a_bounded_number_of_slots(monkeypatch):
+    """A flood of logins from many addresses gets at most HASHING_SLOTS scrypt runs at once
+    (half the cores): the rest queue, so votes keep the other cores."""
+    import threading as _threading
+
+    from rlhfkit.feedback import security
+
+    running, peak, lock = [0], [0], _threading.Lock()
+
+    def slow_scrypt(*_args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return b"x" * kwargs["dklen"]
+
+    monkeypatch.setattr(security.hashlib, "scrypt", slow_scrypt)
+    monkeypatch.setattr(security, "_hashing", _threading.BoundedSemaphore(1))
+    stored = "scrypt$1024$8$1$" + security._b64(b"s" * 16) + "$" + security._b64(b"y" * 32)
+    threads = [_threading.Thread(target=security.verify_password, args=("pw", stored)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1
+    assert security.HASHING_SLOTS == max(1, (os.cpu_count() or 2) // 2)

@@ -3,6 +3,9 @@
 - Passwords: scrypt (memory-hard) at N=2^17, r=8, p=1 (OWASP's current minimum; 128 MiB and
   a few hundred ms per check), a random 16-byte salt per password, parameters stored with the
   hash: an older, cheaper hash still verifies and is replaced at the next login (`needs_rehash`).
+  At most `HASHING_SLOTS` checks run at once (half the CPU cores, at least one): a flood of
+  login attempts from many addresses queues for them instead of taking every core and 128 MiB
+  per attempt, so the annotators' requests keep the other cores.
 - Cookies: `value.signature`, the signature an HMAC-SHA256 of the value under the app's
   secret key, so a cookie the server did not issue is rejected before any lookup.
 - CSRF: the token is an HMAC of the session token under the secret key. It is tied to the
@@ -16,7 +19,9 @@ import base64
 import functools
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 SALT_BYTES = 16
@@ -34,10 +39,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+HASHING_SLOTS = max(1, (os.cpu_count() or 2) // 2)
+_hashing = threading.BoundedSemaphore(HASHING_SLOTS)
+
+
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
     # scrypt needs 128·r·N bytes (plus a little); OpenSSL refuses more than 32 MiB unless told.
-    return hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, dklen=dklen,
-                          maxmem=129 * r * n + 2**20)
+    with _hashing:
+        return hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=salt, n=n, r=r, p=p, dklen=dklen,
+                              maxmem=129 * r * n + 2**20)
 
 
 def hash_password(password: str) -> str:
