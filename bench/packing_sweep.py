@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--no-demo", action="store_true", help="skip the demo batch")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -110,7 +111,8 @@ def main() -> None:
           f"{model.config._attn_implementation}, {args.precision}, {args.steps} timed steps per layout", flush=True)
     autocast = args.precision == "bf16"
     demo = [int(n) for n in args.demo_lengths.split(",")]
-    print_row("demo batch", compare(policy, examples(demo, vocab, args.seed), device, autocast, args.steps))
+    if not args.no_demo:
+        print_row("demo batch", compare(policy, examples(demo, vocab, args.seed), device, autocast, args.steps))
     lo, hi = map(int, args.mix.split(","))
     rng = random.Random(args.seed)
     mix = [rng.randint(lo, hi) for _ in range(args.examples)]

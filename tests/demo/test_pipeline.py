@@ -34,14 +34,18 @@ def test_quick_demo_is_sft_then_the_loop_and_its_report(tmp_path):
 def test_presets_full_is_a_larger_loop_and_compare_adds_the_algorithms(tmp_path):
     quick, full = DemoSettings.quick(tmp_path), DemoSettings.full(tmp_path)
     assert (quick.rounds, quick.test_per_family, quick.eval_base, quick.compare_algorithms) == (2, 100, False, False)
-    assert (full.rounds, full.loop_prompts, full.loop_steps, full.test_per_family) == (5, 128, 32, 200)
+    assert (full.rounds, full.loop_prompts, full.loop_steps, full.test_per_family) == (4, 128, 24, 200)
     assert full.eval_base and not full.compare_algorithms
-    # every round of --full draws fresh prompts: 5 × 128 from a pool of 4 × 200; the quick loop's pool is SFT's
+    # every round of --full draws fresh prompts: 4 × 128 from a pool of 4 × 200; the quick loop's pool is SFT's
     loop = full.loop_config("sft")
     assert loop.demo_per_family * 4 >= full.rounds * full.loop_prompts
     assert quick.loop_config("sft").demo_per_family == quick.train_per_family
+    # --full retrains SFT on all labels so far each round, one pass over them: 24, 48, 72, 96 steps
+    assert (loop.init, loop.steps) == ("start", 24)
+    assert [loop.for_round(r).steps for r in (1, 2, 3, 4)] == [24, 48, 72, 96]
+    assert quick.loop_config("sft").init == "previous" and quick.loop_config("sft").per_round == {}
     both = DemoSettings.full(tmp_path, compare=True)
-    assert both.compare_algorithms and both.rounds == 5 and both.dpo_losses == ("dpo", "ipo", "kto")
+    assert both.compare_algorithms and both.rounds == 4 and both.dpo_losses == ("dpo", "ipo", "kto")
     compare = DemoSettings.compare(tmp_path)
     assert compare.compare_algorithms and compare.rounds == 2 and compare.rl_steps == 16
     assert DemoSettings.full(tmp_path, rounds=3).rounds == 3  # a keyword overrides the preset

@@ -21,8 +21,9 @@ console = Console()
 def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="folder for data, checkpoints, metrics and the report"),
     quick: bool = typer.Option(True, "--quick/--full",
-                               help="quick (≈ 10 min on 2 CPU cores: SFT + 2 rounds of the loop) or full (≈ 35 min: "
-                                    "the base model's accuracy, 5 rounds of twice the size on 800 held-out prompts)"),
+                               help="quick (≈ 10 min on 2 CPU cores: SFT + 2 rounds of the loop) or full (≈ 1 h: "
+                                    "the base model's accuracy, 4 rounds of twice the size, each retraining SFT "
+                                    "on all labels so far, on 800 held-out prompts)"),
     compare: bool = typer.Option(False, "--compare",
                                  help="after the loop, compare the algorithms on a fixed dataset (reward model, "
                                       "DPO/IPO/KTO, GRPO/RLOO/ReMax/PPO, over-optimization, judge win rates: about "
@@ -36,9 +37,10 @@ def demo(
     Stages: demo tasks → SFT → the loop from the SFT model: each round samples from the newest
     policy, labels pairs with the exact checkers acting as an annotator with mis-clicks, trains
     (DPO + NLL) and measures held-out accuracy on 400 prompts, paired against the SFT model
-    (sign test) → report.html. --full adds the base model's accuracy and runs 5 larger rounds on
-    800 prompts; --compare adds the algorithm comparison (reward model, DPO/IPO/KTO,
-    GRPO/RLOO/ReMax/PPO, over-optimization, judge win rates: comparison.html). Rerunning skips
+    (sign test) → report.html. --full adds the base model's accuracy and runs 4 larger rounds
+    (each retraining SFT on all labels so far) on 800 prompts; --compare adds the algorithm
+    comparison (reward model, DPO/IPO/KTO, GRPO/RLOO/ReMax/PPO, over-optimization, judge win
+    rates: comparison.html). Rerunning skips
     finished stages and rounds; a killed run resumes.
 
     [bold]Examples[/]
