@@ -95,9 +95,16 @@ class FeedbackLogps:
 Hyperparameters = Mapping[str, float | bool | str]
 
 
-def _dpo(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return dpo_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                    label_smoothing=hp["label_smoothing"], label=x.label)
+def _with_reference(loss, *extra: str):
+    """The adapter of a loss called as loss(π_c, π_r, ref_c, ref_r, beta=β, label=…, **extra)."""
+    def adapter(x: PairLogps, hp: Hyperparameters) -> LossOutput:
+        return loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
+                    label=x.label, **{name: hp[name] for name in extra})
+    adapter.__name__ = f"_{loss.__name__}"
+    return adapter
+
+
+_dpo = _with_reference(dpo_loss, "label_smoothing")
 
 
 def _ipo(x: PairLogps, hp: Hyperparameters) -> LossOutput:
@@ -109,14 +116,8 @@ def _ipo(x: PairLogps, hp: Hyperparameters) -> LossOutput:
                     label=x.label)
 
 
-def _hinge(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return hinge_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                      label=x.label)
-
-
-def _robust(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return robust_dpo_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                           flip_rate=hp["flip_rate"], label=x.label)
+_hinge = _with_reference(hinge_loss)
+_robust = _with_reference(robust_dpo_loss, "flip_rate")
 
 
 def _simpo(x: PairLogps, hp: Hyperparameters) -> LossOutput:
@@ -133,14 +134,8 @@ def _orpo(x: PairLogps, hp: Hyperparameters) -> LossOutput:
                      odds_ratio_weight=hp["odds_ratio_weight"], label=x.label)
 
 
-def _apo_zero(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return apo_zero_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                         label=x.label)
-
-
-def _apo_down(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return apo_down_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                         label=x.label)
+_apo_zero = _with_reference(apo_zero_loss)
+_apo_down = _with_reference(apo_down_loss)
 
 
 def _bco_pair(x: PairLogps, hp: Hyperparameters) -> LossOutput:
@@ -151,14 +146,8 @@ def _bco_pair(x: PairLogps, hp: Hyperparameters) -> LossOutput:
                          label=x.label)
 
 
-def _nca_pair(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return nca_pair_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                         label=x.label)
-
-
-def _exo_pair(x: PairLogps, hp: Hyperparameters) -> LossOutput:
-    return exo_pair_loss(x.policy_chosen, x.policy_rejected, x.ref_chosen, x.ref_rejected, beta=hp["beta"],
-                         label_smoothing=hp["label_smoothing"], label=x.label)
+_nca_pair = _with_reference(nca_pair_loss)
+_exo_pair = _with_reference(exo_pair_loss, "label_smoothing")
 
 
 def _kto(x: FeedbackLogps, hp: Hyperparameters) -> LossOutput:
