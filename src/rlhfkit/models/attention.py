@@ -48,19 +48,20 @@ def sequence_spans(position_ids: torch.Tensor | None, batch: int, length: int) -
     every layer of one forward pass gets the same `position_ids`."""
     if position_ids is None:
         return [[(0, length)]] * batch
-    if _spans_cache[0] is position_ids and _spans_cache[1] == (batch, length):
-        return _spans_cache[2]
+    cached = _last_spans[0]  # one read: another thread may swap the entry (never half of it)
+    if cached is not None and cached[0] is position_ids and cached[1] == (batch, length):
+        return cached[2]
     starts = (position_ids.expand(batch, -1) == 0)
     starts[:, 0] = True
     spans = []
     for row in starts.cpu().tolist():
         begin = [i for i, s in enumerate(row) if s]
         spans.append(list(zip(begin, begin[1:] + [length], strict=True)))
-    _spans_cache[:] = [position_ids, (batch, length), spans]
+    _last_spans[0] = (position_ids, (batch, length), spans)
     return spans
 
 
-_spans_cache: list = [None, None, None]
+_last_spans: list[tuple[torch.Tensor, tuple[int, int], list[list[tuple[int, int]]]] | None] = [None]
 
 
 def _causal(t: int, s: int, device: torch.device) -> torch.Tensor:
