@@ -24,15 +24,7 @@ from rlhfkit.recipes.policy_gradient import (
 from rlhfkit.rollout.rollout import Rollout
 from rlhfkit.train.metrics import read_metrics
 
-REWARD = "format:[a-z]:1.0,format:[0-9]:0.5,format:[A-Z]:0.25"
-
-
-def config(cls, tmp_path, **kw):
-    base = dict(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
-                prompts_per_step=2, samples_per_prompt=4, max_new_tokens=8, batch_size=16, precision="fp32",
-                progress=False, seed=5, lr=1e-2, reward=REWARD)
-    base.update(kw)
-    return cls(**base)
+from .conftest import pg_config as config
 
 
 def one_step(cls, tmp_path, **kw) -> dict:
