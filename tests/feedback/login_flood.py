@@ -60,7 +60,7 @@ def start_server(db_path: Path) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "label", "serve", "--host", "127.0.0.1",
                                 "--port", str(port), "--db", str(db_path), "--log-level", "error"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # a busy machine takes a while to import torch
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:

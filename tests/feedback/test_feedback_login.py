@@ -231,6 +231,31 @@ def test_a_login_flood_does_not_stall_the_voters():
     assert numbers["vote_p95_ms"] < 1000, numbers
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux only")
+def test_password_checks_run_at_the_lowest_cpu_priority_and_other_threads_keep_theirs():
+    """Under a login flood the scrypt threads only get the CPU the voters leave idle; the
+    threads that answer votes are never the lowered ones."""
+    import threading as _threading
+
+    import anyio
+    from starlette.concurrency import run_in_threadpool
+
+    from rlhfkit.feedback.throttle import LOW_PRIORITY, PasswordChecks
+
+    def priority():
+        return os.getpriority(os.PRIO_PROCESS, _threading.get_native_id())
+
+    before = priority()
+
+    async def scenario():
+        checks = PasswordChecks(slots=1)
+        return await checks.run(priority), await run_in_threadpool(priority)
+
+    in_check, in_route = anyio.run(scenario)
+    assert in_check == LOW_PRIORITY
+    assert in_route == before
+
+
 def test_password_checks_queue_for_a_bounded_number_of_slots(monkeypatch):
     """A flood of logins from many addresses gets at most HASHING_SLOTS scrypt runs at once
     (half the cores): the rest queue, so votes keep the other cores."""

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import OperationalError
 
 from rlhfkit.data.errors import DataError
 from rlhfkit.feedback import imports
 from rlhfkit.feedback.assignment import has_work
+from rlhfkit.feedback.db import retry_locked
 from rlhfkit.feedback.export import export_records
 from rlhfkit.feedback.models import Item, Project, Round, User, utcnow
 from rlhfkit.feedback.projects import RoundRecords, add_round, insert_items, item_count
@@ -106,6 +108,50 @@ def test_a_failed_import_leaves_nothing(database, seed, monkeypatch):
     assert _rounds(database) == [1]  # the seeded project's round only
     with database.read() as session:
         assert session.scalar(select(func.count(Item.id)).where(Item.project_id == project.id)) == 0
+
+
+def _locked() -> OperationalError:
+    return OperationalError("INSERT ...", {}, sqlite3.OperationalError("database is locked"))
+
+
+def test_a_chunk_that_times_out_on_the_write_lock_is_written_again(database, seed, monkeypatch):
+    """Under heavy load a chunk's BEGIN IMMEDIATE can wait out the busy timeout; the import
+    tries that chunk again (it wrote nothing) instead of failing after minutes of work."""
+    project = _project_after_seed(database, seed)
+    calls = []
+
+    def locked_once(session, target, batch, start, stop):
+        calls.append(start)
+        if start == 3 and calls.count(3) == 1:
+            raise _locked()
+        insert_items(session, target, batch, start, stop)
+
+    monkeypatch.setattr(imports, "insert_items", locked_once)
+    published = imports.import_round(database, project.id, RECORDS, chunk=3)
+    assert calls == [0, 3, 3, 6]
+    with database.read() as session:
+        assert sorted(session.scalars(select(Item.external_id).where(Item.round_id == published.id))) == \
+            sorted(r["id"] for r in RECORDS)
+
+
+def test_retry_locked_gives_up_after_its_tries_and_never_retries_other_errors():
+    attempts = []
+
+    def always_locked():
+        attempts.append(1)
+        raise _locked()
+
+    with pytest.raises(OperationalError):
+        retry_locked(always_locked, tries=3)
+    assert len(attempts) == 3
+
+    def other_error():
+        attempts.append(2)
+        raise OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: items"))
+
+    with pytest.raises(OperationalError):
+        retry_locked(other_error, tries=3)
+    assert attempts.count(2) == 1
 
 
 def test_an_id_written_meanwhile_by_another_import_is_one_error_line(database, seed, monkeypatch):

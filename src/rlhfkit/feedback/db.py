@@ -14,19 +14,28 @@ never see "database is locked":
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from rlhfkit.feedback.migrations import migrate
 
 DEFAULT_DATABASE = "sqlite:///rlhfkit-feedback.db"
 SQLITE_BUSY_TIMEOUT_S = 30.0
+# How many times background work (an import's chunks) waits `SQLITE_BUSY_TIMEOUT_S` for the
+# write lock before it gives up: a request fails after one wait, an import after several.
+LOCKED_TRIES = 6
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def database_url(db: str) -> str:
@@ -76,6 +85,27 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def is_locked(error: OperationalError) -> bool:
+    """SQLite's "database is locked": the write lock was not free within the busy timeout."""
+    return "database is locked" in str(error.orig)
+
+
+def retry_locked(work: Callable[[], T], *, tries: int = LOCKED_TRIES, what: str = "write") -> T:
+    """Run `work` (one whole transaction: it opens, writes and commits its own session) again
+    when SQLite times out waiting for the write lock, up to `tries` times. For background
+    writes only (a request answers its client instead of waiting minutes): a timed-out
+    transaction wrote nothing, so running it again is safe."""
+    for attempt in range(1, tries + 1):
+        try:
+            return work()
+        except OperationalError as e:
+            if not is_locked(e) or attempt == tries:
+                raise
+            log.warning("%s waited %.0f s for the write lock; trying again (%d of %d)",
+                        what, SQLITE_BUSY_TIMEOUT_S, attempt + 1, tries)
+    raise AssertionError("unreachable")
 
 
 def open_database(db: str = DEFAULT_DATABASE, *, upgrade: bool = True) -> Database:

@@ -31,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.feedback.db import Database
+from rlhfkit.feedback.db import Database, retry_locked
 from rlhfkit.feedback.models import Item, Project, Round, utcnow
 from rlhfkit.feedback.projects import (
     STALE_STAGING,
@@ -60,14 +60,14 @@ def import_round(database: Database, project_id: int, records: Iterable[Candidat
     batch = RoundRecords.parse(records, model_version, source=source, lines=lines)
     staged = _stage(database, project_id, batch)
     pause = SQLITE_PAUSE_S if database.engine.dialect.name == "sqlite" else 0.0
-    try:
-        for start in range(0, len(batch.sets), chunk):
-            with database.write() as session:
-                insert_items(session, staged, batch, start, start + chunk)
-                session.execute(update(Round).where(Round.id == staged.id).values(created_at=utcnow()))
-                session.commit()
-            if pause and start + chunk < len(batch.sets):
-                time.sleep(pause)  # let the writers waiting for the lock in
+
+    def write_chunk(start: int) -> None:
+        with database.write() as session:
+            insert_items(session, staged, batch, start, start + chunk)
+            session.execute(update(Round).where(Round.id == staged.id).values(created_at=utcnow()))
+            session.commit()
+
+    def publish() -> Round:
         with database.write() as session:
             lock_project(session, project_id)
             published = session.get(Round, staged.id)
@@ -81,6 +81,13 @@ def import_round(database: Database, project_id: int, records: Iterable[Candidat
                 on_publish(session, published)
             session.commit()
             return published
+
+    try:
+        for start in range(0, len(batch.sets), chunk):
+            retry_locked(lambda start=start: write_chunk(start), what=f"import of items {start}–{start + chunk}")
+            if pause and start + chunk < len(batch.sets):
+                time.sleep(pause)  # let the writers waiting for the lock in
+        return retry_locked(publish, what="publishing the imported round")
     except IntegrityError:
         _discard(database, staged.id)
         with database.read() as session:  # which id: one that another import wrote meanwhile
@@ -94,21 +101,29 @@ def import_round(database: Database, project_id: int, records: Iterable[Candidat
 def _stage(database: Database, project_id: int, batch: RoundRecords) -> Round:
     """Three short transactions: clear abandoned staged rounds, check the ids (a read: index
     lookups, 100k ids ≈ 200 queries, not under the write lock), add the staged round."""
-    with database.write() as session:
-        lock_project(session, project_id)
-        if session.get(Project, project_id) is None:
-            raise DataError(f"no project with id {project_id}")
-        _drop_abandoned(session, project_id)
-        session.commit()
+
+    def clear_abandoned() -> None:
+        with database.write() as session:
+            lock_project(session, project_id)
+            if session.get(Project, project_id) is None:
+                raise DataError(f"no project with id {project_id}")
+            _drop_abandoned(session, project_id)
+            session.commit()
+
+    def add_staged() -> Round:
+        with database.write() as session:
+            lock_project(session, project_id)
+            lowest = session.scalar(select(func.min(Round.number)).where(Round.project_id == project_id))
+            staged = Round(project_id=project_id, number=min(lowest or 0, 0) - 1,
+                           model_version=batch.model_version)
+            session.add(staged)
+            session.commit()
+            return staged
+
+    retry_locked(clear_abandoned, what="clearing abandoned imports")
     with database.read() as session:
         batch.check_new_ids(session, session.get(Project, project_id))
-    with database.write() as session:
-        lock_project(session, project_id)
-        lowest = session.scalar(select(func.min(Round.number)).where(Round.project_id == project_id))
-        staged = Round(project_id=project_id, number=min(lowest or 0, 0) - 1, model_version=batch.model_version)
-        session.add(staged)
-        session.commit()
-        return staged
+    return retry_locked(add_staged, what="starting the import")
 
 
 def _drop_abandoned(session: Session, project_id: int) -> None:
@@ -122,7 +137,10 @@ def _drop_abandoned(session: Session, project_id: int) -> None:
 
 
 def _discard(database: Database, round_id: int) -> None:
-    with database.write() as session:
-        session.execute(delete(Item).where(Item.round_id == round_id))
-        session.execute(delete(Round).where(Round.id == round_id, Round.number < 0))
-        session.commit()
+    def drop() -> None:
+        with database.write() as session:
+            session.execute(delete(Item).where(Item.round_id == round_id))
+            session.execute(delete(Round).where(Round.id == round_id, Round.number < 0))
+            session.commit()
+
+    retry_locked(drop, what="removing the failed import's round")

@@ -18,16 +18,18 @@ reset a guesser's budget). A record is forgotten `forget_after` seconds after it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import os
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
-
-import anyio
 
 T = TypeVar("T")
 ACCOUNT_FREE_FAILURES = 5
@@ -38,6 +40,7 @@ MAX_DELAY_S = 15 * 60.0
 FORGET_AFTER_S = 15 * 60.0
 MAX_KEYS = 50_000
 MAX_KEY_CHARS = 256
+LOW_PRIORITY = 19  # nice value of the password-check threads (19: the lowest)
 
 
 @dataclass
@@ -119,23 +122,40 @@ def default_check_slots() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def lower_thread_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: a thread is its own task, so
+    `setpriority` on its id touches nothing else). Elsewhere, or if refused, nothing changes."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_PRIORITY)
+
+
 class PasswordChecks:
-    """At most `slots` password checks run at once, each in a worker thread; the others wait
-    without holding a thread, and past `max_waiting` a login is turned away (`Busy`).
+    """At most `slots` password checks run at once, in threads of their own that run at the
+    lowest CPU priority; the others wait without holding a thread, and past `max_waiting` a
+    login is turned away (`Busy`).
 
     A scrypt check takes 128 MiB and a few hundred ms of a core: unbounded, a login flood
     would take all the memory and every core the voters need, and fill the thread pool that
-    the (synchronous) vote routes run in.
+    the (synchronous) vote routes run in. At the lowest priority it also only gets the CPU
+    the voters leave idle: under a flood a login waits longer, a vote does not. (The pool
+    is its own, so no thread that later answers a vote was lowered: an unprivileged process
+    cannot raise a thread's priority again.)
     """
 
     def __init__(self, slots: int | None = None, max_waiting: int = 32):
         slots = slots or default_check_slots()
         self.slots, self.max_waiting = slots, max_waiting
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="password-check",
+                                        initializer=lower_thread_priority)
+        self._pending = 0  # submitted and not finished; only touched on the event loop
 
     async def run(self, check: Callable[[], T]) -> T:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.slots)
-        if self._limiter.statistics().tasks_waiting >= self.max_waiting:
+        if self._pending >= self.slots + self.max_waiting:
             raise Busy()
-        return await anyio.to_thread.run_sync(check, limiter=self._limiter)
+        self._pending += 1
+        try:
+            return await asyncio.wrap_future(self._pool.submit(check))
+        finally:
+            self._pending -= 1
