@@ -3,6 +3,8 @@ per recipe, its flags generated from the recipe's config (`cli.config.config_com
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 
@@ -23,8 +25,10 @@ from rlhfkit.recipes.policy_gradient import (
 from rlhfkit.recipes.ppo import PPOConfig, run_ppo
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 
-console = Console()
+console = Console(quiet=os.environ.get("RANK", "0") != "0")  # a distributed run reports once, from rank 0
 DEMO = "--tasks demo --reward gold"
+SCALING = ("\n\nMore GPUs or machines: accelerate launch [--config_file configs/accelerate/fsdp2.yaml] "
+           "-m rlhfkit.cli {name} ... (configs for DDP, FSDP2, DeepSpeed and 2 nodes: docs/SCALING.md)")
 ONLINE = (
     ("grpo", GRPOConfig, "GRPO: k samples per prompt, group-normalized advantages, KL to the reference in the loss."),
     ("rloo", RLOOConfig, "RLOO: k samples per prompt, leave-one-out baseline, KL in the reward (or the loss)."),
@@ -96,7 +100,7 @@ def register(app: typer.Typer) -> None:
                             "  rlhf sft --train-data data/sft.jsonl --max-steps 200\n\n"
                             "  rlhf sft --config sft.yaml --lr 1e-5 --output-dir runs/sft2\n\n"
                             "  rlhf sft --model HuggingFaceTB/SmolLM2-360M-Instruct --lora-r 16 "
-                            "--train-data sft.parquet")
+                            "--train-data sft.parquet" + SCALING.format(name="sft"))
     for name, cls, text in ONLINE:
         config_command(app, name, cls, friendly(_policy_gradient), help=text,
                        examples="[bold]Examples[/]\n\n"
@@ -128,7 +132,7 @@ def register(app: typer.Typer) -> None:
                    examples="[bold]Examples[/]\n\n"
                             "  rlhf dpo --model runs/sft/final --train-data pairs.jsonl --max-steps 200\n\n"
                             "  rlhf dpo --loss ipo --beta 0.5 --train-data pairs.jsonl --eval-data test.jsonl\n\n"
-                            "  rlhf dpo --loss kto --train-data thumbs.jsonl --lora-r 16")
+                            "  rlhf dpo --loss kto --train-data thumbs.jsonl --lora-r 16" + SCALING.format(name="dpo"))
     config_command(app, "online-dpo", OnlineDPOConfig, friendly(_online_dpo),
                    help="Online DPO (OAIF): each step pairs the best and worst of k fresh samples per prompt, "
                         "labeled by the reward (checkers, a reward model), and takes a DPO-family step.",

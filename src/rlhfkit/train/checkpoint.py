@@ -2,7 +2,10 @@
 
 A checkpoint is a folder `checkpoints/step-000120/` holding the model (loadable with plain
 `transformers.AutoModelForCausalLM.from_pretrained`, or a PEFT adapter), the optimizer,
-scheduler and RNG states, and `trainer_state.json`. It is written under a temporary name
+scheduler and RNG states, and `trainer_state.json`. A sharded (FSDP) run's checkpoint holds
+`sharded/` instead of the model and optimizer: every process's shard of both, written by
+torch.distributed.checkpoint (`train.distributed`); its full model is gathered once, into
+`final/`. It is written under a temporary name
 and renamed into place, so a run killed mid-save never leaves a half checkpoint that
 resume would pick up; `latest` names the newest complete one. A checkpoint torn some other
 way (a full disk, a copy cut short) is caught when it is read: `read_checkpoint` names the
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.io import atomic_dir, atomic_write_text
+from rlhfkit.train.distributed import SHARDS, check_shards, plain_class
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +55,27 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def shards_staging(run_dir: Path, step: int) -> Path:
+    """Where the processes of a sharded run write step-N's shards before `save_checkpoint`
+    moves them into the checkpoint (hidden, so neither resume nor pruning sees them)."""
+    return Path(run_dir) / "checkpoints" / f".{checkpoint_name(step)}.shards"
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
                     state: dict[str, Any], extra: dict[str, Any] | None = None, keep: int = 2,
-                    base_model: str | None = None) -> Path:
+                    base_model: str | None = None, shards: Path | None = None) -> Path:
     """Write checkpoints/step-N atomically, point `latest` at it, keep the newest `keep`.
-    base_model: what a LoRA adapter's config names as its base (see `save_model`)."""
+    base_model: what a LoRA adapter's config names as its base (see `save_model`).
+    shards: a sharded run's model and optimizer shards (`shards_staging`), moved in whole
+    instead of writing `model` and `optimizer` (both ignored then)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
-        save_model(model, tokenizer, tmp / "model", base_model=base_model)
-        torch.save({"optimizer": optimizer.state_dict(),
+        if shards is not None:
+            os.replace(shards, tmp / SHARDS)
+        else:
+            save_model(model, tokenizer, tmp / "model", base_model=base_model)
+        torch.save({"optimizer": optimizer.state_dict() if shards is None else None,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": rng_state(), "extra": extra or {}}, tmp / "training.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -102,6 +118,7 @@ class Checkpoint:
     training: dict[str, Any]         # training.pt: optimizer, scheduler, rng, extra
     weights: dict[str, torch.Tensor]  # the model's tensors, or the adapter's when `adapter`
     adapter: bool
+    sharded: bool = False             # model and optimizer are in `path/sharded` (DCP), not read yet
 
 
 def short_reason(e: BaseException) -> str:
@@ -127,7 +144,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CorruptCheckpoint(f"{path.name}/{STATE_FILE}: no step number in it")
     training = read("training.pt", lambda p: torch.load(p, map_location="cpu", weights_only=False))
-    if not isinstance(training, dict) or "optimizer" not in training:
+    if (path / SHARDS).is_dir():
+        read(f"{SHARDS}/.metadata", lambda metadata: check_shards(metadata.parent))
+        return Checkpoint(path, state, training, {}, adapter=False, sharded=True)
+    if not isinstance(training, dict) or training.get("optimizer") is None:
         raise CorruptCheckpoint(f"{path.name}/training.pt: no optimizer state in it")
     model_dir = path / "model"
     if (model_dir / ADAPTER_WEIGHTS).exists():
@@ -142,15 +162,18 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, state, training, weights, adapter=False)
 
 
-def save_model(model, tokenizer, out: Path, *, base_model: str | None = None) -> None:
+def save_model(model, tokenizer, out: Path, *, base_model: str | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained of the unwrapped model (safetensors) and its tokenizer into `out`.
 
     A PEFT model writes its adapter; `base_model` then replaces the base named in
     adapter_config.json (peft records whatever string the base was loaded from, often a
-    relative path or nothing), so `PeftModel.from_pretrained(base, out)` finds it."""
+    relative path or nothing), so `PeftModel.from_pretrained(base, out)` finds it.
+    state_dict: the weights to write instead of the model's own (a sharded model's, gathered)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    fix_architecture(model, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     adapter_config = out / ADAPTER_CONFIG
@@ -165,13 +188,26 @@ def is_adapter_model(model) -> bool:
     return hasattr(model, "merge_and_unload")
 
 
-def save_final(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
-    """The run's final model, atomically; LoRA adapters merged so it loads as a plain model."""
+def fix_architecture(model, out: Path) -> None:
+    """FSDP2 swaps a sharded module's class for a subclass named FSDP<Name>, and
+    save_pretrained records that name as the architecture: write the model's own class name."""
+    config = out / "config.json"
+    if not config.exists() or plain_class(model) is type(model):
+        return
+    data = json.loads(config.read_text())
+    data["architectures"] = [plain_class(model).__name__]
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_final(model, tokenizer, out: Path, *, merge_lora: bool = True,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """The run's final model, atomically; LoRA adapters merged so it loads as a plain model.
+    state_dict: a sharded model's weights gathered in full (`distributed.full_state_dict`)."""
     to_save = model
     if merge_lora and is_adapter_model(model):
         to_save = copy.deepcopy(model).merge_and_unload()
     with atomic_dir(Path(out)) as tmp:
-        save_model(to_save, tokenizer, tmp)
+        save_model(to_save, tokenizer, tmp, state_dict=state_dict)
     return Path(out)
 
 
@@ -180,3 +216,16 @@ def save_adapter(model, tokenizer, out: Path, *, base_model: str) -> Path:
     with atomic_dir(Path(out)) as tmp:
         save_model(model, tokenizer, tmp, base_model=base_model)
     return Path(out)
+
+
+def apply_weights(model, state: dict[str, torch.Tensor], *, adapter: bool) -> None:
+    """Load a checkpoint's weights (full model, or a PEFT adapter when `adapter`) into `model`."""
+    if adapter:
+        from peft import set_peft_model_state_dict  # noqa: PLC0415 — peft is heavy; only LoRA checkpoints need it
+
+        set_peft_model_state_dict(model, state)
+        return
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"the checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

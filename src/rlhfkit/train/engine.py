@@ -18,7 +18,9 @@ settings or other data, and a rerun of a finished run trains nothing. Resume fal
 unreadable checkpoint to the previous one; Ctrl-C saves and raises `TrainingInterrupted`.
 
 Distributed runs go through accelerate (`accelerate launch --num_processes N -m rlhfkit.cli ...`,
-or an accelerate config for FSDP/DeepSpeed); nothing here is home-made parallelism.
+or a config of configs/accelerate/ for FSDP2 or DeepSpeed; docs/SCALING.md): DDP by
+`accelerator.prepare`, FSDP2 by torch's `fully_shard` under the accelerate config's settings
+(`train.distributed` says why); nothing here is home-made parallelism.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +42,13 @@ from accelerate.state import AcceleratorState, PartialState
 from torch import nn
 
 from rlhfkit.config import Config, ConfigError, check, param
-from rlhfkit.models import attention as fp32_attention
 from rlhfkit.models.device import resolve_precision
 from rlhfkit.train import checkpoint as ckpt
-from rlhfkit.train import identity
+from rlhfkit.train import distributed, identity
 from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress, read_metrics
+from rlhfkit.train.modules import inner_hf_model as inner_hf_model
+from rlhfkit.train.modules import resolve_attention as resolve_attention
+from rlhfkit.train.modules import set_training_attention as set_training_attention
 
 log = logging.getLogger(__name__)
 
@@ -106,38 +111,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted at step {step}; " + (f"checkpoint {checkpoint}" if checkpoint
                                                               else "no checkpoint saved"))
         self.checkpoint, self.step = checkpoint, step
-
-
-def resolve_attention(attention: str, device: torch.device) -> str | None:
-    """The transformers attn_implementation to train with; None keeps the model's own.
-
-    On CPU, "auto" is rlhfkit's fp32 matmul attention: PyTorch's SDPA backward is several
-    times slower at RLHF's short sequences; on GPUs it is transformers' SDPA with packed rows
-    attended one sequence at a time (see `rlhfkit.models.attention`).
-    """
-    if attention == "auto":
-        attention = "fp32-matmul" if device.type == "cpu" else "packed-sdpa"
-    if attention == "model":
-        return None
-    if attention == "fp32-matmul":
-        return fp32_attention.register()
-    if attention == "packed-sdpa":
-        fp32_attention.register()
-        return fp32_attention.PACKED_SDPA
-    return attention
-
-
-def set_training_attention(module: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """Switch the transformers model inside `module` to the attention kernel training uses.
-
-    `Engine.setup` does it for the trained module; a recipe that runs the same weights before
-    setup or beside it (DPO's reference pass, a frozen reference copy) calls it too, so both
-    passes use one kernel (in bf16, two kernels' log-probs differ by up to ~0.4 nats per sequence).
-    """
-    attention = resolve_attention(cfg.attention, device)
-    inner = inner_hf_model(module)
-    if attention is not None and hasattr(inner, "set_attn_implementation"):
-        inner.set_attn_implementation(attention)
 
 
 def _allow_new_precision(mixed_precision: str) -> None:
@@ -249,9 +222,14 @@ class Engine:
     # ---------------------------------------------------------------- setup
     def setup(self, module: nn.Module, tokenizer=None, *, trainable: list[nn.Parameter] | None = None,
               lr: float | None = None) -> nn.Module:
-        """Optimizer + schedule + accelerate.prepare, then resume from the latest checkpoint."""
+        """Optimizer + schedule + accelerate.prepare (or FSDP2 sharding), then resume from the
+        latest checkpoint."""
         self.tokenizer = tokenizer
         set_training_attention(module, self.cfg, self.device)
+        plugin = distributed.fsdp_plugin() if self.world_size > 1 else None
+        if plugin is not None:
+            check(trainable is None, "FSDP replaces the parameters it shards: pass no explicit trainable list")
+            module = distributed.shard(module, inner_hf_model(module), plugin)
         params = trainable if trainable is not None else [p for p in module.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -267,7 +245,10 @@ class Engine:
             schedule=self.cfg.schedule, min_ratio=self.cfg.min_lr_ratio))
         # The scheduler stays outside accelerate.prepare: a prepared scheduler steps once per
         # process, which would run the schedule N times too fast under N-process DDP.
-        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        if distributed.is_sharded(module):
+            self.module, self.optimizer = module, optimizer  # already sharded: nothing for accelerate to wrap
+        else:
+            self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
         self.scheduler = sched
         if self.start.action == "resume":
             self._maybe_resume()
@@ -280,6 +261,11 @@ class Engine:
         self.progress = StepProgress(self.total_steps, self.description, start=self.start_step,
                                      enabled=self.is_main and self.cfg.progress and not self.finished)
         return self.module
+
+    @property
+    def sharded(self) -> bool:
+        """The trained module is sharded over the processes (FSDP2): forwards are collective."""
+        return distributed.is_sharded(getattr(self, "module", None))
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.module)
@@ -312,9 +298,15 @@ class Engine:
     def _load(self, saved: ckpt.Checkpoint) -> None:
         """Apply a checkpoint read whole; a part that does not fit this run counts as unreadable."""
         blob = saved.training
+        if self.sharded and not saved.sharded:
+            raise ConfigError(f"{saved.path}: written by an unsharded run, and this run is sharded (FSDP): resume "
+                              "it as it was launched, or pass --no-resume")
         try:
-            apply_weights(inner_hf_model(self.unwrapped()), saved.weights, adapter=saved.adapter)
-            self.optimizer.load_state_dict(blob["optimizer"])
+            if saved.sharded:
+                distributed.load_shards(self.module, self.optimizer, saved.path / distributed.SHARDS)
+            else:
+                ckpt.apply_weights(inner_hf_model(self.unwrapped()), saved.weights, adapter=saved.adapter)
+                self.optimizer.load_state_dict(blob["optimizer"])
             if blob["scheduler"] is not None:
                 self.scheduler.load_state_dict(blob["scheduler"])
             ckpt.set_rng_state(blob["rng"])
@@ -329,7 +321,11 @@ class Engine:
         return self.accelerator.autocast()
 
     def accumulate(self, last: bool):
-        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last
+        micro-batch of a step."""
+        if self.sharded:
+            self.module.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.module)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -338,8 +334,11 @@ class Engine:
     def optimizer_step(self) -> float:
         """Clip, step, schedule, zero the grads; returns the pre-clip gradient norm."""
         norm = float("nan")
-        if self.cfg.max_grad_norm > 0:
-            norm = float(self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
+        if self.cfg.max_grad_norm > 0 and self.sharded:  # the norm of sharded (DTensor) grads is collective
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
+        elif self.cfg.max_grad_norm > 0:  # None under DeepSpeed, which clips inside its own step
+            clipped = self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
+            norm = float("nan") if clipped is None else float(clipped)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -365,14 +364,24 @@ class Engine:
             self.save(step)
 
     def save(self, step: int) -> Path:
-        """Checkpoint `step` (the main process writes); returns its folder on every process."""
+        """Checkpoint `step` (the main process writes; under FSDP every process writes its
+        shards first); returns its folder on every process."""
         self.accelerator.wait_for_everyone()
+        shards = None
+        if self.sharded:
+            shards = ckpt.shards_staging(self.run_dir, step)
+            if self.is_main and shards.exists():
+                shutil.rmtree(shards)  # left by a run killed while saving
+            self.accelerator.wait_for_everyone()
+            distributed.save_shards(self.module, self.optimizer, shards)
+            self.accelerator.wait_for_everyone()
         if self.is_main:
             model = self.unwrapped_model_for_save()
             base = identity.adapter_base(self.cfg.model) if ckpt.is_adapter_model(model) else None
             ckpt.save_checkpoint(self.run_dir, step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state={"description": self.description},
-                                 extra=self.extra_state, keep=self.cfg.keep_checkpoints, base_model=base)
+                                 extra=self.extra_state, keep=self.cfg.keep_checkpoints, base_model=base,
+                                 shards=shards)
         self.accelerator.wait_for_everyone()
         return self.run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
@@ -407,12 +416,16 @@ class Engine:
         """Save the final model to run_dir/final and mark the run finished; a LoRA run's final
         model has the adapter merged in, and the adapter itself goes to run_dir/final-adapter
         (naming its base so that `PeftModel.from_pretrained` finds it). A run that had already
-        finished writes nothing and returns its final model."""
+        finished writes nothing and returns its final model. Under FSDP the full weights are
+        gathered into the main process first."""
         self.accelerator.wait_for_everyone()
         out = self.run_dir / identity.FINAL
+        model = self.unwrapped_model_for_save()
+        full = distributed.full_state_dict(model) if self.sharded and not self.finished else None
         if self.is_main and not self.finished:
-            model = self.unwrapped_model_for_save()
-            ckpt.save_final(model, self.tokenizer, out)
+            if full is not None and ckpt.is_adapter_model(model):
+                model, full = distributed.unsharded_adapter_model(model, full), None
+            ckpt.save_final(model, self.tokenizer, out, state_dict=full)
             if ckpt.is_adapter_model(model):
                 ckpt.save_adapter(model, self.tokenizer, self.run_dir / identity.FINAL_ADAPTER,
                                   base_model=identity.adapter_base(self.cfg.model))
@@ -420,32 +433,3 @@ class Engine:
         self.metrics.close()
         self.accelerator.wait_for_everyone()
         return out
-
-
-def inner_hf_model(module: nn.Module) -> nn.Module:
-    """The transformers (or PEFT) model inside recipe wrappers such as TokenLogprobs."""
-    # transformers' modeling base pulls in its whole model-loading stack (~2 s): imported on
-    # first use so that `rlhf --help` and config-only imports stay fast.
-    from transformers import PreTrainedModel  # noqa: PLC0415 — see above
-
-    try:
-        from peft import PeftModel  # noqa: PLC0415 — peft is heavy to import and only LoRA runs need it
-        kinds: tuple = (PreTrainedModel, PeftModel)
-    except ImportError:
-        kinds = (PreTrainedModel,)
-    while not isinstance(module, kinds) and isinstance(getattr(module, "model", None), nn.Module):
-        module = module.model
-    return module
-
-
-def apply_weights(model: nn.Module, state: dict[str, torch.Tensor], *, adapter: bool) -> None:
-    """Load a checkpoint's weights (full model, or a PEFT adapter when `adapter`) into `model`."""
-    if adapter:
-        from peft import set_peft_model_state_dict  # noqa: PLC0415 — peft is heavy; only LoRA checkpoints need it
-
-        set_peft_model_state_dict(model, state)
-        return
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"the checkpoint does not match the model: missing {missing}, unexpected {unexpected}")

@@ -111,7 +111,7 @@ def fit(engine: Engine, task: SupervisedTask) -> dict[str, float]:
 def run_eval(engine: Engine, task: SupervisedTask) -> dict[str, float]:
     out: dict[str, float] = {}
     engine.accelerator.wait_for_everyone()
-    if engine.is_main:
+    if engine.is_main or engine.sharded:  # a sharded model's forward needs every process
         module = engine.unwrapped()
         module.eval()
         with torch.no_grad(), engine.autocast():
