@@ -100,3 +100,21 @@ def test_a_hub_id_in_the_cache_loads_from_the_cache_folder(monkeypatch, tmp_path
 def test_an_invalid_name_is_no_such_folder():
     with pytest.raises(ModelNotFound, match="^no such model folder: my model$"):
         resolve_model_path("my model")
+
+
+def test_a_lora_adapter_starts_from_its_seed_alone():
+    """Every process of a distributed run (and a rerun) must start from the same adapter:
+    its initial weights depend on `seed`, not on what the global RNG did before."""
+    import torch
+
+    from rlhfkit.models.loading import LoraSettings
+
+    def adapter(seed: int, noise: int):
+        torch.manual_seed(noise)
+        torch.rand(noise + 1)  # a different global RNG state each time
+        model = load_model("tiny", lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj")), seed=seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapter(3, 1), adapter(3, 7), adapter(4, 1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first)

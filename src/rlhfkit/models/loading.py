@@ -198,7 +198,8 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
                lora: LoraSettings | None = None, seed: int = 0):
     """A causal LM ready to train: the embedded default, an HF id/folder, or `tiny`.
 
-    With `lora`, the base weights are frozen and a PEFT LoRA adapter is added.
+    With `lora`, the base weights are frozen and a PEFT LoRA adapter is added, initialized from
+    `seed` (so every process of a distributed run, and a rerun, starts from the same adapter).
     """
     if name_or_path == TINY:
         model = tiny_causal_lm(seed=seed)
@@ -213,5 +214,7 @@ def load_model(name_or_path: str = EMBEDDED, *, dtype: torch.dtype = torch.float
 
         cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, cfg)
+        with torch.random.fork_rng(devices=[]):  # the adapter's initial weights: a function of `seed` alone
+            torch.manual_seed(seed)
+            model = get_peft_model(model, cfg)
     return model
