@@ -44,6 +44,8 @@ BROKEN: dict[str, tuple[list[str], str]] = {
     "rm train": (["--model", "tiny", "--train-data", "missing.jsonl"], "missing.jsonl: no such file"),
     "rm eval": (["--model", "runs/nope", "--data", "prefs.jsonl"], "model folder: runs/nope"),
     "rm score": (["--model", "runs/nope", "--data", "pairs.jsonl", "--out", "o.jsonl"], "pairs.jsonl:1"),
+    "prm data": (["--out", "o.jsonl", "--families", "strings"], "exact only for"),
+    "prm train": (["--model", "tiny", "--train-data", "missing.jsonl"], "missing.jsonl: no such file"),
     "label serve": (["--db", "afile.txt/x.db"], "afile.txt"),
     "label create-admin": (["alice", "--password", "short", "--db", "adir/f.db"], "a password needs 10"),
     "label add-annotator": (["bob", "--password", "short", "--db", "adir/f.db"], "a password needs 10"),

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from transformers.utils import logging as hf_logging
 
-from rlhfkit.cli import demo, eval, generate, judge, label, loop, push, report, rm, train
+from rlhfkit.cli import demo, eval, generate, judge, label, loop, prm, push, report, rm, train
 from rlhfkit.cli.errors import GuardedGroup
 from rlhfkit.cli.help_format import App
 
@@ -29,7 +29,9 @@ app = App(cls=GuardedGroup, add_completion=False, no_args_is_help=True, rich_mar
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v",
                                      help="debug logging, and the full traceback of an internal error")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    # In a distributed run only the main process (RANK 0) reports; the others print errors only.
+    level = (logging.DEBUG if verbose else logging.INFO) if os.environ.get("RANK", "0") == "0" else logging.ERROR
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
     for noisy in ("httpx", "urllib3", "transformers", "accelerate", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -46,5 +48,6 @@ report.register(app)
 push.register(app)
 loop.register(app)
 rm.register(app)
+prm.register(app)
 label.register(app)
 judge.register(app)

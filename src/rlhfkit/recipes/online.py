@@ -35,8 +35,11 @@ from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.models.value import PolicyValueModel
 from rlhfkit.ops.kl import KL_ESTIMATORS
+from rlhfkit.rollout.environments import ENVIRONMENTS, EnvConfig
+from rlhfkit.rollout.episodes import EpisodeConfig, build_episode_rollout
 from rlhfkit.rollout.generate import PolicySampler, SamplingConfig
 from rlhfkit.rollout.prompts import DEMO_FAMILIES, RLPrompt, named_prompts, prompts_that_fit
+from rlhfkit.rollout.remote import RemoteSampler
 from rlhfkit.rollout.reward_spec import build_reward, parse_reward_spec
 from rlhfkit.rollout.rewards import WeightedRewards
 from rlhfkit.rollout.rollout import (
@@ -77,7 +80,10 @@ class OnlineConfig(TrainConfig):
     temperature: float = param(1.0, "sampling temperature (log-probs use the same temperature)")
     top_p: float = param(1.0, "nucleus sampling threshold")
     top_k: int = param(0, "sample from the k most likely tokens (0 = off)")
-    gen_batch_size: int = param(64, "sequences decoded together")
+    gen_batch_size: int = param(64, "sequences decoded together (requests in flight with --generation-server)")
+    generation_server: str = param("", "sample from this `transformers serve` URL (e.g. http://localhost:8000) "
+                                       "instead of in-process; docs/SCALING.md")
+    sync_every: int = param(1, "with --generation-server: hand the weights to the server every N rollouts")
     kl_coef: float = param(0.05, "β: weight of the KL to the reference")
     kl_estimator: str = param("auto", "per-token KL estimator (auto: k3 in the loss, k1 in the reward)",
                               choices=("auto", *KL_ESTIMATORS))
@@ -87,6 +93,14 @@ class OnlineConfig(TrainConfig):
     aggregation: str = param("token", "how per-token losses become one number", choices=tuple(AGGREGATIONS))
     schedule: str = param("constant", "learning-rate schedule after warmup", choices=SCHEDULES)
     lr: float = param(1e-6, "peak learning rate (AdamW)")
+    env: str = param("", "multi-turn environment with tools: python (code run in the sandbox) or calculator "
+                         "(<calc>/<lookup> tools); empty = single-turn. The reward is the demo task's checker, "
+                         "the loss counts model tokens only (docs/RL-ALGORITHMS.md, Environments)",
+                     choices=("", *ENVIRONMENTS))
+    max_turns: int = param(3, "with env: model turns per episode (each ≤ max_new_tokens tokens)")
+    tool_timeout: float = param(5.0, "with env: seconds one tool call may run (the Python tool's sandbox limit)")
+    step_timeout: float = param(30.0, "with env: seconds one environment step may take before its episode "
+                                      "ends with reward 0 (counted in episode/timeouts)")
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +114,9 @@ class OnlineConfig(TrainConfig):
         check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         check(self.top_k >= 0, "top_k must be ≥ 0")
         check(self.gen_batch_size >= 1, "gen_batch_size must be ≥ 1")
+        check(self.generation_server == "" or self.generation_server.startswith(("http://", "https://")),
+              "generation_server must be an http:// or https:// URL")
+        check(self.sync_every >= 1, "sync_every must be ≥ 1")
         check(self.kl_coef >= 0, "kl_coef must be ≥ 0")
         check(0 < self.clip_eps < 1, "clip_eps must be in (0, 1)")
         check(self.inner_epochs >= 1, "inner_epochs must be ≥ 1")
@@ -109,10 +126,22 @@ class OnlineConfig(TrainConfig):
         check(self.grad_accum == 1, "grad_accum is not used by online recipes (micro-batches come from "
                                     "batch_size); leave it at 1")
         parse_reward_spec(self.reward)  # a bad spec fails now, not after the model has loaded
+        check(not self.env or (self.tasks == "demo" and self.reward == "gold"),
+              "env episodes are scored by the demo task's checker: use tasks=demo and reward=gold with env")
+        check(not (self.env and self.generation_server), "env episodes decode in process: drop generation_server")
+        check(self.max_turns >= 1, "max_turns must be ≥ 1")
+        check(self.tool_timeout > 0 and self.step_timeout > 0, "tool_timeout and step_timeout must be > 0")
 
     @property
     def updates_per_step(self) -> int:
         return self.inner_epochs * self.minibatches
+
+    def episodes(self) -> EpisodeConfig | None:
+        """How multi-turn episodes run (None: single-turn)."""
+        if not self.env:
+            return None
+        return EpisodeConfig(self.env, EnvConfig(max_turns=self.max_turns, tool_timeout_s=self.tool_timeout),
+                             step_timeout_s=self.step_timeout, max_length=self.max_length)
 
     def sampling(self, seed: int) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -175,7 +204,7 @@ class OnlineRun:
     tokenizer: Any
     prompts: list[RLPrompt]
     reward: WeightedRewards          # carries running moments across steps when normalized
-    sampler: PolicySampler
+    sampler: PolicySampler | RemoteSampler
 
     @property
     def pad_id(self) -> int:
@@ -214,9 +243,13 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
     reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
     module = engine.setup(PolicyValueModel(model, critic=critic, chunk_size=cfg.logprob_chunk), tokenizer)
     policy = engine.unwrapped()
+    sampler: PolicySampler | RemoteSampler = PolicySampler(policy.model, engine.compute_dtype)
+    if cfg.generation_server:
+        check(engine.world_size == 1, "--generation-server runs on one process for now")
+        sampler = RemoteSampler(policy.model, tokenizer, cfg.generation_server,
+                                Path(cfg.output_dir) / "generation-server", sync_every=cfg.sync_every)
     run = run_type(cfg=cfg, engine=engine, module=module, policy=policy, reference=reference, tokenizer=tokenizer,
-                   prompts=prompts, reward=reward, sampler=PolicySampler(policy.model, engine.compute_dtype),
-                   **algorithm_state)
+                   prompts=prompts, reward=reward, sampler=sampler, **algorithm_state)
     run.load_state(engine.extra_state)
     return run
 
@@ -239,6 +272,12 @@ def collect(run: OnlineRun, step: int, *, with_values: bool = False, policy_pass
     cfg = run.cfg
     prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
                                rank=run.engine.rank, world_size=run.engine.world_size)
+    if cfg.env:  # multi-turn: the same Rollout, its loss mask on the model's tokens only
+        check(baseline is None, "a baseline decode is single-turn: not available with env")
+        return build_episode_rollout(run.policy, run.reference, run.tokenizer, prompts, cfg.episodes(),
+                                     cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
+                                     with_values=with_values, chunk_size=cfg.logprob_chunk, sampler=run.sampler,
+                                     policy_pass=policy_pass, autocast=run.engine.autocast)
     return build_rollout(run.policy, run.reference, run.tokenizer, prompts, run.reward,
                          cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
                          with_values=with_values, chunk_size=cfg.logprob_chunk, sampler=run.sampler,

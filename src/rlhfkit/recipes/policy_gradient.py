@@ -61,7 +61,7 @@ from rlhfkit.ops.kl import get_kl_estimator
 from rlhfkit.recipes import online
 from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
 from rlhfkit.rollout.generate import SamplingConfig
-from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, rollout_metrics
+from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, pack_left, rollout_metrics, unpack_left
 
 
 # ============================================================================ the algorithms
@@ -178,6 +178,8 @@ class PolicyGradientConfig(OnlineConfig):
         check(self.constant_length >= 0, "constant_length must be ≥ 0 (0 = off)")
         check(self.constant_length == 0 or self.aggregation == "seq-mean-token-sum",
               "constant_length needs aggregation=seq-mean-token-sum (then the loss is Σ ℓ / (B·L))")
+        check(not self.env or not algo.greedy_baseline, f"{self.algorithm}'s greedy baseline is a single-turn "
+                                                        "decode: use grpo, rloo or reinforce with env")
         check(self.overlong_length >= 0, "overlong_length must be ≥ 0 (0 = off)")
         check(0 <= self.overlong_cache <= self.overlong_length,
               "overlong_cache must be in [0, overlong_length] (both 0 = off)")
@@ -310,10 +312,13 @@ def shaped_scores(run: PolicyGradientRun, rollout: Rollout) -> Tensor:
 def token_rewards(cfg: PolicyGradientConfig, rollout: Rollout, scores: Tensor) -> Tensor:
     """REINFORCE++'s per-token rewards (B, T): the score on the last token, −β·kl_t on every one."""
     # Without a KL in the reward the rollout may have no log π_old yet; β = 0 makes it irrelevant.
+    # Over the model's tokens packed left (a multi-turn mask has holes where tools spoke).
     logp = rollout.old_logprobs if rollout.old_logprobs is not None else rollout.ref_logprobs
-    rewards, _ = kl_penalized_rewards(scores, logp, rollout.ref_logprobs, rollout.response_mask,
-                                      kl_coef=kl_in_reward(cfg), kl_clamp=None, estimator=cfg.resolved_kl_estimator)
-    return rewards
+    mask = rollout.response_mask
+    rewards, _ = kl_penalized_rewards(scores, pack_left(logp, mask), pack_left(rollout.ref_logprobs, mask),
+                                      pack_left(mask, mask), kl_coef=kl_in_reward(cfg), kl_clamp=None,
+                                      estimator=cfg.resolved_kl_estimator)
+    return unpack_left(rewards, mask)
 
 
 def advantages(run: PolicyGradientRun, rollout: Rollout, scores: Tensor, greedy_scores: Tensor | None) -> Tensor:

@@ -41,7 +41,9 @@ from rlhfkit.ops.stats import masked_mean, masked_whiten
 from rlhfkit.recipes import online
 from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
 from rlhfkit.recipes.sft import encode_examples
-from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, rollout_metrics
+from rlhfkit.rollout.process_rewards import process_token_rewards
+from rlhfkit.rollout.reward_spec import parse_reward_spec
+from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, pack_left, rollout_metrics, unpack_left
 from rlhfkit.train.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.train.loop import MicroBatchStream
 
@@ -81,6 +83,8 @@ class PPOConfig(OnlineConfig):
         check(self.cliprange_value > 0, "cliprange_value must be > 0")
         check(self.ptx_coef == 0 or bool(self.ptx_data), "ptx_coef > 0 needs ptx_data (SFT examples)")
         check(self.target_kl == 0 or self.kl_coef > 0, "an adaptive β (target_kl > 0) needs kl_coef > 0 to start")
+        check(not (self.reward_normalize and any(t.source == "prm" for t in parse_reward_spec(self.reward))),
+              "a prm: reward term gives PPO dense per-step rewards, which reward_normalize cannot rescale")
 
     @property
     def resolved_kl_estimator(self) -> str:
@@ -131,13 +135,22 @@ def setup_run(cfg: PPOConfig) -> PPORun:
 
 # ============================================================================ one step
 def advantages(run: PPORun, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
-    """Steps 3–4: per-token rewards with the KL penalty, GAE, whitening."""
+    """Steps 3–4: per-token rewards with the KL penalty, GAE, whitening. They run over the
+    model's tokens packed to the left (`pack_left`; the identity for a single-turn rollout), so
+    in a multi-turn episode V bootstraps across a tool's output to the next model token."""
     cfg = run.cfg
     mask = rollout.response_mask
-    rewards, kl = kl_penalized_rewards(rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask,
-                                       kl_coef=run.kl_controller.value, kl_clamp=cfg.kl_clamp or None,
+    packed = functools.partial(pack_left, mask=mask)
+    # A prm: term's share of the score moves to the tokens that end each step (docs/RL-ALGORITHMS.md).
+    scores, dense = process_token_rewards(run.reward, run.tokenizer, rollout.texts, rollout.response_ids, mask,
+                                          rollout.scores)
+    rewards, kl = kl_penalized_rewards(scores, packed(rollout.old_logprobs), packed(rollout.ref_logprobs),
+                                       packed(mask), kl_coef=run.kl_controller.value, kl_clamp=cfg.kl_clamp or None,
                                        estimator=cfg.resolved_kl_estimator)
-    adv, returns = gae(rewards, rollout.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+    if dense is not None:
+        rewards = rewards + packed(dense.to(rewards.dtype))
+    adv, returns = gae(rewards, packed(rollout.values), packed(mask), gamma=cfg.gamma, lam=cfg.lam)
+    adv, returns, kl = (unpack_left(x, mask) for x in (adv, returns, kl))
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, mask)
     metrics = {

@@ -1,7 +1,7 @@
 """The `--reward` spec of the online recipes and the sources it names.
 
     gold | exact | code | format:REGEX | length[:MIN-MAX]
-    | rm:PATH[@mean|@min|@mean-Kstd] | classifier:PATH[:LABEL]
+    | rm:PATH[@mean|@min|@mean-Kstd] | prm:PATH | classifier:PATH[:LABEL]
     | judge[:JUDGE] | judge-ref[:JUDGE]        JUDGE = embedded | tiny | local:PATH | URL#MODEL
 
 each with an optional ':WEIGHT' (negative for a penalty), joined by commas:
@@ -28,6 +28,7 @@ from rlhfkit.losses.reward import ensemble_reduce
 from rlhfkit.models.device import inference_device
 from rlhfkit.models.loading import ModelNotFound
 from rlhfkit.models.reward import load_sequence_classifier, load_trained_reward_model, score_responses
+from rlhfkit.rollout.process_rewards import ProcessRewardSource
 from rlhfkit.rollout.rewards import ClassifierReward, FunctionReward, RewardSource, Sample, WeightedRewards
 from rlhfkit.rollout.verifiers import CodeExecutionReward, ExactAnswerReward, FormatReward, LengthReward
 from rlhfkit.tasks.check import gold_reward
@@ -190,6 +191,7 @@ REWARD_KINDS: dict[str, RewardKind] = {
     "format": RewardKind(lambda arg: FormatReward(arg), "required", "REGEX"),
     "length": RewardKind(_length_reward, "optional", "MIN-MAX"),
     "rm": RewardKind(_reward_model, "required", "PATH[@mean|@min|@mean-Kstd]"),
+    "prm": RewardKind(lambda arg: ProcessRewardSource(arg or ""), "required", "PATH"),
     "classifier": RewardKind(_classifier, "required", "PATH[:LABEL]"),
     "judge": RewardKind(None, "optional", "embedded|tiny|local:PATH|URL#MODEL"),
     "judge-ref": RewardKind(None, "optional", "embedded|tiny|local:PATH|URL#MODEL"),

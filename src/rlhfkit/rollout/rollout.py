@@ -47,13 +47,21 @@ class Rollout:
 
     prompt_ids, prompt_mask: (B, P) right-padded prompt tokens, 1 on real ones.
     response_ids, response_mask: (B, T) right-padded response tokens; the mask is 1 up to
-        and including the stop token.
+        and including the stop token. It is the loss mask: every loss, KL, entropy and
+        normalizer counts the tokens where it is 1, and only those.
+    response_attention_mask: (B, T) 1 on every real response token, the model's and the
+        tools'; None when equal to response_mask (single-turn). In a multi-turn episode
+        (`rollout.episodes`) the response interleaves model turns (response_mask 1) with tool
+        output and chat-template tokens (response_mask 0): they are context the model reads,
+        never a label, so no log-prob, KL, entropy or value is computed on them.
     scores: (B,) the combined reward; source_scores: {source: (B,) raw score}.
     prompt_index: (B,) which prompt of the step a row answers; group_size: rows per prompt.
     finished: (B,) True where the response ended with a stop token (not the length limit).
     gold: (B,) 1.0 where the demo task's checker accepts the response (demo prompts only).
     baseline_scores: (B,) the score of a baseline decode of the row's prompt (ReMax's
         greedy one), when `build_rollout` is asked for it.
+    episode: {name: (B,)} per-episode counts of a multi-turn rollout (turns, tool_calls,
+        errors, timeouts); empty for single-turn.
     old_logprobs, ref_logprobs, entropy, values: (B, T), 0 on padding; filled by
         `with_logprobs` (values only with a critic).
     advantages: (B,) per response or (B, T) per token; returns: (B, T) value targets —
@@ -78,19 +86,26 @@ class Rollout:
     values: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    response_attention_mask: Tensor | None = None
+    episode: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
         return int(self.response_ids.shape[0])
 
     @property
+    def response_present(self) -> Tensor:
+        """(B, T) 1 on every real response token (model and tool), right-padded."""
+        return self.response_mask if self.response_attention_mask is None else self.response_attention_mask
+
+    @property
     def num_tokens(self) -> int:
-        return int(self.prompt_mask.sum() + self.response_mask.sum())
+        return int(self.prompt_mask.sum() + self.response_present.sum())
 
     def select(self, rows: Tensor | Sequence[int]) -> Rollout:
         """The rows `rows`, in that order (a minibatch); tensors are trimmed to the longest kept row."""
         rows = torch.as_tensor(rows, dtype=torch.long)
-        t = int(self.response_mask[rows].sum(-1).max()) if len(rows) else 0
+        t = int(self.response_present[rows].sum(-1).max()) if len(rows) else 0
         p = int(self.prompt_mask[rows].sum(-1).max()) if len(rows) else 0
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(self):
@@ -99,7 +114,7 @@ class Rollout:
                 v = v[rows]
                 if v.dim() == 2:
                     v = v[:, :p] if f.name.startswith("prompt_") else v[:, :t]
-            elif f.name == "source_scores":
+            elif f.name in ("source_scores", "episode"):
                 v = {k: s[rows] for k, s in v.items()}
             elif f.name == "texts":
                 v = tuple(v[i] for i in rows.tolist())
@@ -113,22 +128,25 @@ class Rollout:
         """Rows prompt + response (no padding in between), right-padded; labels on the response.
 
         Row i holds P_i prompt and R_i response tokens; the label at position P_i − 1 + j is
-        response token j, so the label layout's counted positions, read row by row, are the
-        response tokens in order (see `response_layout`).
+        response token j where response_mask is 1 (IGNORE_INDEX on tool tokens), so the label
+        layout's counted positions, read row by row, are the model's response tokens in order
+        (see `response_layout`).
         """
         seqs, labels = [], []
-        for ids, pm, rids, rm in zip(self.prompt_ids.tolist(), self.prompt_mask.tolist(),
-                                     self.response_ids.tolist(), self.response_mask.tolist()):
+        for ids, pm, rids, present, rm in zip(self.prompt_ids.tolist(), self.prompt_mask.tolist(),
+                                              self.response_ids.tolist(), self.response_present.tolist(),
+                                              self.response_mask.tolist()):
             prompt = [t for t, m in zip(ids, pm) if m]
-            response = [t for t, m in zip(rids, rm) if m]
+            response = [t for t, m in zip(rids, present) if m]
+            targets = [t if m else IGNORE_INDEX for t, m, p in zip(rids, rm, present) if p]
             seqs.append(prompt + response)
-            labels.append([IGNORE_INDEX] * (len(prompt) - 1) + response + [IGNORE_INDEX])
+            labels.append([IGNORE_INDEX] * (len(prompt) - 1) + targets + [IGNORE_INDEX])
         device = self.response_ids.device
         return LMBatch(pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0).to(device),
                        pad_right(labels, IGNORE_INDEX).to(device))
 
     def response_layout(self, per_position: Tensor, batch: LMBatch) -> Tensor:
-        """(B, L) label-layout values → (B, T) response layout (keeps the gradient)."""
+        """(B, L) label-layout values → (B, T) response layout, 0 off response_mask (keeps the gradient)."""
         counted = per_position[batch.labels != IGNORE_INDEX]
         out = torch.zeros(self.response_mask.shape, dtype=per_position.dtype, device=per_position.device)
         return out.masked_scatter(self.response_mask.bool(), counted)
@@ -142,7 +160,7 @@ def micro_batches(rollout: Rollout, rows: Tensor | Sequence[int], size: int) -> 
     rollout of the demo tasks, one micro-batch is 25% padding, four sorted ones 7.5%.
     """
     rows = torch.as_tensor(rows, dtype=torch.long).cpu()
-    lengths = (rollout.prompt_mask.sum(-1) + rollout.response_mask.sum(-1)).cpu()[rows]
+    lengths = (rollout.prompt_mask.sum(-1) + rollout.response_present.sum(-1)).cpu()[rows]
     ordered = rows[torch.sort(lengths, stable=True).indices]
     return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
@@ -297,4 +315,30 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
         m["entropy"] = float(masked_mean(rollout.entropy, mask))
     if rollout.gold is not None:
         m["gold_accuracy"] = float(rollout.gold.mean())
+    for name, counts in rollout.episode.items():
+        m[f"episode/{name}"] = float(counts.float().mean())
     return m
+
+
+def pack_left(x: Tensor, mask: Tensor) -> Tensor:
+    """Each row's entries where `mask` is 1 moved, in order, to the front; 0 after them.
+
+    x, mask: (B, T). Returns (B, T). A right-padded mask leaves x·mask unchanged; a holed one
+    (a multi-turn loss mask: model turns between tool outputs) becomes right-padded, so the
+    per-token recursions that need one (`kl_penalized_rewards`, `gae`, returns-to-go) run over
+    the model's tokens as one sequence: a tool's output is part of the environment's step
+    between two model tokens, not a token of its own. Inverse: `unpack_left`.
+    """
+    m = mask.bool()
+    packed = torch.zeros_like(x)
+    lengths = m.sum(-1, keepdim=True)
+    front = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths
+    return packed.masked_scatter(front, x[m])
+
+
+def unpack_left(packed: Tensor, mask: Tensor) -> Tensor:
+    """The inverse of `pack_left`: the first Σ_t mask entries of each row of `packed` (B, T)
+    put back where `mask` (B, T) is 1; 0 elsewhere."""
+    m = mask.bool()
+    front = torch.arange(packed.shape[1], device=packed.device).unsqueeze(0) < m.sum(-1, keepdim=True)
+    return torch.zeros_like(packed).masked_scatter(m, packed[front])
