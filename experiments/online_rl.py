@@ -3,6 +3,8 @@ PPO from a finished `rlhf demo --full` run's SFT model with the gold (exact-chec
 steps and more prompts per step than the demo's stage.
 
     python experiments/online_rl.py --demo runs/demo --algorithm grpo --steps 32 --prompts 16 --lr 1e-5
+    python experiments/online_rl.py --demo runs/demo --name gspo --set ratio_level=sequence \
+        --set clip_low=3e-4 --set clip_high=4e-4
     python experiments/dpo_more_pairs.py eval --per-family 100 sft=runs/demo/sft/final \\
         grpo=runs/demo/x/rl-grpo/final
 
@@ -22,6 +24,19 @@ from pathlib import Path
 from rlhfkit.demo.pipeline import DemoContext, DemoSettings, _online_config, _run_online
 
 
+def _typed(cfg, items: list[str]) -> dict:
+    """FIELD=VALUE strings as values of the field's type (bool: true/false)."""
+    out = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        current = getattr(cfg, key)  # AttributeError names an unknown field
+        if isinstance(current, bool):
+            out[key] = text.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(current)(text)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", type=Path, required=True, help="a finished `rlhf demo --full` folder")
@@ -32,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--micro-batch", type=int, default=8, help="rows per forward (length-sorted)")
     p.add_argument("--name", default="", help="run folder under DEMO/x (default rl-ALGORITHM)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other field of the recipe's config (e.g. ratio_level=sequence); repeatable")
     args = p.parse_args(argv)
     settings = DemoSettings.full(args.demo)
     ctx = DemoContext(settings)
@@ -40,6 +57,7 @@ def main(argv=None) -> int:
                          kl_coef=settings.rl_kl_coef, out=name)
     cfg = dataclasses.replace(cfg, prompts_per_step=args.prompts, samples_per_prompt=args.group,
                               batch_size=args.micro_batch, gen_batch_size=args.prompts * args.group)
+    cfg = cfg.replace(**_typed(cfg, args.set)) if args.set else cfg
     t0 = time.time()
     out = _run_online(cfg)
     metrics = out["metrics"]

@@ -87,6 +87,18 @@ def test_each_policy_gradient_algorithm_runs_and_logs_every_diagnostic(tmp_path,
     assert (Path(result["final"]) / "config.json").exists()
 
 
+def test_an_online_recipe_launched_with_the_fsdp_config_is_one_error_before_loading(tmp_path, monkeypatch):
+    """Sampling calls the model outside its sharded forward (it fails deep inside DTensor
+    dispatch): refused up front, naming what to launch instead."""
+    from rlhfkit.config import ConfigError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match="not sharded"):
+        run_policy_gradient(GRPOConfig(**_base(tmp_path, "run")))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_ppo_runs_and_logs_every_diagnostic(tmp_path):
     ptx = tmp_path / "ptx.jsonl"
     ptx.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "completion": f"Answer: {i + 1}"}) + "\n"

@@ -51,6 +51,7 @@ from rlhfkit.rollout.rollout import (
     policy_outputs,
     put_rows,
 )
+from rlhfkit.train.distributed import fsdp_plugin
 from rlhfkit.train.engine import SCHEDULES, Engine, TrainConfig, set_training_attention
 
 
@@ -236,6 +237,10 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
     """The policy (with a `critic`: "none", "shared" or "separate"), its frozen reference, the
     engine (resumed from the run folder's latest checkpoint) and the sampler, as a `run_type`
     with the algorithm's own fields `algorithm_state`, restored from that checkpoint too."""
+    check(fsdp_plugin() is None,
+          "the online recipes run on one process or under DDP, not sharded (FSDP): sampling calls the model "
+          "outside its sharded forward; launch with `accelerate launch --num_processes N` and no FSDP config "
+          "(docs/SCALING.md)")
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     model = load_model(cfg.model, lora=lora, seed=cfg.seed)
     engine = Engine(cfg, Path(cfg.output_dir), updates_per_step=cfg.updates_per_step, description=description)
