@@ -37,9 +37,14 @@ from rlhfkit.data.schemas import Message
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id, render_prompt
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.ops.logprobs import DEFAULT_CHUNK
-from rlhfkit.rollout.engines import cache_argument
 from rlhfkit.rollout.environments import ENVIRONMENTS, EnvConfig, Environment, StepResult, make_environment
-from rlhfkit.rollout.generate import PolicySampler, SamplingConfig, sampling_processors, shared_prompt_cache
+from rlhfkit.rollout.generate import (
+    PolicySampler,
+    SamplingConfig,
+    cache_argument,
+    sampling_processors,
+    shared_prompt_cache,
+)
 from rlhfkit.rollout.prompts import RLPrompt
 from rlhfkit.rollout.rollout import Rollout, logprob_temperature, with_logprobs
 
