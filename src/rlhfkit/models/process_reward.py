@@ -17,18 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
 
 from rlhfkit.data.batches import pad_right, to_device
-from rlhfkit.data.readers import looks_like_hub_id
 from rlhfkit.data.schemas import Conversation
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id
-from rlhfkit.models.loading import TINY, LoraSettings, ModelNotFound, load_tokenizer, resolve_model_path
-from rlhfkit.models.reward import RewardModel, _parts, load_reward_model, tiny_reward_model
+from rlhfkit.models.loading import TINY, LoraSettings
+from rlhfkit.models.reward import RewardModel, _parts, load_checked_reward_model, load_reward_model, tiny_reward_model
 
 STEP_SEPARATOR = "\n"
 PRM_CONFIG_KEY = "process_reward"  # true in a saved PRM's config.json
@@ -142,17 +140,10 @@ def is_process_reward_checkpoint(path: str) -> bool:
 
 def load_trained_process_reward_model(name_or_path: str) -> tuple[ProcessRewardModel, object]:
     """(ProcessRewardModel, tokenizer) of a saved PRM folder, in eval mode."""
-    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
-        raise ModelNotFound(f"no such process reward model folder: {name_or_path}")
-    try:
-        marked = is_process_reward_checkpoint(resolve_model_path(name_or_path))
-    except OSError as e:
-        raise ModelNotFound(f"cannot load process reward model '{name_or_path}': {e}") from None
-    if not marked:
-        raise ModelNotFound(f"'{name_or_path}' is not a process reward model (its config.json has no "
-                            f"'{PRM_CONFIG_KEY}: true'); train one with `rlhf prm train`")
-    tokenizer = load_tokenizer(name_or_path)
-    model = load_reward_model(name_or_path, pad_token_id=tokenizer.pad_token_id)
+    model, tokenizer = load_checked_reward_model(
+        name_or_path, what="process reward model", marked=is_process_reward_checkpoint,
+        not_marked=f"process reward model (its config.json has no '{PRM_CONFIG_KEY}: true'); "
+                   "train one with `rlhf prm train`")
     return ProcessRewardModel(model.model).eval(), tokenizer
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -242,21 +242,30 @@ def as_reward_model(model: nn.Module) -> RewardModel:
     return model if isinstance(model, RewardModel) else RewardModel(model)
 
 
+def load_checked_reward_model(name_or_path: str, *, what: str, marked: Callable[[str], bool],
+                              not_marked: str) -> tuple[RewardModel, object]:
+    """(RewardModel, tokenizer) of a saved folder whose config passes `marked` (a reward model,
+    a process reward model); one-line `ModelNotFound` naming `what` otherwise."""
+    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
+        raise ModelNotFound(f"no such {what} folder: {name_or_path}")
+    try:
+        ok = marked(resolve_model_path(name_or_path))
+    except OSError as e:
+        raise ModelNotFound(f"cannot load {what} '{name_or_path}': {e}") from None
+    if not ok:
+        raise ModelNotFound(f"'{name_or_path}' is not a {not_marked}")
+    tokenizer = load_tokenizer(name_or_path)
+    return load_reward_model(name_or_path, pad_token_id=tokenizer.pad_token_id), tokenizer
+
+
 def load_trained_reward_model(name_or_path: str) -> tuple[RewardModel, object]:
     """(RewardModel, tokenizer) of a saved reward model folder, in eval mode."""
     if name_or_path == TINY:
         raise ModelNotFound("'tiny' is an untrained random model; pass a trained reward model folder")
-    if not Path(name_or_path).exists() and not looks_like_hub_id(name_or_path):
-        raise ModelNotFound(f"no such reward model folder: {name_or_path}")
-    try:
-        trained = is_reward_checkpoint(resolve_model_path(name_or_path))
-    except OSError as e:
-        raise ModelNotFound(f"cannot load reward model '{name_or_path}': {e}") from None
-    if not trained:
-        raise ModelNotFound(f"'{name_or_path}' is not a trained reward model (its config.json names no "
-                            "*ForSequenceClassification architecture); train one with `rlhf rm train`")
-    tokenizer = load_tokenizer(name_or_path)
-    model = load_reward_model(name_or_path, pad_token_id=tokenizer.pad_token_id)
+    model, tokenizer = load_checked_reward_model(
+        name_or_path, what="reward model", marked=is_reward_checkpoint,
+        not_marked="trained reward model (its config.json names no *ForSequenceClassification architecture); "
+                   "train one with `rlhf rm train`")
     return model.eval(), tokenizer
 
 
