@@ -66,13 +66,13 @@ def test_a_finished_run_names_its_model_and_next_commands_that_parse(kind, tmp_p
     run = Path("runs") / kind
     (run / "final").mkdir(parents=True, exist_ok=True)
     lines = run_outputs(SimpleNamespace(kind=kind, model="runs/sft/final", output_dir=str(run)))
-    assert lines[0] == ("reward model" if kind == "rm" else "model") + f": {run}/final"
+    assert lines[0] == {"rm": "reward model", "prm": "process reward model"}.get(kind, "model") + f": {run}/final"
     commands = commands_of(lines)
     assert len(commands) == len(lines) - 1 >= 2
     assert commands[-1] == f"rlhf push {run} --to DIR"
     for command in commands:
         parses(command)
-    assert any(f"--model {run}/final" in c for c in commands)
+    assert any(f"--model {run}/final" in c or f"prm:{run}/final" in c for c in commands)
 
 
 HUB = "HuggingFaceTB/SmolLM2-360M-Instruct"

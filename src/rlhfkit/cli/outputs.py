@@ -39,10 +39,16 @@ def _after_rm(final: str, cfg: Any) -> list[str]:
             f"rlhf ppo --model {policy} --prompts PROMPTS --reward rm:{final}"]
 
 
+def _after_prm(final: str, cfg: Any) -> list[str]:
+    return [f"rlhf grpo --model POLICY --tasks demo --reward prm:{final}",
+            f"rlhf ppo --model POLICY --tasks demo --reward gold,prm:{final}:0.5"]
+
+
 # recipe kind → the commands that follow it (each run with a final model also gets `rlhf push`).
 FOLLOW_UPS: dict[str, Suggest] = {
     "sft": _after_sft,
     "rm": _after_rm,
+    "prm": _after_prm,
     **{kind: _evaluate for kind in ("dpo", "online_dpo", "ppo", "grpo", "rloo", "remax", "reinforce",
                                     "expert-iter")},
 }
@@ -62,7 +68,7 @@ def run_outputs(cfg: Any) -> list[str]:
     if suggest is None or not run.name or not final.is_dir():
         return []
     adapter = run / FINAL_ADAPTER
-    what = "reward model" if cfg.kind == "rm" else "model"
+    what = {"rm": "reward model", "prm": "process reward model"}.get(cfg.kind, "model")
     lines = [f"{what}: {final}" + (f" (adapter: {adapter})" if adapter.is_dir() else "")]
     commands = [*suggest(shlex.quote(str(final)), cfg), f"rlhf push {shlex.quote(str(run))} --to DIR"]
     lines.append(f"next:  {commands[0]}")
