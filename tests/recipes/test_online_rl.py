@@ -87,16 +87,16 @@ def test_each_policy_gradient_algorithm_runs_and_logs_every_diagnostic(tmp_path,
     assert (Path(result["final"]) / "config.json").exists()
 
 
-def test_an_online_recipe_launched_with_the_fsdp_config_is_one_error_before_loading(tmp_path, monkeypatch):
-    """Sampling calls the model outside its sharded forward (it fails deep inside DTensor
-    dispatch): refused up front, naming what to launch instead."""
-    from rlhfkit.config import ConfigError
-
+def test_an_online_recipe_launched_with_the_fsdp_config_on_one_process_trains(tmp_path, monkeypatch):
+    """Online recipes run under FSDP now (2 processes: tests/train/test_fsdp_online.py): the
+    FSDP config is no longer refused; on one process nothing is sharded, and `full_parameters`
+    around the rollout is a no-op."""
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    with pytest.raises(ConfigError, match="not sharded"):
-        run_policy_gradient(GRPOConfig(**_base(tmp_path, "run")))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg = GRPOConfig(**_base(tmp_path, "run", max_steps=1))
+    result = run_policy_gradient(cfg)
+    assert [row["step"] for row in read_metrics(cfg.output_dir) if "loss" in row] == [1]
+    assert (Path(result["final"]) / "config.json").exists()
 
 
 def test_ppo_runs_and_logs_every_diagnostic(tmp_path):

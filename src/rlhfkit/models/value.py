@@ -177,9 +177,11 @@ class PolicyValueModel(nn.Module):
                                                   if k.startswith("critic_backbone.")})
 
 
-def save_value_model(module: PolicyValueModel, folder) -> None:
-    """Write the critic's weights next to a saved policy (`value_head.safetensors`)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in module.value_state_dict().items()}
+def save_value_model(module: PolicyValueModel, folder, state: dict[str, Tensor] | None = None) -> None:
+    """Write the critic's weights next to a saved policy (`value_head.safetensors`): `state`
+    when given (a sharded critic's weights gathered in full), else the module's own."""
+    state = {k: v.detach().contiguous().cpu() for k, v in (module.value_state_dict() if state is None
+                                                            else state).items()}
     if state:
         Path(folder).mkdir(parents=True, exist_ok=True)
         save_file(state, str(Path(folder) / "value_head.safetensors"))

@@ -51,7 +51,7 @@ from rlhfkit.rollout.rollout import (
     policy_outputs,
     put_rows,
 )
-from rlhfkit.train.distributed import fsdp_plugin
+from rlhfkit.train.distributed import full_parameters
 from rlhfkit.train.engine import SCHEDULES, Engine, TrainConfig, set_training_attention
 
 
@@ -237,18 +237,17 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
     """The policy (with a `critic`: "none", "shared" or "separate"), its frozen reference, the
     engine (resumed from the run folder's latest checkpoint) and the sampler, as a `run_type`
     with the algorithm's own fields `algorithm_state`, restored from that checkpoint too."""
-    check(fsdp_plugin() is None,
-          "the online recipes run on one process or under DDP, not sharded (FSDP): sampling calls the model "
-          "outside its sharded forward; launch with `accelerate launch --num_processes N` and no FSDP config "
-          "(docs/SCALING.md)")
     lora = LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora_r else None
     model = load_model(cfg.model, lora=lora, seed=cfg.seed)
     engine = Engine(cfg, Path(cfg.output_dir), updates_per_step=cfg.updates_per_step, description=description)
     set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
     reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
+    # Its own copy (bf16 runs) too: FSDP refuses to copy a sharded model. Synced before each rollout.
+    sampler: PolicySampler | RemoteSampler = PolicySampler(model, engine.compute_dtype)
+    if sampler.model is not model:
+        sampler.model.to(engine.device)
     module = engine.setup(PolicyValueModel(model, critic=critic, chunk_size=cfg.logprob_chunk), tokenizer)
     policy = engine.unwrapped()
-    sampler: PolicySampler | RemoteSampler = PolicySampler(policy.model, engine.compute_dtype)
     if cfg.generation_server:
         check(engine.world_size == 1, "--generation-server runs on one process for now")
         sampler = RemoteSampler(policy.model, tokenizer, cfg.generation_server,
@@ -273,7 +272,15 @@ def mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:
 def collect(run: OnlineRun, step: int, *, with_values: bool = False, policy_pass: bool = True,
             baseline: SamplingConfig | None = None) -> Rollout:
     """This process's prompts of `step`, sampled and scored, with old and reference
-    log-probs (and values with a critic); see `build_rollout` for `policy_pass`, `baseline`."""
+    log-probs (and values with a critic); see `build_rollout` for `policy_pass`, `baseline`.
+    Under FSDP the policy's full weights are gathered once for the whole rollout
+    (`full_parameters`): sampling calls the transformers model directly."""
+    with full_parameters(run.module):
+        return _collect(run, step, with_values=with_values, policy_pass=policy_pass, baseline=baseline)
+
+
+def _collect(run: OnlineRun, step: int, *, with_values: bool, policy_pass: bool,
+             baseline: SamplingConfig | None) -> Rollout:
     cfg = run.cfg
     prompts = prompts_for_step(run.prompts, cfg.prompts_per_step, seed=cfg.seed, step=step,
                                rank=run.engine.rank, world_size=run.engine.world_size)

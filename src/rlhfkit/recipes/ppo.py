@@ -44,6 +44,7 @@ from rlhfkit.recipes.sft import encode_examples
 from rlhfkit.rollout.process_rewards import process_token_rewards
 from rlhfkit.rollout.reward_spec import parse_reward_spec
 from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, pack_left, rollout_metrics, unpack_left
+from rlhfkit.train.distributed import full_state_dict
 from rlhfkit.train.kl_control import AdaptiveKLController, FixedKLController
 from rlhfkit.train.loop import MicroBatchStream
 
@@ -221,6 +222,10 @@ def run_ppo(cfg: PPOConfig) -> dict:
     next to the final policy as value_head.safetensors."""
     run = setup_run(cfg)
     final, metrics = online.train(run, lambda step: train_step(run, step))
+    critic = None
+    if run.engine.sharded:  # collective: every process gathers, the main one keeps the full weights
+        critic = {k: v for k, v in full_state_dict(run.module).items()
+                  if k.startswith(("value_head.", "critic_backbone."))}
     if run.engine.is_main:
-        save_value_model(run.policy, final)
+        save_value_model(run.policy, final, critic)
     return {"final": str(final), "metrics": metrics}

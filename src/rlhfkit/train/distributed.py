@@ -25,8 +25,10 @@ autocast, as without sharding, so sharded and unsharded runs compute the same th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,6 +112,37 @@ def shard(module: nn.Module, inner: nn.Module, plugin: FullyShardedDataParallelP
     fully_shard(module, **kwargs)
     sd.set_model_state_dict(module, start, options=sd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return module
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """Inside, every FSDP unit of `module` holds its full (all-gathered) parameters as plain
+    tensors, and forwards issue no collective: for sampling, where the transformers model is
+    called directly (outside the root's forward) and processes decode different lengths, so
+    different numbers of forwards. A no-op when `module` is not sharded; collective otherwise
+    (every process enters it): one all-gather per unit on entry, none on exit (reshard frees).
+
+    FSDP2's documented switches: `set_reshard_after_forward(False)` so no unit frees its
+    gathered weights after a forward, `unshard()` per unit (it is not recursive), then `reshard()`
+    per unit and the config's `reshard_after_forward` back (the value `shard` gave them)."""
+    if not is_sharded(module):
+        yield
+        return
+    fsdp = _fsdp_module_class()
+    # FSDP2 makes the first unit that runs a forward the root: before the run's first forward,
+    # a block called by `generate` would claim it. Initialize the real root first (no public API).
+    module._get_fsdp_state()._lazy_init()
+    units = [m for m in module.modules() if isinstance(m, fsdp)]
+    module.set_reshard_after_forward(False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        plugin = fsdp_plugin()
+        module.set_reshard_after_forward(bool(plugin.reshard_after_forward) if plugin is not None else True)
 
 
 def save_shards(module: nn.Module, optimizer, folder: Path) -> None:
