@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from rlhfkit.eval.winrate import sign_test
+from rlhfkit.io import atomic_write_text
 from rlhfkit.models.device import cpu_supports_bf16
 from rlhfkit.models.loading import load_model, load_tokenizer
-from rlhfkit.rollout.environments import EnvConfig
+from rlhfkit.rollout.environments import EnvConfig, calculator_sft_record
 from rlhfkit.rollout.episodes import EpisodeConfig, run_episodes
 from rlhfkit.rollout.generate import SamplingConfig
 from rlhfkit.rollout.prompts import demo_prompts
@@ -48,8 +49,8 @@ def summary(rows: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cmd", choices=["eval"])
-    ap.add_argument("models", nargs="+", help="NAME=PATH, the first is the baseline of the paired tests")
+    ap.add_argument("cmd", choices=["eval", "warmstart-data"])
+    ap.add_argument("models", nargs="*", help="eval: NAME=PATH, the first is the baseline of the paired tests")
     ap.add_argument("--env", default="calculator")
     ap.add_argument("--per-family", type=int, default=100)
     ap.add_argument("--families", nargs="+", default=["arithmetic", "units"])
@@ -60,6 +61,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
+    if args.cmd == "warmstart-data":  # SFT conversations that call the calculator: `rlhf sft --train-data OUT`
+        records = [calculator_sft_record(p) for p in demo_prompts("train", args.per_family, seed=0,
+                                                                   families=args.families)]
+        kept = [r for r in records if r is not None]
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in kept))
+        print(f"wrote {len(kept)} conversations ({len(records) - len(kept)} tasks without an equation) → {out}")
+        return
     out.mkdir(parents=True, exist_ok=True)
     prompts = demo_prompts("test", args.per_family, seed=0, families=args.families)
     cfg = EpisodeConfig(args.env, EnvConfig(max_turns=args.max_turns), max_length=args.max_length)

@@ -2,6 +2,7 @@
 the hand-checked token and loss-mask layout of a 2-turn episode, and containment of an
 environment that raises or hangs."""
 
+import json
 import time
 
 import pytest
@@ -9,11 +10,14 @@ import torch
 
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
+from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.rollout import episodes as episodes_module
 from rlhfkit.rollout.environments import (
+    CalculatorEnvironment,
     EnvConfig,
     StepResult,
     calculate,
+    calculator_sft_record,
     lookup,
     make_environment,
 )
@@ -21,6 +25,7 @@ from rlhfkit.rollout.episodes import EpisodeConfig, episode_rollout, run_episode
 from rlhfkit.rollout.generate import SamplingConfig
 from rlhfkit.rollout.prompts import demo_prompts
 from rlhfkit.rollout.rollout import pack_left, unpack_left
+from rlhfkit.tasks.check import check
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +229,26 @@ def test_pack_left_and_back_by_hand():
     assert packed.tolist() == [[1., 4., 5., 0., 0.], [6., 7., 8., 0., 0.]]
     assert pack_left(mask.float(), mask).tolist() == [[1., 1., 1., 0., 0.], [1., 1., 1., 0., 0.]]
     assert unpack_left(packed, mask).tolist() == [[1., 0., 0., 4., 5.], [6., 7., 8., 0., 0.]]
+
+
+def test_calculator_warm_start_records_are_episodes_the_environment_would_produce(tmp_path):
+    """The SFT conversations that teach the tool call: the user turn is the environment's
+    opening, the tool's reply is what the calculator answers to that call, the final answer
+    passes the task's checker, and `rlhf sft` reads the file."""
+    prompts = demo_prompts("train", 4, families=("arithmetic", "units"))
+    records = [calculator_sft_record(p) for p in prompts]
+    assert all(records)
+    for prompt, record in zip(prompts, records, strict=True):
+        env = CalculatorEnvironment(EnvConfig(max_turns=2))
+        opening = env.reset(prompt)
+        user, call, reply = record["prompt"]
+        assert user == {"role": "user", "content": opening[-1].content}
+        assert call["role"] == "assistant" and call["content"].startswith("<calc>")
+        assert reply == {"role": "user", "content": env.step(call["content"]).observation}
+        assert reply["content"].split(" = ")[-1] in record["completion"]  # the tool confirms the reference's result
+        assert check(prompt.meta["task"], record["completion"])
+    data = tmp_path / "warm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_sft(SFTConfig(model="tiny", train_data=str(data), output_dir=str(tmp_path / "sft"), max_steps=1,
+                               batch_size=4, precision="fp32", progress=False))
+    assert (tmp_path / "sft" / "final" / "config.json").exists() and result

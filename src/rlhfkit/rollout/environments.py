@@ -240,3 +240,32 @@ def make_environment(name: str, cfg: EnvConfig) -> Environment:
         raise ValueError(f"unknown environment '{name}' (choose from {sorted(ENVIRONMENTS)})"
                          f"{did_you_mean(name, ENVIRONMENTS)}")
     return ENVIRONMENTS[name](cfg)
+
+
+# ============================================================================ a warm start for the tools
+EQUATION = re.compile(r"(\d[\d ×x*÷/+\-.]*?)\s*=\s*(-?\d[\d.]*)")
+
+
+def calculator_sft_record(prompt: RLPrompt) -> dict[str, Any] | None:
+    """An SFT record in which the model uses the calculator before answering `prompt` (a demo
+    task): the last equation of the task's reference solution ("29 × 12 = 348") is asked of
+    the tool first, and the reference follows the tool's reply. The prompt turn and the reply are
+    the calculator environment's own (`reset`, `step`), so the record is an episode the
+    environment would produce. None when the reference has no equation the tool confirms.
+
+    {"prompt": [user, assistant "<calc>29 × 12</calc>", user "29 × 12 = 348"], "completion": reference}
+    """
+    task = _task(prompt)
+    equations = [(lhs.strip(), rhs) for lhs, rhs in EQUATION.findall(task.reference)]
+    if not equations:
+        return None
+    lhs, rhs = equations[-1]
+    env = CalculatorEnvironment(EnvConfig(max_turns=2))
+    opening = env.reset(prompt)
+    call = f"<calc>{lhs}</calc>"
+    reply = env.step(call)
+    if reply.observation is None or calculate(lhs) != rhs.rstrip("."):
+        return None
+    turns = [*opening, Message("assistant", call), Message("user", reply.observation)]
+    return {"prompt": [{"role": m.role, "content": m.content} for m in turns], "completion": task.reference,
+            "task_id": task.id}
