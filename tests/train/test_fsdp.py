@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,18 +33,13 @@ from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.metrics import read_metrics
 
+from .conftest import addition_sft_data, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS = 40  # long enough that the run is still going when the kill test sees its first checkpoint
 COMMON = dict(model="tiny", batch_size=2, lr=3e-3, warmup_steps=2, precision="fp32", progress=False, seed=7)
 
-
-def _sft_data(path: Path, n: int = 48) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Add {i} and {i % 7}.",
-                                "completion": f"{i} + {i % 7} = {i + i % 7}.\nAnswer: {i + i % 7}"}) + "\n")
-    return path
 
 
 def _pairs(path: Path, n: int = 32) -> Path:
@@ -57,16 +51,11 @@ def _pairs(path: Path, n: int = 32) -> Path:
     return path
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _launch(command: str, data: Path, out: Path, *extra: str, batch: int = 2, accum: int = 1) -> list[str]:
     """accelerate launch with the shipped FSDP2 config on 2 processes, like a user would."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
-            "--main_process_port", str(_port()), "-m", "rlhfkit.cli", command, "--model", "tiny",
+            "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", command, "--model", "tiny",
             "--train-data", str(data), "--output-dir", str(out), "--batch-size", str(batch), "--grad-accum", str(accum),
             "--lr", "3e-3", "--warmup-steps", "2", "--precision", "fp32", "--no-progress", "--seed", "7", *extra]
 
@@ -85,7 +74,7 @@ def _losses(run: Path) -> dict[int, float]:
 def sharded_sft(tmp_path_factory):
     """One uninterrupted 2-process FSDP SFT run of STEPS steps, a checkpoint every 4."""
     root = tmp_path_factory.mktemp("fsdp")
-    data = _sft_data(root / "d.jsonl")
+    data = addition_sft_data(root / "d.jsonl")
     out = root / "fsdp"
     res = _run(_launch("sft", data, out, "--max-steps", str(STEPS), "--save-every", "4"))
     return data, out, res

@@ -16,7 +16,6 @@ Three subprocess runs of ~10-15 s each on 2 cores.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,8 @@ from transformers import AutoModelForCausalLM
 from rlhfkit.models.device import cpu_supports_bf16
 from rlhfkit.train.metrics import read_metrics
 
+from .conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS = 3
@@ -37,15 +38,10 @@ ARGS = ["--model", "tiny", "--tasks", "demo", "--demo-per-family", "3", "--promp
         "--reward", "gold,format:[a-z]:0.5"]
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _fsdp() -> list[str]:
     return ["-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
-            "--main_process_port", str(_port())]
+            "--main_process_port", str(free_port())]
 
 
 def _run(launcher: list[str], out: Path, precision: str = "fp32", steps: int = STEPS,
@@ -70,7 +66,7 @@ def test_fsdp_online_recipe_matches_ddp_on_two_processes(tmp_path, recipe):
     res = _run(_fsdp(), fsdp, recipe=recipe)
     # Plain torchrun: 2 processes, no FSDP variables, so the engine wraps the model in DDP.
     _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_port())], ddp, recipe=recipe)
+          "--master_port", str(free_port())], ddp, recipe=recipe)
     a, b = _steps(ddp), _steps(fsdp)
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -9,9 +9,7 @@ tests/train/test_resume_ddp.py.
 """
 
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,21 +21,11 @@ from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.loop import SupervisedTask, fit
 from rlhfkit.train.metrics import read_metrics
 
+from .conftest import addition_sft_data, free_port
+
 STEPS = 3
 
 
-def _data(path: Path, n: int = 48) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Add {i} and {i % 7}.",
-                                "completion": f"{i} + {i % 7} = {i + i % 7}.\nAnswer: {i + i % 7}"}) + "\n")
-    return path
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _sft(data: Path, out: Path) -> list[str]:
@@ -55,9 +43,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_two_node_launch_matches_one_node_and_reports_once(tmp_path):
-    data = _data(tmp_path / "d.jsonl")
+    data = addition_sft_data(tmp_path / "d.jsonl")
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    endpoint = f"127.0.0.1:{_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [subprocess.Popen([*torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
                                "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "rlhfkit-test",
                                *_sft(data, tmp_path / "two-nodes")],
@@ -70,7 +58,8 @@ def test_two_node_launch_matches_one_node_and_reports_once(tmp_path):
         outputs.append(out + err)
     one_node = tmp_path / "one-node"
     res = subprocess.run([*torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-                          str(_port()), *_sft(data, one_node)], capture_output=True, text=True, timeout=240, env=ENV)
+                          str(free_port()), *_sft(data, one_node)],
+                         capture_output=True, text=True, timeout=240, env=ENV)
     assert res.returncode == 0, res.stderr[-3000:]
     single = tmp_path / "single"
     run_sft(SFTConfig(model="tiny", train_data=str(data), output_dir=str(single), max_steps=STEPS, batch_size=2,

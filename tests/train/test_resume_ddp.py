@@ -1,31 +1,22 @@
 """Machinery: exact resume (from a checkpoint and after Ctrl-C) and 2-process DDP = 1 process."""
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.metrics import read_metrics
 
-
-def _data(path: Path, n: int = 48) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": f"Add {i} and {i % 7}.",
-                                "completion": f"{i} + {i % 7} = {i + i % 7}.\nAnswer: {i + i % 7}"}) + "\n")
-    return path
+from .conftest import addition_sft_data, free_port
 
 
 def _cfg(tmp_path, out, **kw):
-    base = dict(model="tiny", train_data=str(_data(tmp_path / "d.jsonl")), output_dir=str(out), max_steps=6,
+    base = dict(model="tiny", train_data=str(addition_sft_data(tmp_path / "d.jsonl")), output_dir=str(out), max_steps=6,
                 batch_size=4, lr=3e-3, warmup_steps=2, precision="fp32", progress=False, seed=7)
     base.update(kw)
     return SFTConfig(**base)
@@ -59,7 +50,7 @@ def test_no_resume_when_disabled(tmp_path):
 
 def _cli(tmp_path, out, *extra):
     return [sys.executable, "-m", "rlhfkit.cli", "sft", "--model", "tiny", "--train-data",
-            str(_data(tmp_path / "d.jsonl")), "--output-dir", str(out), "--max-steps", "120",
+            str(addition_sft_data(tmp_path / "d.jsonl")), "--output-dir", str(out), "--max-steps", "120",
             "--batch-size", "2", "--lr", "1e-3", "--precision", "fp32", "--no-progress", *extra]
 
 
@@ -94,9 +85,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     run_sft(_cfg(tmp_path, single, batch_size=2, grad_accum=2, max_steps=4))
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # for the rendezvous
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(port),
            "-m", "rlhfkit.cli", "sft", "--model", "tiny", "--train-data", str(tmp_path / "d.jsonl"),
