@@ -27,8 +27,8 @@ from rich.markup import escape
 from rlhfkit.cli.help_format import FlagGroup
 from rlhfkit.config import ConfigError
 from rlhfkit.data.errors import DataError
-from rlhfkit.judge.backends import JudgeError
-from rlhfkit.models.loading import ModelNotFound
+from rlhfkit.judge.errors import JudgeError
+from rlhfkit.models.errors import ModelNotFound
 
 # Bad data, bad config, a missing model, a judge that failed after its retries.
 USER_ERRORS = (DataError, ConfigError, ModelNotFound, JudgeError)

