@@ -137,8 +137,9 @@ def test_restore_round_trip_keeps_the_replaced_database(database, seed, tmp_path
 
 
 @pytest.mark.parametrize(("command", "make", "fragment"), [
-    (["backup", "out.db", "--db", "postgresql://u:secret@host/db"], None, "use pg_dump to backup it"),
-    (["restore", "in.db", "--db", "postgresql://u:secret@host/db"], None, "use pg_restore"),
+    (["backup", "adir", "--db", "postgresql://u:secret@host/db"], None, "adir is a folder"),  # pg: see _pg tests
+    (["restore", "in.db", "--db", "postgresql://u:secret@host/db"], None, "in.db: no such backup file"),
+    (["backup", "out.db", "--db", "mysql://u:secret@host/db"], None, "handles SQLite files and PostgreSQL"),
     (["backup", "out.db", "--db", "missing.db"], None, "missing.db: no such database file"),
     (["backup", "out.db", "--db", "notes.txt"], "notes", "notes.txt: not a SQLite database file"),
     (["backup", "adir", "--db", "live.db"], "live", "adir is a folder"),

@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from rlhfkit.cli.errors import fail
 from rlhfkit.data.errors import DataError
-from rlhfkit.feedback import audit
-from rlhfkit.feedback.backup import backup, check_sqlite_file, in_use, local_file, restore, sqlite_file
+from rlhfkit.feedback import audit, pg_backup
+from rlhfkit.feedback.backup import backup, check_sqlite_file, in_use, is_postgresql, local_file, restore, sqlite_file
 from rlhfkit.feedback.db import DEFAULT_DATABASE, Database, open_database
 from rlhfkit.feedback.migrations import SchemaError
 
@@ -77,22 +77,21 @@ def open_existing(db: str) -> Database:
 def backup_command(dest: Path = typer.Argument(..., help="File to write the copy to."),
                    db: str = DB_OPTION,
                    force: bool = typer.Option(False, "--force", help="Replace DEST if it exists.")) -> None:
-    """Copy a SQLite labeling database, consistently, while the server keeps running.
+    """Copy a labeling database, consistently, while the server keeps running.
 
     Example: `rlhf label backup backups/feedback-$(date +%F).db --db feedback.db`
-    (a PostgreSQL database: use pg_dump)
+    A PostgreSQL database is dumped with pg_dump (custom format) into DEST, e.g.
+    `rlhf label backup backups/rlhf-$(date +%F).dump --db postgresql+psycopg://user@host/rlhf`
     """
+    if is_postgresql(db):
+        _pg_backup(dest.expanduser(), db, force)
+        return
     source = sqlite_file(db, command="backup")
     check_sqlite_file(source)
     dest = dest.expanduser()
-    if dest.is_dir():
-        fail(f"{dest} is a folder: give the backup's file name, e.g. {dest / source.name}")
-    if not dest.parent.is_dir():
-        fail(f"{dest.parent}: no such folder")
-    if dest.exists() and dest.resolve() == source.resolve():
+    if dest.exists() and not dest.is_dir() and dest.resolve() == source.resolve():
         fail(f"{dest} is the database itself: give another file")
-    if dest.exists() and not force:
-        fail(f"{dest} exists: pass --force to replace it")
+    _check_dest(dest, force, source.name)
     database = open_existing(db)
     try:
         result = backup(database, dest)
@@ -106,6 +105,49 @@ def backup_command(dest: Path = typer.Argument(..., help="File to write the copy
                f"{result.schema_version}, integrity check ok ({result.seconds:.1f} s)")
 
 
+def _check_dest(dest: Path, force: bool, name: str) -> None:
+    if dest.is_dir():
+        fail(f"{dest} is a folder: give the backup's file name, e.g. {dest / name}")
+    if not dest.parent.is_dir():
+        fail(f"{dest.parent}: no such folder")
+    if dest.exists() and not force:
+        fail(f"{dest} exists: pass --force to replace it")
+
+
+def _pg_backup(dest: Path, db: str, force: bool) -> None:
+    conn = pg_backup.connection(db)
+    _check_dest(dest, force, f"{conn.name}.dump")
+    result = pg_backup.backup(db, dest)
+    database = open_existing(db)
+    try:
+        with database.write() as session:
+            audit.record(session, audit.CLI, "backup", f"file:{dest.resolve()}", bytes=result.size_bytes,
+                         schema_version=result.schema_version)
+            session.commit()
+    finally:
+        database.close()
+    typer.echo(f"backed up {conn.shown} to {dest} with pg_dump: {result.size_bytes / 2**20:.1f} MiB, "
+               f"data of {result.tables} tables, schema version {result.schema_version}, pg_restore --list ok "
+               f"({result.seconds:.1f} s)")
+
+
+def _pg_restore(src: Path, db: str, force: bool) -> None:
+    result = pg_backup.restore(src, db, force=force)
+    database = open_existing(db)  # an older backup is upgraded to this version here
+    try:
+        with database.write() as session:
+            audit.record(session, audit.CLI, "restore", f"file:{src.resolve()}", schema_version=result.schema_version,
+                         replaced=None if result.replaced is None else str(result.replaced))
+            session.commit()
+    finally:
+        database.close()
+    kept = f"; the previous database is kept as {result.replaced}" if result.replaced else ""
+    typer.echo(f"restored {src} into {result.database} with pg_restore (schema version "
+               f"{result.schema_version}){kept}")
+    if force:
+        typer.secho("warning: restart `rlhf label serve` if it was running", fg="yellow", err=True)
+
+
 def restore_command(src: Path = typer.Argument(..., help="A backup made by `rlhf label backup`."),
                     db: str = DB_OPTION,
                     force: bool = typer.Option(False, "--force", help="Replace the database even though it "
@@ -114,8 +156,12 @@ def restore_command(src: Path = typer.Argument(..., help="A backup made by `rlhf
     """Put a backup in place of the database; the database it replaces is kept beside it.
 
     Example: `rlhf label restore backups/feedback-2026-12-01.db --db feedback.db`
-    (stop `rlhf label serve` first; a PostgreSQL database: use pg_restore)
+    (stop `rlhf label serve` first). A PostgreSQL database takes a pg_dump archive, put back with
+    `pg_restore --clean --single-transaction`; the database it replaces is dumped beside SRC.
     """
+    if is_postgresql(db):
+        _pg_restore(src.expanduser(), db, force)
+        return
     target = sqlite_file(db, command="restore")
     was_open = in_use(target) is not None
     result = restore(src.expanduser(), target, force=force)

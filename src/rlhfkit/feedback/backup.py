@@ -15,7 +15,8 @@ by the next backup to that DEST) and the source untouched, since the source is o
 code), refuses to replace a database a process has open unless forced, and keeps the file it
 replaces (with its -wal/-shm) as `<db>.replaced-<UTC time>`.
 
-PostgreSQL is not copied here: `pg_dump` / `pg_restore` do it properly.
+A PostgreSQL database is backed up and restored by PostgreSQL's own tools (`pg_dump
+--format=custom`, `pg_restore`) with the same publish discipline: see `pg_backup`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from rlhfkit.feedback.db import Database, database_url
 from rlhfkit.feedback.migrations import SCHEMA_VERSION
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+PG_MAGIC = b"PGDMP"  # the first bytes of a pg_dump custom-format archive
 STEP_PAGES = 4096  # pages per backup step (16 MiB at 4 KiB pages); steps only pace the progress callback
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -68,15 +70,18 @@ def local_file(db: str) -> Path | None:
     return Path(url.database)
 
 
+def is_postgresql(db: str) -> bool:
+    return make_url(database_url(db)).get_backend_name() == "postgresql"
+
+
 def sqlite_file(db: str, *, command: str) -> Path:
-    """The file behind a SQLite URL or path; a PostgreSQL (or other) URL is refused in one line
-    that names the right tool for `command` ("backup" or "restore")."""
+    """The file behind a SQLite URL or path; another server's URL (not SQLite, not PostgreSQL)
+    is refused in one line that names `command` ("backup" or "restore")."""
     path = local_file(db)
     if path is None:
         url = make_url(database_url(db))
-        tool = "pg_dump" if command == "backup" else "pg_restore"
         raise DataError(f"{url.render_as_string(hide_password=True)} is a {url.get_backend_name()} database: "
-                        f"use {tool} to {command} it (rlhf label {command} handles SQLite files)")
+                        f"rlhf label {command} handles SQLite files and PostgreSQL databases")
     return path
 
 
@@ -87,8 +92,12 @@ def check_sqlite_file(path: Path) -> None:
     if not path.is_file():
         raise DataError("is a folder, not a database file", path=str(path))
     with open(path, "rb") as f:
-        if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise DataError("not a SQLite database file", path=str(path))
+        head = f.read(len(SQLITE_MAGIC))
+    if head.startswith(PG_MAGIC):
+        raise DataError("is a PostgreSQL backup (pg_dump archive), not a SQLite one: restore it into a "
+                        "PostgreSQL database (--db postgresql+psycopg://user@host/db)", path=str(path))
+    if head != SQLITE_MAGIC:
+        raise DataError("not a SQLite database file", path=str(path))
 
 
 def _side(path: Path, suffix: str) -> Path:
@@ -100,7 +109,7 @@ def _remove_partial(partial: Path) -> None:
         _side(partial, suffix).unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,7 +126,7 @@ def _copy(source: sqlite3.Connection, target_path: Path, progress: Progress | No
         target.execute("PRAGMA journal_mode=DELETE")
     finally:
         target.close()
-    _fsync(target_path)
+    fsync_path(target_path)
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -148,10 +157,10 @@ def _check_copy(path: Path) -> int:
     return row[0]
 
 
-def _publish(partial: Path, dest: Path) -> None:
+def publish_file(partial: Path, dest: Path) -> None:
     """Rename the finished copy onto `dest` (atomic) and make the rename durable."""
     os.replace(partial, dest)
-    _fsync(dest.parent)
+    fsync_path(dest.parent)
 
 
 def _snapshot_copy(database: Database, partial: Path, progress: Progress | None) -> None:
@@ -180,7 +189,7 @@ def backup(database: Database, dest: Path, *, progress: Progress | None = None) 
     except BaseException:
         _remove_partial(partial)
         raise
-    _publish(partial, dest)
+    publish_file(partial, dest)
     size = dest.stat().st_size
     return BackupResult(path=dest, pages=size // _page_size(dest), size_bytes=size,
                         seconds=time.monotonic() - started, schema_version=version)
@@ -231,7 +240,7 @@ def restore(src: Path, db_path: Path, *, force: bool = False) -> RestoreResult:
         _remove_partial(partial)
         raise DataError(e.message, path=str(src)) from None
     replaced = _move_aside(db_path) if db_path.exists() else None
-    _publish(partial, db_path)
+    publish_file(partial, db_path)
     return RestoreResult(path=db_path, replaced=replaced, schema_version=version)
 
 
