@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # NAME=PATH may follow the options
     out = Path(args.out)
     if args.cmd == "warmstart-data":  # SFT conversations that call the calculator: `rlhf sft --train-data OUT`
         records = [calculator_sft_record(p) for p in demo_prompts("train", args.per_family, seed=0,

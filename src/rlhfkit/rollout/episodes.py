@@ -94,7 +94,10 @@ class Episode:
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """Token ids that end a model turn: eos and ChatML's <|im_end|> where the vocabulary has it."""
+    """Token ids that end a model turn: eos and ChatML's <|im_end|> where the vocabulary has it.
+    Narrower than `generate.stop_token_ids` on purpose: a turn that ends must end with the token
+    the chat template closes a turn with (an unfinished one gets `stop_ids(...)[0]` appended) so
+    that the tool's turn follows as the template renders it; <|endoftext|> is not that token."""
     ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 

@@ -58,7 +58,9 @@ class Generation:
     finished: bool  # ended with end-of-turn / stop string rather than the token limit
 
 
-def _stop_ids(tokenizer) -> list[int]:
+def stop_token_ids(tokenizer) -> list[int]:
+    """Every id that ends a generation: eos and the chat formats' end tokens the vocabulary has
+    (a multi-turn episode ends a model turn on eos alone: `rollout.episodes.stop_ids`)."""
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
         i = tokenizer.convert_tokens_to_ids(tok)
@@ -76,7 +78,7 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
     jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.n)]
     order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][0]]))
     pad = pad_token_id(tokenizer)
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     results: list[Generation | None] = [None] * len(jobs)
     was_training = model.training
     model.eval()

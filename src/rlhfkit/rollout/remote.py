@@ -45,7 +45,7 @@ import torch
 from rlhfkit.data.schemas import Conversation
 from rlhfkit.data.tokenize import pad_token_id, render_prompt
 from rlhfkit.io import atomic_dir
-from rlhfkit.rollout.generate import Generation, SamplingConfig, _stop_ids
+from rlhfkit.rollout.generate import Generation, SamplingConfig, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class RemoteSampler:
         texts = [render_prompt(tokenizer, p) for p in prompts]
         # What the server conditions on: its tokenizer's ids of the prompt text (special tokens added as it adds them).
         prompt_ids = [tokenizer(t)["input_ids"] for t in texts]
-        stop_ids, eos = _stop_ids(tokenizer), tokenizer.eos_token_id
+        stop_ids, eos = stop_token_ids(tokenizer), tokenizer.eos_token_id
         settings = json.dumps({"do_sample": cfg.temperature > 0, "top_k": cfg.top_k, "eos_token_id": stop_ids,
                                "pad_token_id": pad_token_id(tokenizer)})
         jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.n)]
