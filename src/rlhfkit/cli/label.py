@@ -209,7 +209,9 @@ def export(output: Path = typer.Argument(..., help="JSONL file to write."),
     typer.echo(f"wrote {count} {format} records to {output} ({skips.summary()}{left_out})")
 
 
+add_commands(label_app)  # backup, restore, audit (cli/label_ops.py)
+add_account_commands(label_app)  # deactivate, activate, reset-password, revoke-sessions, members
+
+
 def register(app: typer.Typer) -> None:
-    add_commands(label_app)  # backup, restore, audit (cli/label_ops.py)
-    add_account_commands(label_app)  # deactivate, activate, reset-password, revoke-sessions, members
     app.add_typer(label_app, name="label", help="Human feedback collection: the labeling web app.")

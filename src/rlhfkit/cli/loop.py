@@ -169,14 +169,16 @@ def export(run_dir: Path = typer.Argument(..., help="the loop's run folder"),
     console.print(f"round {round} → {output_dir} ({', '.join(sorted(p.name for p in output_dir.iterdir()))})")
 
 
+config_command(loop_app, "run", LoopConfig, run_and_report,
+               help="Start (or continue) a loop described by a YAML file and/or flags.",
+               examples="[bold]Examples[/]\n\n  rlhf loop run --policy runs/demo/sft/final --rounds 3\n\n"
+                        "  rlhf loop run --config loop.yaml --feedback human --overlap 2\n\n"
+                        "Exit code 3: a human round is waiting for votes (see `rlhf loop status`).")
+loop_app.command("resume")(resume)
+loop_app.command("status")(status)
+loop_app.command("history")(history)
+loop_app.command("export")(export)
+
+
 def register(app: typer.Typer) -> None:
-    config_command(loop_app, "run", LoopConfig, run_and_report,
-                   help="Start (or continue) a loop described by a YAML file and/or flags.",
-                   examples="[bold]Examples[/]\n\n  rlhf loop run --policy runs/demo/sft/final --rounds 3\n\n"
-                            "  rlhf loop run --config loop.yaml --feedback human --overlap 2\n\n"
-                            "Exit code 3: a human round is waiting for votes (see `rlhf loop status`).")
-    loop_app.command("resume")(resume)
-    loop_app.command("status")(status)
-    loop_app.command("history")(history)
-    loop_app.command("export")(export)
     app.add_typer(loop_app, name="loop", help="The feedback loop: rounds of sample → feedback → train → evaluate.")
