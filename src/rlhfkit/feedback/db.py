@@ -9,18 +9,12 @@ never see "database is locked":
 - write transactions start with `BEGIN IMMEDIATE`: they take the write lock first, so two
   requests that read-then-write queue on `busy_timeout` instead of one of them failing
   with SQLITE_BUSY when it tries to upgrade a stale read snapshot;
-- `foreign_keys=ON`, which SQLite leaves off by default;
-- the write transactions of one process queue on a lock of their own, taken at `BEGIN
-  IMMEDIATE` and given back at COMMIT or ROLLBACK (the span of SQLite's write lock): SQLite's
-  busy handler polls with sleeps that grow to 100 ms, so requests that collide on the write
-  lock would wait far longer than the few milliseconds a vote holds it. Writers of other
-  processes (`rlhf label import`) still meet the busy handler.
+- `foreign_keys=ON`, which SQLite leaves off by default.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +34,6 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 # write lock before it gives up: a request fails after one wait, an import after several.
 LOCKED_TRIES = 6
 
-_HOLDS_WRITERS = "rlhfkit_holds_writers_lock"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -65,25 +58,10 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.close()
 
-    writers = threading.Lock()  # not an RLock: a transaction may end in another thread than it began
-
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
         mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
-        if mode == "IMMEDIATE":
-            # past the busy timeout (a transaction left open?) go on to SQLite's own wait, as before
-            connection.info[_HOLDS_WRITERS] = writers.acquire(timeout=SQLITE_BUSY_TIMEOUT_S)
-        try:
-            connection.exec_driver_sql(f"BEGIN {mode}")
-        except BaseException:
-            _on_end(connection)
-            raise
-
-    @event.listens_for(engine, "commit")
-    @event.listens_for(engine, "rollback")
-    def _on_end(connection) -> None:
-        if connection.info.pop(_HOLDS_WRITERS, False):
-            writers.release()
+        connection.exec_driver_sql(f"BEGIN {mode}")
 
 
 @dataclass(frozen=True)
