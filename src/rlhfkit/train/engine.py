@@ -20,7 +20,8 @@ unreadable checkpoint to the previous one; Ctrl-C saves and raises `TrainingInte
 Distributed runs go through accelerate (`accelerate launch --num_processes N -m rlhfkit.cli ...`,
 or a config of configs/accelerate/ for FSDP2 or DeepSpeed; docs/SCALING.md): DDP by
 `accelerator.prepare`, FSDP2 by torch's `fully_shard` under the accelerate config's settings
-(`train.distributed` says why); nothing here is home-made parallelism.
+(`train.distributed` says why), DeepSpeed ZeRO-2/3 by `accelerator.prepare` with the run's
+settings filled into its config (`train.deepspeed`); nothing here is home-made parallelism.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from torch import nn
 from rlhfkit.config import Config, ConfigError, check, param
 from rlhfkit.models.device import resolve_precision
 from rlhfkit.train import checkpoint as ckpt
+from rlhfkit.train import deepspeed as zero
 from rlhfkit.train import distributed, identity
 from rlhfkit.train.metrics import TRACKERS, MetricsLogger, StepProgress, read_metrics
 from rlhfkit.train.modules import inner_hf_model as inner_hf_model
@@ -156,7 +158,9 @@ class Engine:
         self.precision = resolve_precision(cfg.precision)
         mp = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[self.precision]
         _allow_new_precision(mp)
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=mp, **zero.accelerator_kwargs())
+        if self.is_main and self.world_size > 1:  # once, so that a run's log says which path it took
+            log.info("distributed: %s, %d process(es)", self.accelerator.distributed_type.value, self.world_size)
         self.description = description
         self.start_step = 0
         self.resumed_from: Path | None = None
@@ -245,6 +249,7 @@ class Engine:
             schedule=self.cfg.schedule, min_ratio=self.cfg.min_lr_ratio))
         # The scheduler stays outside accelerate.prepare: a prepared scheduler steps once per
         # process, which would run the schedule N times too fast under N-process DDP.
+        zero.configure(self.accelerator, self.cfg, self.precision)  # a no-op unless under DeepSpeed
         if distributed.is_sharded(module):
             self.module, self.optimizer = module, optimizer  # already sharded: nothing for accelerate to wrap
         else:
@@ -266,6 +271,9 @@ class Engine:
     def sharded(self) -> bool:
         """The trained module is sharded over the processes (FSDP2): forwards are collective."""
         return distributed.is_sharded(getattr(self, "module", None))
+
+    # The trained module is a DeepSpeed engine (ZeRO-2/3 through accelerate).
+    deepspeed = property(lambda self: zero.is_engine(getattr(self, "module", None)))
 
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.module)
@@ -298,11 +306,13 @@ class Engine:
     def _load(self, saved: ckpt.Checkpoint) -> None:
         """Apply a checkpoint read whole; a part that does not fit this run counts as unreadable."""
         blob = saved.training
-        if self.sharded and not saved.sharded:
-            raise ConfigError(f"{saved.path}: written by an unsharded run, and this run is sharded (FSDP): resume "
-                              "it as it was launched, or pass --no-resume")
+        if (self.sharded, self.deepspeed) != (saved.sharded, saved.deepspeed):
+            raise ConfigError(f"{saved.path}: written by a run launched otherwise (FSDP, DeepSpeed or neither) than "
+                              "this one: resume it as it was launched, or pass --no-resume")
         try:
-            if saved.sharded:
+            if saved.deepspeed:
+                zero.load_state(self.module, saved.path / zero.FOLDER)
+            elif saved.sharded:
                 distributed.load_shards(self.module, self.optimizer, saved.path / distributed.SHARDS)
             else:
                 ckpt.apply_weights(inner_hf_model(self.unwrapped()), saved.weights, adapter=saved.adapter)
@@ -326,17 +336,21 @@ class Engine:
         if self.sharded:
             self.module.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
+        if self.deepspeed:  # DeepSpeed steps in the backward of the step's last micro-batch
+            self.accelerator.sync_gradients = last
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.module)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        # rlhfkit's losses are normalized over the whole step: DeepSpeed must not divide again
+        self.accelerator.backward(loss, **({"scale_wrt_gas": False} if self.deepspeed else {}))
 
     def optimizer_step(self) -> float:
         """Clip, step, schedule, zero the grads; returns the pre-clip gradient norm."""
         norm = float("nan")
         if self.cfg.max_grad_norm > 0 and self.sharded:  # the norm of sharded (DTensor) grads is collective
             norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
-        elif self.cfg.max_grad_norm > 0:  # None under DeepSpeed, which clips inside its own step
+        elif self.cfg.max_grad_norm > 0:  # DeepSpeed clipped in its own step: this is its pre-clip norm
             clipped = self.accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
             norm = float("nan") if clipped is None else float(clipped)
         self.optimizer.step()
@@ -368,12 +382,12 @@ class Engine:
         shards first); returns its folder on every process."""
         self.accelerator.wait_for_everyone()
         shards = None
-        if self.sharded:
+        if self.sharded or self.deepspeed:
             shards = ckpt.shards_staging(self.run_dir, step)
             if self.is_main and shards.exists():
                 shutil.rmtree(shards)  # left by a run killed while saving
             self.accelerator.wait_for_everyone()
-            distributed.save_shards(self.module, self.optimizer, shards)
+            (zero.save_state if self.deepspeed else distributed.save_shards)(self.module, self.optimizer, shards)
             self.accelerator.wait_for_everyone()
         if self.is_main:
             model = self.unwrapped_model_for_save()
@@ -381,7 +395,7 @@ class Engine:
             ckpt.save_checkpoint(self.run_dir, step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                                  scheduler=self.scheduler, state={"description": self.description},
                                  extra=self.extra_state, keep=self.cfg.keep_checkpoints, base_model=base,
-                                 shards=shards)
+                                 shards=shards, shards_name=zero.FOLDER if self.deepspeed else distributed.SHARDS)
         self.accelerator.wait_for_everyone()
         return self.run_dir / "checkpoints" / ckpt.checkpoint_name(step)
 
@@ -416,12 +430,13 @@ class Engine:
         """Save the final model to run_dir/final and mark the run finished; a LoRA run's final
         model has the adapter merged in, and the adapter itself goes to run_dir/final-adapter
         (naming its base so that `PeftModel.from_pretrained` finds it). A run that had already
-        finished writes nothing and returns its final model. Under FSDP the full weights are
-        gathered into the main process first."""
+        finished writes nothing and returns its final model. Under FSDP and ZeRO-3 the full
+        weights are gathered first."""
         self.accelerator.wait_for_everyone()
         out = self.run_dir / identity.FINAL
         model = self.unwrapped_model_for_save()
-        full = distributed.full_state_dict(model) if self.sharded and not self.finished else None
+        gather = distributed.full_state_dict if self.sharded else zero.full_state_dict if self.deepspeed else None
+        full = gather(model) if gather is not None and not self.finished else None  # collective
         if self.is_main and not self.finished:
             if full is not None and ckpt.is_adapter_model(model):
                 model, full = distributed.unsharded_adapter_model(model, full), None
