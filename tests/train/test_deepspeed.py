@@ -16,16 +16,12 @@ DeepSpeed builds its CPU shared-memory op once per machine (~2 min, cached in
 ~/.cache/torch_extensions); after that each launch is ~30 s on 2 cores.
 """
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -35,7 +31,7 @@ from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.metrics import read_metrics
 
-from .conftest import addition_sft_data, free_port
+from .conftest import addition_sft_data, free_port, kill_after_checkpoint
 
 pytest.importorskip("deepspeed")
 
@@ -146,18 +142,7 @@ def test_zero3_run_killed_after_a_checkpoint_resumes_exactly(zero3, tmp_path):
     full, cmd, env = zero3
     run = tmp_path / "killed"
     cmd = [str(run) if part == str(full) else part for part in cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "checkpoints" / "step-000002" / "trainer_state.json").exists():
-                break
-            time.sleep(0.01)
-    finally:
-        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+    kill_after_checkpoint(cmd, run, 2, env=env)
     assert not (run / "final").exists(), "the run finished before it was killed"
     assert (run / "checkpoints" / "step-000002").is_dir(), "killed before the checkpoint"
     cmd[cmd.index("--master_port") + 1] = str(free_port())

@@ -14,16 +14,12 @@ Resume is compared with the same 2-process layout: bitwise up to 1e-6 (as the DD
 Each subprocess run is ~30 s on 2 cores (mostly starting Python, torch and transformers twice).
 """
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -33,7 +29,7 @@ from rlhfkit.recipes.dpo import DPOConfig, run_dpo
 from rlhfkit.recipes.sft import SFTConfig, run_sft
 from rlhfkit.train.metrics import read_metrics
 
-from .conftest import addition_sft_data, free_port
+from .conftest import addition_sft_data, free_port, kill_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDP2 = ROOT / "configs" / "accelerate" / "fsdp2.yaml"
@@ -116,20 +112,7 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_exactly(sharded_sft, tmp_pat
     data, full, _ = sharded_sft
     run = tmp_path / "killed"
     cmd = _launch("sft", data, run, "--max-steps", str(STEPS), "--save-every", "4")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (run / "checkpoints" / "step-000004" / "trainer_state.json").exists():
-                break
-            time.sleep(0.01)
-    finally:
-        # The workers run in sessions of their own (torch elastic): SIGKILL each, then the launcher.
-        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
+    kill_after_checkpoint(cmd, run, 4, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout_s=180)
     assert not (run / "final").exists(), "the run finished before it was killed"
     saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     assert saved, "killed before any checkpoint"

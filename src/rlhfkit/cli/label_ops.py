@@ -95,14 +95,18 @@ def backup_command(dest: Path = typer.Argument(..., help="File to write the copy
     database = open_existing(db)
     try:
         result = backup(database, dest)
-        with database.write() as session:
-            audit.record(session, audit.CLI, "backup", f"file:{dest.resolve()}", bytes=result.size_bytes,
-                         schema_version=result.schema_version)
-            session.commit()
+        _audit_backup(database, dest, result.size_bytes, result.schema_version)
     finally:
         database.close()
     typer.echo(f"backed up {source} to {dest}: {result.size_bytes / 2**20:.1f} MiB, schema version "
                f"{result.schema_version}, integrity check ok ({result.seconds:.1f} s)")
+
+
+def _audit_backup(database: Database, dest: Path, size_bytes: int, schema_version: int) -> None:
+    with database.write() as session:
+        audit.record(session, audit.CLI, "backup", f"file:{dest.resolve()}", bytes=size_bytes,
+                     schema_version=schema_version)
+        session.commit()
 
 
 def _check_dest(dest: Path, force: bool, name: str) -> None:
@@ -120,10 +124,7 @@ def _pg_backup(dest: Path, db: str, force: bool) -> None:
     result = pg_backup.backup(db, dest)
     database = open_existing(db)
     try:
-        with database.write() as session:
-            audit.record(session, audit.CLI, "backup", f"file:{dest.resolve()}", bytes=result.size_bytes,
-                         schema_version=result.schema_version)
-            session.commit()
+        _audit_backup(database, dest, result.size_bytes, result.schema_version)
     finally:
         database.close()
     typer.echo(f"backed up {conn.shown} to {dest} with pg_dump: {result.size_bytes / 2**20:.1f} MiB, "
