@@ -85,14 +85,20 @@ def sqlite_file(db: str, *, command: str) -> Path:
     return path
 
 
+def file_head(path: Path, kind: str) -> bytes:
+    """The first bytes of the file `path` (enough for SQLite's and pg_dump's magic); a one-line
+    DataError naming `kind` ("database", "backup") when it is missing or a folder."""
+    if not path.exists():
+        raise DataError(f"no such {kind} file", path=str(path))
+    if not path.is_file():
+        raise DataError(f"is a folder, not a {kind} file", path=str(path))
+    with open(path, "rb") as f:
+        return f.read(len(SQLITE_MAGIC))
+
+
 def check_sqlite_file(path: Path) -> None:
     """A one-line DataError unless `path` is an existing SQLite database file."""
-    if not path.exists():
-        raise DataError("no such database file", path=str(path))
-    if not path.is_file():
-        raise DataError("is a folder, not a database file", path=str(path))
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_MAGIC))
+    head = file_head(path, "database")
     if head.startswith(PG_MAGIC):
         raise DataError("is a PostgreSQL backup (pg_dump archive), not a SQLite one: restore it into a "
                         "PostgreSQL database (--db postgresql+psycopg://user@host/db)", path=str(path))

@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from rlhfkit.data.errors import DataError
-from rlhfkit.feedback.backup import PG_MAGIC, SQLITE_MAGIC, fsync_path, publish_file
+from rlhfkit.feedback.backup import PG_MAGIC, SQLITE_MAGIC, file_head, fsync_path, publish_file
 from rlhfkit.feedback.db import database_url
 from rlhfkit.feedback.migrations import SCHEMA_VERSION
 
@@ -98,12 +98,7 @@ def find_tool(name: str) -> str:
 
 def check_archive(path: Path) -> None:
     """A one-line DataError unless `path` is a pg_dump custom-format archive."""
-    if not path.exists():
-        raise DataError("no such backup file", path=str(path))
-    if not path.is_file():
-        raise DataError("is a folder, not a backup file", path=str(path))
-    with open(path, "rb") as f:
-        head = f.read(len(SQLITE_MAGIC))
+    head = file_head(path, "backup")
     if head.startswith(SQLITE_MAGIC):
         raise DataError("is a SQLite backup, not a PostgreSQL one: restore it into a SQLite database "
                         "(--db feedback.db)", path=str(path))
