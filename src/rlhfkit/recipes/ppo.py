@@ -224,8 +224,8 @@ def run_ppo(cfg: PPOConfig) -> dict:
     final, metrics = online.train(run, lambda step: train_step(run, step))
     critic = None
     if run.engine.sharded:  # collective: every process gathers, the main one keeps the full weights
-        critic = {k: v for k, v in full_state_dict(run.module).items()
-                  if k.startswith(("value_head.", "critic_backbone."))}
+        names = set(run.policy.value_state_dict())
+        critic = {k: v for k, v in full_state_dict(run.module).items() if k in names}
     if run.engine.is_main:
         save_value_model(run.policy, final, critic)
     return {"final": str(final), "metrics": metrics}
