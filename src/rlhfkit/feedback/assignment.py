@@ -68,20 +68,32 @@ def held_assignment(session: Session, project: Project, user: User, now: datetim
     return next((a for a in session.scalars(_unanswered(project, user)) if is_live(a, now)), None)
 
 
-def _claimable(project: Project, user: User, now: datetime):
+def _first_claimable(session: Session, project: Project, user: User, now: datetime) -> Item | None:
+    """The first item of `project` (oldest published round first, then position) that `user`
+    does not hold and that is gold or held by fewer than `project.overlap` annotators.
+
+    One query per round, each walking the index on items (round_id, position) and stopping at
+    the first item with room: the items before it cost two index probes each. One query over
+    the whole project, ordered by (round number, position) through the join, tested every
+    item of the project and sorted them (≈ 11 ms per claim at 20k items, under the write lock)."""
     holders = select(func.count(Assignment.id)).where(Assignment.item_id == Item.id, _holds(now)).scalar_subquery()
     mine = exists().where(Assignment.item_id == Item.id, Assignment.user_id == user.id, _holds(now))
-    return (select(Item).join(Round, Item.round_id == Round.id)
-            .where(Item.project_id == project.id, published(), ~mine,
-                   or_(Item.gold_ranks.is_not(None), holders < project.overlap))
-            .order_by(Round.number, Item.position).limit(1))
+    rounds = session.scalars(select(Round.id).where(Round.project_id == project.id, published())
+                             .order_by(Round.number)).all()
+    for round_id in rounds:
+        item = session.scalars(select(Item).where(Item.round_id == round_id, ~mine,
+                                                  or_(Item.gold_ranks.is_not(None), holders < project.overlap))
+                               .order_by(Item.position).limit(1)).first()
+        if item is not None:
+            return item
+    return None
 
 
 def has_work(session: Session, project: Project, user: User, now: datetime | None = None) -> bool:
     """True when `user` holds an item in `project` or could claim one. Reads only."""
     now = now or utcnow()
     return (held_assignment(session, project, user, now) is not None
-            or session.scalars(_claimable(project, user, now)).first() is not None)
+            or _first_claimable(session, project, user, now) is not None)
 
 
 def _lock_project(session: Session, project: Project) -> None:
@@ -104,7 +116,7 @@ def next_assignment(session: Session, project: Project, user: User, *, lease: ti
     for expired in mine:  # their own expired claims are given up; such an item comes back below if it has room
         session.delete(expired)
     session.flush()
-    item = session.scalars(_claimable(project, user, now)).first()
+    item = _first_claimable(session, project, user, now)
     if item is None:
         return None
     assignment = Assignment(item_id=item.id, user_id=user.id, project_id=project.id,

@@ -150,7 +150,9 @@ class Item(Base):
     """An imported id names one item of its project (unique index; NULL ids are not compared)."""
 
     __tablename__ = "items"
-    __table_args__ = (Index("ux_items_project_external_id", "project_id", "external_id", unique=True),)
+    __table_args__ = (Index("ux_items_project_external_id", "project_id", "external_id", unique=True),
+                      # a round's items in order: the next item to claim is found walking it
+                      Index("ix_items_round_position", "round_id", "position"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
