@@ -12,7 +12,8 @@ each are dropped and the median of the rest is printed, with min and max, and th
 ratio beside the median one.
 
 - padded: `collate_padded`, right-padded to the longest example of the step;
-- packed: `collate_packed`, rows of at most 2048 tokens, attention confined to each example.
+- packed: `collate_packed`, rows of at most 2048 tokens balanced to the narrowest width that
+  keeps their number (`pack_rows`), attention confined to each example.
 
 Tokens/s counts real tokens only. `--sweep` prints the packed step's tokens/s for growing
 batches of one length and for one batch of growing lengths: with attention per example the

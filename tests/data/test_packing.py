@@ -96,3 +96,37 @@ def test_plan_batches_deterministic_complete_and_grouped():
     # length grouping: each batch holds two short or two long examples
     for b in p1:
         assert len({lengths[i] > 20 for i in b}) == 1
+
+
+def test_rows_are_balanced_to_the_narrowest_width_first_fit_finds():
+    """Hand-derived: Σ = 4925 tokens need 3 rows of ≤ 2048; two of the four longest (1020, 943,
+    896, 808) share a row, so the width is at least 896 + 808 = 1704, and first-fit at 1704
+    reaches it: {1020, 462, 73} = 1555, {943, 426, 297} = 1666, {896, 808} = 1704. Rows padded
+    to the first packing's widest row instead would hold 3 × 2036 positions."""
+    from rlhfkit.data.packing import pack_rows
+    from rlhfkit.data.tokenize import Encoded
+
+    lengths = [896, 426, 808, 943, 462, 73, 297, 1020]
+    assert pack_rows(lengths, 2048) == [[7, 4, 5], [3, 1, 6], [0, 2]]
+    exs = [Encoded(list(range(3, 3 + n)), [IGNORE_INDEX] + list(range(4, 3 + n)), 1) for n in lengths]
+    packed = collate_packed(exs, 0)
+    assert packed.input_ids.shape == (3, 1704)
+    assert packed.attention_mask.sum().item() == packed.num_tokens == sum(lengths)
+    for i, n in enumerate(lengths):  # every example whole, positions 0 … n−1
+        assert packed.position_ids[packed.segment_ids == i].tolist() == list(range(n))
+    assert pack_rows([3, 2, 5], 16) == [[2, 0, 1]]  # one row: nothing to balance
+    assert pack_rows([], 16) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_rows_keep_every_example_once_within_the_cap(seed):
+    import random
+
+    from rlhfkit.data.packing import pack_rows
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(2, 30))]
+    rows = pack_rows(lengths, 512)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    widths = [sum(lengths[i] for i in row) for row in rows]
+    assert max(widths) <= 512 and max(widths) >= max(max(lengths), -(-sum(lengths) // len(rows)))

@@ -128,3 +128,53 @@ def test_queries_after_cached_keys_see_every_earlier_token():
         first = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], cache=first.past_key_values, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+def _packed_and_padded(tok):
+    from rlhfkit.data.packing import collate_packed
+
+    texts = [("one", "a b c d e f"), ("two", "x"), ("three", "long answer here"), ("four", "y z"), ("five", "w")]
+    exs = [encode_pair(tok, as_conversation(p), r) for p, r in texts]
+    cap = 64  # lengths 35, 25, 42, 28, 26 → rows of 60: {42 + padding}, {35, 25}, {28, 26 + padding}
+    return exs, collate_packed(exs, tok.pad_token_id, row_tokens=cap), collate_padded(exs, tok.pad_token_id)
+
+
+def test_packed_rows_give_the_padded_gradients():
+    """Each example's weighted log-prob sum, packed into several rows (sequences cut by split,
+    fp32 SDPA per sequence) or padded (fp32 matmul with the mask): same loss, same gradients."""
+    from rlhfkit.ops.logprobs import sequence_logprobs
+
+    tok = tiny_tokenizer()
+    exs, packed, padded = _packed_and_padded(tok)
+    assert packed.input_ids.shape[0] > 1 and (packed.segment_ids < 0).any()
+    coef = torch.linspace(0.5, 1.5, len(exs))
+    grads = []
+    for batch in (packed, padded):
+        model = tiny_causal_lm(seed=4)
+        model.set_attn_implementation(attention.register())
+        lp = gather_logprobs(model, batch.input_ids, batch.labels, position_ids=batch.position_ids,
+                             attention_mask=None if batch.packed else batch.attention_mask)
+        seq = sequence_logprobs(lp, batch.loss_mask, batch.segment_ids, len(exs))
+        (seq * coef).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_sequences_attend_in_fp32_under_bf16_autocast(monkeypatch):
+    tok = tiny_tokenizer()
+    _, packed, _ = _packed_and_padded(tok)
+    model = tiny_causal_lm(seed=4)
+    model.set_attn_implementation(attention.register())
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu"), kw["is_causal"]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = gather_logprobs(model, packed.input_ids, packed.labels, position_ids=packed.position_ids)
+    assert torch.isfinite(lp).all()
+    spans = sum(len(row) for row in attention.sequence_spans(packed.position_ids, *packed.input_ids.shape))
+    assert seen == [(torch.float32,) * 3 + (False, True)] * (spans * model.config.num_hidden_layers)

@@ -41,32 +41,65 @@ def _weights(rows: list[list[float]], shape) -> torch.Tensor | None:
 PACK_ROW_TOKENS = 2048  # default longest packed row; see collate_packed
 
 
-def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | None = None) -> LMBatch:
-    """Pack the examples into rows of at most `row_tokens` tokens: (R, T_row).
-
-    Position ids restart at 0 for each example and `segment_ids` give each token its
-    example's index in `examples` (−1 on padding), so per-example sums keep the input order
-    whatever row an example lands in. Rows are filled first-fit by decreasing length and
-    right-padded to the longest row; the padding gets positions 0, 1, … of its own, so it is
-    a separate (ignored) sequence for the model, and attention_mask 0.
-
-    Attention inside a packed row costs T_row², so one row for a whole micro-batch gets slow
-    as batches grow (22.6k tokens in one row ran 4.7× slower than padding on an H100): rows
-    are capped at `row_tokens` (default `PACK_ROW_TOKENS`, or the longest example if longer).
-    """
-    limit = max(row_tokens or PACK_ROW_TOKENS, max((len(e) for e in examples), default=0))
-    rows: list[list[int]] = []   # example indices per row
-    room: list[int] = []         # tokens left per row
-    for i in sorted(range(len(examples)), key=lambda j: -len(examples[j])):
-        n = len(examples[i])
-        r = next((r for r, left in enumerate(room) if left >= n), None)
+def _first_fit(lengths: list[int], order: list[int], limit: int) -> list[list[int]]:
+    """Indices per row: each example (in `order`) goes to the first row with room for it."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
         if r is None:
             rows.append([])
             room.append(limit)
             r = len(rows) - 1
         rows[r].append(i)
-        room[r] -= n
-    width = max((limit - left for left in room), default=0)
+        room[r] -= lengths[i]
+    return rows
+
+
+def pack_rows(lengths: list[int], limit: int) -> list[list[int]]:
+    """Example indices per row: as few rows R as first-fit by decreasing length finds with rows
+    of at most `limit` tokens, then the narrowest width W that still takes them in R rows.
+
+    The batch holds R·W positions for Σ n_i real tokens, and W ≥ max(max n_i, ⌈Σ n_i / R⌉);
+    W is bisected between that bound and the first packing's widest row (first-fit at each
+    trial width), so the rows come out about equally full instead of one short row padded to
+    the longest: lengths 1020, 943, 896, 808, 462, 426, 297, 73 at limit 2048 take 3 rows of
+    1704 (5,112 positions) rather than 3 rows of 2036 (6,108).
+    """
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    best = _first_fit(lengths, order, limit)
+    if len(best) < 2:
+        return best
+    width = lambda rows: max(sum(lengths[i] for i in row) for row in rows)  # noqa: E731
+    lo, hi = max(max(lengths), -(-sum(lengths) // len(best))), width(best) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        rows = _first_fit(lengths, order, mid)
+        if len(rows) <= len(best):
+            best, hi = rows, width(rows) - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | None = None) -> LMBatch:
+    """Pack the examples into rows of at most `row_tokens` tokens: (R, W), rows from `pack_rows`.
+
+    Position ids restart at 0 for each example and `segment_ids` give each token its
+    example's index in `examples` (−1 on padding), so per-example sums keep the input order
+    whatever row an example lands in. Rows are right-padded to the longest row; the padding
+    gets positions 0, 1, … of its own, so it is a separate (ignored) sequence for the model,
+    and attention_mask 0.
+
+    With rlhfkit's kernels (`models.attention`) a row costs Σ n_i² in attention, but a kernel
+    that builds the row's T×T mask (transformers' own sdpa or eager) costs W², and one row for
+    a whole micro-batch gets slow as batches grow (22.6k tokens in one row ran 4.7× slower than
+    padding on an H100 with that mask): rows are capped at `row_tokens` (default
+    `PACK_ROW_TOKENS`, or the longest example if longer).
+    """
+    limit = max(row_tokens or PACK_ROW_TOKENS, max((len(e) for e in examples), default=0))
+    rows = pack_rows([len(e) for e in examples], limit)
+    width = max((sum(len(examples[i]) for i in row) for row in rows), default=0)
     ids, labels, pos, seg, attn, weights = [], [], [], [], [], []
     for row in rows:
         r_ids, r_labels, r_pos, r_seg, r_weights = [], [], [], [], []

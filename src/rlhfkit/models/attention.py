@@ -18,16 +18,22 @@ numerics. Above `MATMUL_MAX_ELEMENTS` score elements per call (B·H·T·S), wher
 probabilities it keeps for the backward would cost too much memory, it hands the same
 inputs to PyTorch's SDPA instead (which takes the same additive mask).
 
-**Packed rows are padding-free here** (`PACKED_SDPA` is the same for GPUs, with SDPA's fused
-causal kernel per sequence): for a row whose position ids restart at 0 at each sequence (the
-packed batches of `data.packing`), transformers would build a dense T×T block-causal mask and
-the kernel would compute all T² scores, most of them masked. Both kernels here skip that mask
-(the mask function returns None when the model gets no 2-D attention mask) and attend within
-each sequence [s, e) of the row,
+**Packed rows are padding-free here** (`PACKED_SDPA` is the same for GPUs): for a row whose
+position ids restart at 0 at each sequence (the packed batches of `data.packing`),
+transformers would build a dense T×T block-causal mask and the kernel would compute all T²
+scores, most of them masked. Both kernels here skip that mask (the mask function returns None
+when the model gets no 2-D attention mask) and attend within each sequence [s, e) of the row,
 
     O[s:e] = softmax(Q[s:e] K[s:e]ᵀ · scale + causal) V[s:e],
 
 so a row of sequences of lengths n_i costs Σ n_i² instead of (Σ n_i)², whatever its width.
+On CPU each sequence goes through SDPA's fused causal kernel with fp32 Q, K, V (autocast
+off): fp32 accumulation as above, but no n×n mask is built, blocks above the diagonal are
+skipped (≈ half the FLOPs), only the (H, n) log-sum-exp is kept for the backward instead of
+the n×n probabilities, and grouped K/V heads are read in place. Per layer at H = 9, d = 64
+(forward + backward, 2 threads) it was 4× faster than the matmul path at n = 1024 and no
+slower at n = 32. The sequences are cut with `split` (whose backward is one `cat`), not by
+slicing (each slice's backward would fill a zero tensor as large as the whole row).
 """
 
 from __future__ import annotations
@@ -82,34 +88,49 @@ def _matmul(query, key, value, mask, scaling: float, p: float, training: bool):
 
 
 def _per_sequence(kernel, query, key, value, spans) -> torch.Tensor:
-    """(B, H, T, d): `kernel(q, k, v)` on each sequence [s, e) of each row, joined back."""
+    """(B, H, T, d): `kernel(q, k, v)` on each sequence [s, e) of each row, joined back.
+
+    Rows and sequences are cut with `split` and joined with `cat`, so the backward is one
+    `cat` per split tensor (no zero-filled row-sized gradient per piece)."""
     if all(len(row_spans) == 1 for row_spans in spans):  # one sequence per row: one call
         return kernel(query, key, value)
     rows = []
-    for b, row_spans in enumerate(spans):
-        parts = [kernel(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]) for s, e in row_spans]
-        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    for q, k, v, row_spans in zip(query.split(1), key.split(1), value.split(1), spans, strict=True):
+        if len(row_spans) == 1:
+            rows.append(kernel(q, k, v))
+            continue
+        sizes = [e - s for s, e in row_spans]
+        parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), strict=True)
+        rows.append(torch.cat([kernel(*part) for part in parts], dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def _fp32_causal_sdpa(query, key, value, scaling: float, p: float) -> torch.Tensor:
+    """SDPA's causal kernel on fp32 Q (1|B, H, n, d), K, V (.., H_kv, n, d), autocast off."""
+    with torch.autocast(query.device.type, enabled=False):
+        return nn.functional.scaled_dot_product_attention(
+            query.float(), key.float(), value.float(), dropout_p=p, is_causal=True, scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1])
 
 
 def fp32_matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                           **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers attention-interface signature; returns ((B, T, H, d) output, weights or None)."""
+    p = dropout if module.training else 0.0
+    b, h, t, _ = query.shape
+    if attention_mask is None and t == key.shape[-2]:  # packed rows or no padding: causal per sequence
+        spans = sequence_spans(kwargs.get("position_ids"), b, t)
+        kernel = lambda q, k, v: _fp32_causal_sdpa(q, k, v, scaling, p)  # noqa: E731
+        out = _per_sequence(kernel, query.float(), key.float(), value.float(), spans)  # one cast per tensor
+        return out.transpose(1, 2).contiguous().to(query.dtype), None
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # grouped-query attention: each K/V head serves `groups` query heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    p = dropout if module.training else 0.0
-    b, h, t, _ = query.shape
-    if attention_mask is None and t != key.shape[-2]:  # queries after cached keys
+    if attention_mask is None:  # queries after cached keys
         out = _matmul(query, key, value, _causal(t, key.shape[-2], query.device), scaling, p, module.training)[0]
         return out.transpose(1, 2).contiguous().to(query.dtype), None
-    if attention_mask is None:  # packed rows or no padding: causal within each sequence
-        spans = sequence_spans(kwargs.get("position_ids"), b, t)
-        kernel = lambda q, k, v: _matmul(q, k, v, _causal(q.shape[-2], k.shape[-2], q.device),  # noqa: E731
-                                         scaling, p, module.training)[0]
-        return _per_sequence(kernel, query, key, value, spans).transpose(1, 2).contiguous().to(query.dtype), None
     mask = attention_mask[:, :, :, :key.shape[-2]]
     if b * h * t * key.shape[-2] > MATMUL_MAX_ELEMENTS:
         # SDPA wants the mask in the query's dtype; a finite minimum keeps fully masked
