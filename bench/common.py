@@ -9,16 +9,20 @@ Every benchmark here follows the same protocol, so their numbers compare:
 3. the first `warmup` steps of each side are dropped (allocator, kernel selection, lazy
    init), and the *median* of the timed steps is reported, with min and max beside it;
 4. throughput counts real (non-pad) tokens only: padding a side chooses to compute is its
-   cost, not extra work done.
+   cost, not extra work done;
+5. beside the time, each step's peak memory is measured (`PeakMemory`: what the step adds to
+   what the process held when it began) and the table shows each side's largest timed one.
 
 Timings are wall-clock seconds of a full optimizer step (forward + backward + optimizer).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -53,21 +57,160 @@ def stopwatch(device: torch.device | str = "cpu") -> Iterator[list[float]]:
         out.append(time.perf_counter() - start)
 
 
+class PeakMemory:
+    """The memory one step adds, at its peak, to what the process held when the step began.
+
+    One meter per process, used by every side in turn (`start()` before a step, `stop()` after it):
+
+    - GPU: `torch.cuda.max_memory_allocated()` (peak stats reset at `start`) minus
+      `memory_allocated()` at `start`: the step's activations, gradients and temporaries; the
+      weights and optimizer state kept between steps are not counted.
+    - CPU: a background thread samples, every `interval` seconds while a step runs,
+      (a) the bytes glibc's allocator has handed out and not taken back (`mallinfo2()`:
+      `uordblks + hblkhd`, all arenas; torch's CPU tensors come from it) and (b) the process
+      RSS (`/proc/self/statm`, or psutil where there is no /proc). `stop()` returns
+      (max (a) − (a) at `start`, max RSS − RSS at `start`); for the RSS peak the kernel's own
+      high-water mark (VmHWM, reset at `start` through /proc/self/clear_refs) counts too.
+      (a) is the figure the tables show: RSS undercounts a step that reuses memory the
+      allocator kept from an earlier step, of its own side or another's, so with interleaved
+      sides it depends on the order they run in; (a) does not. Both miss a peak that lasts
+      less than `interval`. Without glibc (another allocator or OS) only (b) is available.
+
+    The sampler costs well under 1 % of a core (one mallinfo2 call ≈ 30 µs per `interval`).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.005):
+        self.cuda = torch.device(device).type == "cuda"
+        self.interval = interval
+        self._libc = _glibc() if not self.cuda else None
+        self._active, self._idle = threading.Event(), threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._start = self._peak = (0, 0)
+
+    def _heap(self) -> int:
+        if self._libc is None:
+            return 0
+        info = self._libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self) -> None:
+        heap, rss = self._heap(), _rss_bytes()
+        self._peak = (max(self._peak[0], heap), max(self._peak[1], rss))
+
+    def _loop(self) -> None:
+        while True:
+            self._active.wait()
+            while self._active.is_set():
+                self._sample()
+                time.sleep(self.interval)
+            self._idle.set()
+
+    def start(self) -> None:
+        if self.cuda:
+            synchronize("cuda")
+            torch.cuda.reset_peak_memory_stats()
+            self._start = (torch.cuda.memory_allocated(), 0)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
+            self._thread.start()
+        _reset_rss_high_water()
+        self._start = self._peak = (self._heap(), _rss_bytes())
+        self._idle.clear()
+        self._active.set()
+
+    def stop(self) -> tuple[float, float | None]:
+        """(peak increase in MiB: heap on CPU, allocated on GPU; RSS increase in MiB, None on GPU)."""
+        if self.cuda:
+            synchronize("cuda")
+            return (torch.cuda.max_memory_allocated() - self._start[0]) / 2**20, None
+        self._active.clear()
+        self._idle.wait()
+        self._sample()
+        rss_peak = max(self._peak[1], _rss_high_water())
+        heap = (self._peak[0] - self._start[0]) / 2**20 if self._libc is not None else None
+        rss = (rss_peak - self._start[1]) / 2**20
+        return (heap if heap is not None else rss), rss
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc():
+    """glibc with `mallinfo2` (2.33+), or None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        libc.mallinfo2()
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+def _reset_rss_high_water() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS to the current RSS (Linux ≥ 4.0)
+    except OSError:
+        pass
+
+
+def _rss_high_water() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class StepTimes:
-    """Wall-clock seconds of one side's optimizer steps, warmup steps included (and skipped)."""
+    """Wall-clock seconds of one side's optimizer steps, warmup steps included (and skipped),
+    with each step's peak memory increase (`PeakMemory.stop()`) where it was measured."""
 
     name: str
     tokens_per_step: int  # real (non-pad) tokens in one step's batch
     warmup: int
     seconds: list[float] = field(default_factory=list)
+    memory: list[tuple[float, float | None] | None] = field(default_factory=list)
 
-    def add(self, seconds: float) -> None:
+    def add(self, seconds: float, memory: tuple[float, float | None] | None = None) -> None:
         self.seconds.append(seconds)
+        self.memory.append(memory)
 
     @property
     def timed(self) -> list[float]:
         return self.seconds[self.warmup:]
+
+    @property
+    def peak_mib(self) -> float | None:
+        """The largest peak increase (MiB) of the timed steps; None when none was measured."""
+        peaks = [m[0] for m in self.memory[self.warmup:] if m is not None]
+        return max(peaks) if peaks else None
+
+    @property
+    def peak_rss_mib(self) -> float | None:
+        peaks = [m[1] for m in self.memory[self.warmup:] if m is not None and m[1] is not None]
+        return max(peaks) if peaks else None
 
     @property
     def median_s(self) -> float:
@@ -89,14 +232,23 @@ class StepTimes:
         return self.median_s / self.min_s
 
 
+@contextmanager
+def measured(times: StepTimes, meter: PeakMemory | None, device: torch.device | str = "cpu") -> Iterator[None]:
+    """`with measured(times[name], meter, dev): step()` adds the step's seconds and peak memory."""
+    if meter is not None:
+        meter.start()
+    with stopwatch(device) as t:
+        yield
+    times.add(t[0], meter.stop() if meter is not None else None)
+
+
 def run_interleaved(steps: dict[str, Callable[[], None]], times: dict[str, StepTimes],
-                    rounds: int, device: torch.device | str = "cpu") -> None:
+                    rounds: int, device: torch.device | str = "cpu", meter: PeakMemory | None = None) -> None:
     """Call each step function once per round, in turn, timing each into `times[name]`."""
     for _ in range(rounds):
         for name, step in steps.items():
-            with stopwatch(device) as t:
+            with measured(times[name], meter, device):
                 step()
-            times[name].add(t[0])
 
 
 def model_flops_per_token(num_params: int, *, reference_pass: bool = False) -> float:
@@ -114,27 +266,36 @@ def peak_flops(device: torch.device | str) -> float | None:
 
 # ------------------------------------------------------------------------------ reporting
 
-def format_table(rows: list[StepTimes], *, baseline: str, flops_per_token: float | None = None,
+def format_table(rows: list[StepTimes], *, baseline: str | list[str], flops_per_token: float | None = None,
                  peak: float | None = None) -> str:
-    """One line per side: tokens/step, median s/step [min–max], tokens/s, ratio to `baseline`.
+    """One line per side: tokens/step, median s/step [min–max], tokens/s, its ratio to each
+    `baseline` side, and the peak memory increase of its timed steps (`PeakMemory`), when measured.
 
     With `flops_per_token` and `peak`, an MFU column (model FLOPs utilization) is added.
     """
-    base = next(r for r in rows if r.name == baseline)
+    baselines = [baseline] if isinstance(baseline, str) else list(baseline)
+    bases = [next(r for r in rows if r.name == b) for b in baselines]
     width = max(len(r.name) for r in rows)
-    head = (f"{'':{width}}  tokens/step  s/step (median)  [min – max]      tokens/s   vs {baseline}")
-    if flops_per_token and peak:
-        head += "    MFU"
+    ratio_heads = [f"vs {b}" for b in baselines]
+    head = f"{'':{width}}  tokens/step  s/step (median)  [min – max]      tokens/s   " + "   ".join(ratio_heads)
+    mfu = bool(flops_per_token and peak)
+    memory = any(r.peak_mib is not None for r in rows)
+    head += "    MFU" * mfu + "   peak MiB" * memory
     lines = [head]
     for r in rows:
         line = (f"{r.name:{width}}  {r.tokens_per_step:11d}  {r.median_s:15.3f}  "
-                f"[{min(r.timed):.3f} – {max(r.timed):.3f}]  {r.tokens_per_s:9.1f}   "
-                f"{r.tokens_per_s / base.tokens_per_s:5.2f}×")
-        if flops_per_token and peak:
+                f"[{min(r.timed):.3f} – {max(r.timed):.3f}]  {r.tokens_per_s:9.1f}   ")
+        line += "   ".join(f"{f'{r.tokens_per_s / b.tokens_per_s:.2f}×':>{len(h)}}" for b, h in zip(bases, ratio_heads,
+                                                                                                strict=True))
+        if mfu:
             line += f"  {r.tokens_per_s * flops_per_token / peak:6.1%}"
+        if memory:
+            line += f"  {r.peak_mib:9.0f}" if r.peak_mib is not None else f"  {'n/a':>9}"
         lines.append(line)
-    lines.append(f"(medians of {len(base.timed)} timed steps after {base.warmup} warmup steps, "
-                 "steps interleaved between the sides)")
+    lines.append(f"(medians of {len(bases[0].timed)} timed steps after {bases[0].warmup} warmup steps, "
+                 "steps interleaved between the sides" + ("; peak MiB: the largest memory increase of a timed step "
+                                                         "over the memory at its start, see PeakMemory)" if memory
+                                                         else ")"))
     return "\n".join(lines)
 
 
@@ -159,12 +320,13 @@ def ratio_lines(ours: StepTimes, theirs: StepTimes, *, target: float | None = No
     return line
 
 
-def agreement_line(name: str, ours: float, theirs: float, *, width: int = 15, tol: float = 1e-3) -> str:
+def agreement_line(name: str, ours: float, theirs: float, *, width: int = 15, tol: float = 1e-3,
+                   against: str = "ours − TRL") -> str:
     """'name  0.693147   |ours − TRL| = 1.2e-05  within 1e-3' (or 'DIFFERS by more than 1e-3')."""
     diff = abs(ours - theirs)
     tol_text = f"{tol:.0e}".replace("e-0", "e-")  # 1e-3, not 0.001
     verdict = f"within {tol_text}" if diff <= tol else f"DIFFERS by more than {tol_text}"
-    return f"{name:{width}} {ours:.6f}   |ours − TRL| = {diff:.2e}  {verdict}"
+    return f"{name:{width}} {ours:.6f}   |{against}| = {diff:.2e}  {verdict}"
 
 
 def agreement_lines(ours: dict[str, float], trl_name: str, trl_value: float, *, width: int | None = None,

@@ -2,7 +2,8 @@
 in one process, steps interleaved; prints tokens/s of each side and the ratio.
 
     python bench/dpo_vs_trl.py                          # 8 demo pairs, bf16, 2 warmup + 8 timed steps
-    python bench/dpo_vs_trl.py --trl-precompute-ref     # TRL scores its reference once up front too
+    python bench/dpo_vs_trl.py --trl-sides default      # ours against TRL's defaults only
+    python bench/dpo_vs_trl.py --trl-precompute-ref     # TRL's default column scores its reference up front too
     python bench/dpo_vs_trl.py --precision fp32 --steps 8 --profile 15
     OMP_NUM_THREADS=1 python bench/dpo_vs_trl.py --steps 1 --warmup 0 --threads 1   # a quick smoke test
 
@@ -25,8 +26,14 @@ What each side runs per optimizer step
   (`precompute_ref_log_probs=False`) TRL runs a no-grad forward of a frozen reference copy of
   the model every step, besides the policy forward (fused chunked LM head that also computes
   entropy, mean logits and top-1 accuracy for its logs) and backward (with gradient
-  checkpointing, TRL's default). `--trl-precompute-ref` makes TRL score the reference once
-  up front, as ours does. A callback times each TRL step and runs our steps in between.
+  checkpointing, TRL's default). `--trl-precompute-ref` makes this column score the reference
+  once up front, as ours does. A callback times each TRL step and runs our steps in between.
+- TRL (best): the same with TRL's fastest settings on this hardware (`TRL_BEST`):
+  `precompute_ref_log_probs=True` (the reference scored once before training, outside every
+  step, as ours) and gradient checkpointing off. Not set: `padding_free`, which TRL 1.16's
+  DPOTrainer turns back off with a warning ("temporarily unavailable after a refactor"), and
+  `use_liger_kernel` (see the settings line). Its trainer runs in a worker thread that takes
+  turns with the main one (`trl_side.FollowerTRL`): ours, TRL, TRL best, ours, ...
 
 Both sides start from fresh fp32 weights of the embedded SmolLM2-135M-Instruct, use fp32
 master weights with bf16 autocast (or fp32 throughout with `--precision fp32`), the same
@@ -56,6 +63,8 @@ from trl_side import (  # bench/trl_side.py
     OurSide,
     TrainingStepRecorder,
     batch_rows,
+    build_trl_sides,
+    liger_note,
     optimizer_summary,
     our_settings,
     pairs_argument,
@@ -64,6 +73,7 @@ from trl_side import (  # bench/trl_side.py
     print_speed,
     start,
     step_loss_lines,
+    trl_names,
     trl_settings,
 )
 
@@ -81,6 +91,7 @@ from rlhfkit.train.engine import Engine, set_training_attention
 
 OURS, OURS_PACKED, TRL = PADDED, PACKED, "TRL DPOTrainer"  # ours: what `rlhf dpo` runs (padded)
 BETA = 0.1
+TRL_BEST = {"precompute_ref_log_probs": True}  # + gradient checkpointing off (trl_settings); see the docstring
 
 
 # ------------------------------------------------------------------------------ our side
@@ -111,12 +122,13 @@ def build_ours(cfg: OurDPOConfig, train: list[EncodedPair], tokenizer) -> tuple[
 
 # ------------------------------------------------------------------------------ TRL side
 
-def build_trl(records: list[dict], tokenizer, *, args, run_dir: Path, callback):
+def build_trl(records: list[dict], tokenizer, *, args, run_dir: Path, callback, best: bool = False):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    trl_args = DPOConfig(beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=args.trl_precompute_ref,
-                         **trl_settings(args, batch_size=len(records), run_dir=run_dir))
+    settings = {"precompute_ref_log_probs": args.trl_precompute_ref,
+                **trl_settings(args, batch_size=len(records), run_dir=run_dir, best=best), **(TRL_BEST if best else {})}
+    trl_args = DPOConfig(beta=BETA, loss_type=["sigmoid"], **settings)
     return DPOTrainer(model=load_model(args.model), args=trl_args, train_dataset=Dataset.from_list(records),
                       processing_class=tokenizer, callbacks=[callback])
 
@@ -150,7 +162,8 @@ def parse_args(argv=None):
     def own(p):
         pairs_argument(p)
         p.add_argument("--trl-precompute-ref", action="store_true",
-                       help="TRL precompute_ref_log_probs=True (its default False runs a reference forward every step)")
+                       help="precompute_ref_log_probs=True in TRL's default column too (TRL's default False runs a "
+                            "reference forward every step; the 'best' column always precomputes)")
 
     return parse_bench_args(__doc__, argv, lr=5e-6, own=own, positive=("pairs",))
 
@@ -184,29 +197,43 @@ def run(args, threads: int, tmp: Path) -> None:
     sequences = _sequences(train)
     real_tokens = sum(len(s) for s in sequences)
     loss_tokens = sum(sum(t != IGNORE_INDEX for t in s.labels) for s in sequences)
-    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (TRL, OURS, OURS_PACKED)}
-    inter = Interleaver(ours, times, trl_name=TRL, device=device,
+    names = trl_names(TRL, args)
+    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (*names.values(), OURS, OURS_PACKED)}
+    inter = Interleaver(ours, times, trl_name=next(iter(names.values())), device=device,
                         profile_step=args.warmup + args.steps if args.profile else None, profile_rows=args.profile)
-    with stopwatch(device) as trl_build:
-        trainer = build_trl(records, tokenizer, args=args, run_dir=tmp / "trl", callback=inter.callback)
-    token_problems = check_same_pairs(trainer.train_dataset, train)
-    recorder = TrainingStepRecorder(trainer)
+    build_s = {}
 
-    t = trainer.args
+    def build(best, callback):
+        with stopwatch(device) as t:
+            trainer = build_trl(records, tokenizer, args=args, run_dir=tmp / f"trl{'_best' * best}",
+                                callback=callback, best=best)
+        build_s[names["best" if best else "default"]] = t[0]
+        return trainer
+
+    trainers = build_trl_sides(inter, names, build)
+    trainer = trainers[inter.trl_name]
+    token_problems = [f"{n}: {p}" for n, t in trainers.items() for p in check_same_pairs(t.train_dataset, train)]
+    recorders = {name: TrainingStepRecorder(t) for name, t in trainers.items()}
+    recorder = recorders[inter.trl_name]
+
     print(f"batch         {len(train)} pairs = {len(sequences)} sequences (demo train tasks: chosen = reference, "
           f"rejected = a wrong answer); {real_tokens} real tokens, {loss_tokens} completion tokens; "
           f"precision {args.precision}; lr {args.lr}; β {BETA}; threads {threads}")
-    print(f"TRL settings  loss_type {t.loss_type}, precompute_ref_log_probs {t.precompute_ref_log_probs} "
-          f"(reference model {'none' if trainer.ref_model is None else 'a frozen copy, run every step'}), "
-          f"optim {t.optim.value}, gradient_checkpointing {t.gradient_checkpointing}, padding_free "
-          f"{t.padding_free}, max_length {t.max_length}; trainer built in {trl_build[0]:.1f} s")
+    for name, tr in trainers.items():
+        t = tr.args
+        print(f"TRL settings  {name}: loss_type {t.loss_type}, precompute_ref_log_probs {t.precompute_ref_log_probs} "
+              f"(reference model {'none' if tr.ref_model is None else 'a frozen copy, run every step'}), "
+              f"optim {t.optim.value}, gradient_checkpointing {t.gradient_checkpointing}, padding_free "
+              f"{tr.padding_free}, max_length {t.max_length}; trainer built in {build_s[name]:.1f} s"
+              + (f"; padding_free not requested (TRL {_trl_version()} DPOTrainer turns it off: 'temporarily "
+                 f"unavailable after a refactor'); {liger_note()}" if name != TRL else ""))
     print(f"ours          loss dpo, reference precomputed once before training "
           f"({', '.join(f'{n}: {s:.2f} s' for n, s in precompute_s.items())}), "
           f"{optimizer_summary(ours[OURS].engine)}, no gradient checkpointing, "
           f"logprob_chunk {ours[OURS].cfg.logprob_chunk}")
     print("load average  before the steps: " + load_average())
 
-    trainer.train()
+    inter.train(trainer)
 
     # ---- same tokens
     batch = recorder.first_batch or {}
@@ -225,8 +252,8 @@ def run(args, threads: int, tmp: Path) -> None:
 
     # ---- same loss
     print(f"\n## Step-0 loss (fresh weights, policy = reference, same batch: ln 2 = {math.log(2):.6f} on both sides)")
-    print(step_loss_lines(inter, recorder, 0))
-    first = {**inter.first_losses, TRL: recorder.first_loss}
+    print(step_loss_lines(inter, recorders, 0))
+    first = {**inter.first_losses, **{n: r.first_loss for n, r in recorders.items()}}
     print("ln 2 − loss    " + ", ".join(f"{n} {math.log(2) - v:+.1e}" for n, v in first.items()))
     off = [n for n, v in first.items() if abs(v - math.log(2)) > 1e-4]
     if off:
@@ -239,25 +266,35 @@ def run(args, threads: int, tmp: Path) -> None:
         line = "  ".join(f"{n} {inter.metrics[n][0][key]:.4f}" for n in (OURS, OURS_PACKED))
         worst = max(abs(inter.metrics[n][0][key] - theirs) / abs(theirs) for n in (OURS, OURS_PACKED))
         print(f"{key:15} {line}  TRL {theirs:.4f}   max relative |ours − TRL| {worst:.1e}")
-    if (step1 := step_loss_lines(inter, recorder, 1)) is not None:
+    if (step1 := step_loss_lines(inter, recorders, 1)) is not None:
         print("\nStep-1 loss (after one identical AdamW update)\n" + step1)
-    if args.trl_precompute_ref and "ref_chosen_logps" in trainer.train_dataset.column_names:
-        rows = trainer.train_dataset
+    for trl_name, tr in trainers.items():
+        if "ref_chosen_logps" not in tr.train_dataset.column_names:
+            continue
+        rows = tr.train_dataset
         trl_ref = torch.tensor([list(rows["ref_chosen_logps"]), list(rows["ref_rejected_logps"])]).float().T
         for name, sums in ref_sums.items():
             worst = float((sums.float() - trl_ref).abs().max())
-            print(f"precomputed reference sums, {name} vs TRL: max |Δ| {worst:.3f} nats "
+            print(f"precomputed reference sums, {name} vs {trl_name}: max |Δ| {worst:.3f} nats "
                   f"(of |sum| ≤ {float(trl_ref.abs().max()):.1f})")
 
     print("\n## What differs per step (beyond the settings made equal)")
-    trl_reference = ("too (precompute_ref_log_probs)" if t.precompute_ref_log_probs
-                     else "runs a no-grad reference forward every step")
-    print(f"- reference: ours scored it once before training; TRL {trl_reference}")
-    print(f"- TRL gradient checkpointing {t.gradient_checkpointing} (ours off); TRL's fused LM head also computes "
-          "entropy, mean logits and top-1 accuracy of every position for its logs")
+    for name, tr in trainers.items():
+        t = tr.args
+        trl_reference = ("too (precompute_ref_log_probs)" if t.precompute_ref_log_probs
+                         else "runs a no-grad reference forward every step")
+        print(f"- {name}: reference: ours scored it once before training; TRL {trl_reference}; gradient "
+              f"checkpointing {t.gradient_checkpointing} (ours off)")
+    print("- TRL's fused LM head also computes entropy, mean logits and top-1 accuracy of every position for its logs")
 
     flops = model_flops_per_token(sum(p.numel() for p in ours[OURS].engine.unwrapped().parameters()))
     print_speed(times, inter, ours=OURS, others=[OURS_PACKED], flops=flops, device=device, warmup=args.warmup)
+
+
+def _trl_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("trl")
 
 
 if __name__ == "__main__":

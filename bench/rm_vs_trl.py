@@ -4,6 +4,7 @@ side and the ratio.
 
     python bench/rm_vs_trl.py                           # 8 demo pairs, bf16, 2 warmup + 8 timed steps
     python bench/rm_vs_trl.py --precision fp32 --steps 8 --profile 15
+    python bench/rm_vs_trl.py --trl-sides default        # ours against TRL's defaults only
     OMP_NUM_THREADS=1 python bench/rm_vs_trl.py --steps 1 --warmup 0 --threads 1   # a quick smoke test
 
 What each side runs per optimizer step
@@ -28,6 +29,10 @@ What each side runs per optimizer step
   (`center_rewards_coefficient` None, TRL's default), backward with gradient checkpointing
   (TRL's default), its reward metrics. A callback times each TRL step and runs our steps in
   between.
+- TRL (best): the same with TRL's fastest settings on this hardware: gradient checkpointing
+  off. Nothing else applies: TRL 1.16's RewardConfig has no `padding_free`, and
+  `use_liger_kernel` is not used (see the settings line). Its trainer runs in a worker
+  thread that takes turns with the main one (`trl_side.FollowerTRL`): ours, TRL, TRL best, ...
 
 Both sides start from fresh fp32 weights of the embedded SmolLM2-135M-Instruct with the SAME
 reward head (TRL's `score` weight is copied from our freshly initialized one), use fp32
@@ -51,6 +56,8 @@ from trl_side import (  # bench/trl_side.py
     OurSide,
     TrainingStepRecorder,
     batch_rows,
+    build_trl_sides,
+    liger_note,
     optimizer_summary,
     our_settings,
     pairs_argument,
@@ -59,6 +66,7 @@ from trl_side import (  # bench/trl_side.py
     print_speed,
     start,
     step_loss_lines,
+    trl_names,
     trl_settings,
 )
 
@@ -114,7 +122,8 @@ def fresh_rewards(side: OurSide, train: list[EncodedPair], pad_id: int) -> dict[
 
 # ------------------------------------------------------------------------------ TRL side
 
-def build_trl(records: list[dict], tokenizer, head: torch.Tensor, *, args, run_dir: Path, callback):
+def build_trl(records: list[dict], tokenizer, head: torch.Tensor, *, args, run_dir: Path, callback,
+              best: bool = False):
     """TRL's trainer on the backbone loaded as TRL loads it from a path (num_labels=1, fp32),
     with `head` copied into its randomly initialized `score` layer."""
     from datasets import Dataset
@@ -125,7 +134,7 @@ def build_trl(records: list[dict], tokenizer, head: torch.Tensor, *, args, run_d
                                                                dtype=torch.float32)
     with torch.no_grad():
         model.score.weight.copy_(head)
-    trl_args = RewardConfig(**trl_settings(args, batch_size=len(records), run_dir=run_dir))
+    trl_args = RewardConfig(**trl_settings(args, batch_size=len(records), run_dir=run_dir, best=best))
     return RewardTrainer(model=model, args=trl_args, train_dataset=Dataset.from_list(records),
                          processing_class=tokenizer, callbacks=[callback])
 
@@ -194,26 +203,32 @@ def run(args, threads: int, tmp: Path) -> None:
 
     sequences = [p.chosen for p in train] + [p.rejected for p in train]
     real_tokens = sum(len(s) for s in sequences)
-    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (TRL, OURS, OURS_PACKED)}
-    inter = Interleaver(ours, times, trl_name=TRL, device=device,
+    names = trl_names(TRL, args)
+    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (*names.values(), OURS, OURS_PACKED)}
+    inter = Interleaver(ours, times, trl_name=next(iter(names.values())), device=device,
                         profile_step=args.warmup + args.steps if args.profile else None, profile_rows=args.profile)
-    trainer = build_trl(records, tokenizer, head, args=args, run_dir=tmp / "trl", callback=inter.callback)
+    trainers = build_trl_sides(inter, names, lambda best, callback: build_trl(
+        records, tokenizer, head, args=args, run_dir=tmp / f"trl{'_best' * best}", callback=callback, best=best))
+    trainer = trainers[inter.trl_name]
     token_problems, missed = check_same_pairs(trainer.train_dataset, train, pad_id)
-    recorder = TrainingStepRecorder(trainer)
+    recorders = {name: TrainingStepRecorder(t) for name, t in trainers.items()}
+    recorder = recorders[inter.trl_name]
     capture = RewardCapture(trainer)
 
-    t = trainer.args
     print(f"batch         {len(train)} pairs = {len(sequences)} sequences (demo train tasks: chosen = reference, "
           f"rejected = a wrong answer); {real_tokens} real tokens; precision {args.precision}; lr {args.lr}; "
           f"threads {threads}")
-    print(f"TRL settings  center_rewards_coefficient {t.center_rewards_coefficient}, optim {t.optim.value}, "
-          f"gradient_checkpointing {t.gradient_checkpointing}, max_length {t.max_length}, pad token "
-          f"{tokenizer.pad_token!r} (id {pad_id}); score head copied from ours")
+    for name, tr in trainers.items():
+        t = tr.args
+        print(f"TRL settings  {name}: center_rewards_coefficient {t.center_rewards_coefficient}, optim "
+              f"{t.optim.value}, gradient_checkpointing {t.gradient_checkpointing}, max_length {t.max_length}, pad "
+              f"token {tokenizer.pad_token!r} (id {pad_id}); score head copied from ours"
+              + (f"; padding_free: RewardConfig has none; {liger_note()}" if name != TRL else ""))
     print(f"ours          Bradley–Terry, center_coef {ours[OURS].cfg.center_coef}, "
           f"{optimizer_summary(ours[OURS].engine)}, no gradient checkpointing")
     print("load average  before the steps: " + load_average())
 
-    trainer.train()
+    inter.train(trainer)
 
     # ---- same tokens
     batch = recorder.first_batch or {}
@@ -248,16 +263,18 @@ def run(args, threads: int, tmp: Path) -> None:
         trl_fp32_loss = float(-torch.nn.functional.logsigmoid(chosen - rejected).mean())
     else:
         trl_fp32_loss = float("nan")
-    print(step_loss_lines(inter, recorder, 0))
-    print(f"{'':{len(TRL)}} (TRL's loss tensor is {capture.loss_dtype}; from its rewards in fp32: {trl_fp32_loss:.6f})")
+    print(step_loss_lines(inter, recorders, 0))
+    print(f"{'':{len(inter.trl_name)}} ({inter.trl_name}'s loss tensor is {capture.loss_dtype}; from its rewards "
+          f"in fp32: {trl_fp32_loss:.6f})")
     trl_logged = recorder.logged[0] if recorder.logged else {}
     margins = "  ".join(f"{n} {inter.metrics[n][0]['rewards/margin']:+.5f}" for n in (OURS, OURS_PACKED))
     print(f"mean margin   r_c − r_r at step 0: {margins}  TRL {trl_logged.get('margin', float('nan')):+.5f}")
-    if (step1 := step_loss_lines(inter, recorder, 1)) is not None:
+    if (step1 := step_loss_lines(inter, recorders, 1)) is not None:
         print("\nStep-1 loss (after one identical AdamW update)\n" + step1)
 
     print("\n## What differs per step (beyond the settings made equal)")
-    print(f"- TRL gradient checkpointing {t.gradient_checkpointing} (ours off); TRL applies the head to every "
+    checkpointing = ", ".join(f"{n} {tr.args.gradient_checkpointing}" for n, tr in trainers.items())
+    print(f"- TRL gradient checkpointing: {checkpointing} (ours off); TRL applies the head to every "
           "position and pools after, ours gathers the last tokens' hidden states first")
 
     flops = model_flops_per_token(sum(p.numel() for p in ours[OURS].engine.unwrapped().parameters()))

@@ -4,6 +4,7 @@ in one process, steps interleaved; prints tokens/s of each side and the ratio.
     python bench/sft_vs_trl.py                      # 8 demo examples, bf16, 2 warmup + 8 timed steps
     python bench/sft_vs_trl.py --tasks-per-example 2  # longer examples, ≈900 tokens/step
     python bench/sft_vs_trl.py --precision fp32 --steps 8 --profile 15
+    python bench/sft_vs_trl.py --trl-sides best      # only TRL's best column
 
 What each side runs per optimizer step
 - ours (packed): exactly what `rlhf sft` runs. The pieces are the real ones: records read by
@@ -18,6 +19,13 @@ What each side runs per optimizer step
   size, max_length, lr, AdamW betas, constant schedule, no warmup) on a `datasets.Dataset` of
   the same records in the conversational prompt/completion layout, so the same chat template
   applies. A callback times each step and runs our steps between two of TRL's.
+- TRL (best): the same with TRL's fastest settings on this hardware (`TRL_BEST`): gradient
+  checkpointing off and `padding_free=True` (the batch as one row of concatenated examples,
+  split by position ids; on CPU transformers' SDPA attention builds the block-diagonal mask
+  from them, no flash attention needed). TRL refuses padding_free with `max_length` set and
+  no packing, so this side has max_length None: no example here is longer than --max-length
+  (ours would skip it), so nothing is cut on either side. Its trainer runs in a worker thread
+  that takes turns with the main one (`trl_side.FollowerTRL`): ours, TRL, TRL best, ours, ...
 
 Both sides start from fresh fp32 weights of the embedded SmolLM2-135M-Instruct, use fp32
 master weights with bf16 autocast (or fp32 throughout with `--precision fp32`), the same
@@ -43,12 +51,15 @@ from trl_side import (  # bench/trl_side.py
     OurSide,
     TrainingStepRecorder,
     batch_rows,
+    build_trl_sides,
+    liger_note,
     optimizer_summary,
     our_settings,
     parse_bench_args,
     print_speed,
     start,
     step_loss_lines,
+    trl_names,
     trl_settings,
     write_jsonl,
 )
@@ -67,6 +78,7 @@ from rlhfkit.tasks.generate import make_tasks
 from rlhfkit.train.engine import Engine, inner_hf_model
 
 OURS, OURS_PADDED, TRL = "ours (packed)", "ours (padded, default)", "TRL SFTTrainer"
+TRL_BEST = {"gradient_checkpointing": False, "padding_free": True, "max_length": None}  # see the docstring
 
 
 # ------------------------------------------------------------------------------ data
@@ -133,12 +145,12 @@ def forward_loss(side: OurSide, encoded: list[Encoded], tokenizer, *, precision:
 
 # ------------------------------------------------------------------------------ TRL side
 
-def build_trl(records: list[dict[str, str]], tokenizer, *, args, run_dir: Path, callback):
+def build_trl(records: list[dict[str, str]], tokenizer, *, args, run_dir: Path, callback, best: bool = False):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    trl_args = SFTConfig(completion_only_loss=True, packing=False,
-                         **trl_settings(args, batch_size=len(records), run_dir=run_dir))
+    settings = trl_settings(args, batch_size=len(records), run_dir=run_dir, best=best)
+    trl_args = SFTConfig(completion_only_loss=True, packing=False, **{**settings, **(TRL_BEST if best else {})})
     dataset = Dataset.from_list([as_conversational(r) for r in records])
     return SFTTrainer(model=load_model(args.model), args=trl_args, train_dataset=dataset,
                       processing_class=tokenizer, callbacks=[callback])
@@ -203,19 +215,24 @@ def run(args, threads: int, tmp: Path) -> None:
 
     real_tokens = sum(len(e) for e in encoded)
     loss_tokens = sum(sum(t != IGNORE_INDEX for t in e.labels) for e in encoded)
-    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (TRL, OURS, OURS_PADDED)}
-    inter = Interleaver(ours, times, trl_name=TRL, device=device,
+    names = trl_names(TRL, args)
+    times = {name: StepTimes(name, real_tokens, args.warmup) for name in (*names.values(), OURS, OURS_PADDED)}
+    inter = Interleaver(ours, times, trl_name=next(iter(names.values())), device=device,
                         profile_step=args.warmup + args.steps if args.profile else None, profile_rows=args.profile)
-    trainer = build_trl(records, tokenizer, args=args, run_dir=tmp / "trl", callback=inter.callback)
-    token_problems = check_same_tokens(trainer, encoded)
-    recorder = TrainingStepRecorder(trainer)
+    trainers = build_trl_sides(inter, names, lambda best, callback: build_trl(
+        records, tokenizer, args=args, run_dir=tmp / f"trl{'_best' * best}", callback=callback, best=best))
+    trainer = next(iter(trainers.values()))
+    token_problems = [f"{n}: {p}" for n, t in trainers.items() for p in check_same_tokens(t, encoded)]
+    recorders = {name: TrainingStepRecorder(t) for name, t in trainers.items()}
+    recorder = recorders[inter.trl_name]
 
     print(f"batch         {len(encoded)} examples × {args.tasks_per_example} demo task(s); "
           f"{real_tokens} real tokens, {loss_tokens} loss (completion) tokens; precision {args.precision}; "
           f"lr {args.lr}; threads {threads}")
-    print(f"TRL settings  optim {trainer.args.optim.value}, gradient_checkpointing "
-          f"{trainer.args.gradient_checkpointing}, padding_free {trainer.args.padding_free}, "
-          f"max_length {trainer.args.max_length}")
+    for name, t in trainers.items():
+        print(f"TRL settings  {name}: optim {t.args.optim.value}, gradient_checkpointing "
+              f"{t.args.gradient_checkpointing}, padding_free {t.padding_free}, max_length {t.args.max_length}"
+              + (f"; {liger_note()}" if name != TRL else ""))
     print(f"ours          {optimizer_summary(ours[OURS].engine)}, no gradient checkpointing, "
           f"logprob_chunk {ours[OURS].cfg.logprob_chunk}")
     reference_loss = forward_loss(ours[OURS_PADDED], encoded, tokenizer, precision="fp32")
@@ -223,11 +240,12 @@ def run(args, threads: int, tmp: Path) -> None:
     kernel = inner_hf_model(ours[OURS_PADDED].engine.unwrapped()).config._attn_implementation
     print("load average  before the steps: " + load_average())
 
-    trainer.train()
+    inter.train(trainer)
 
     # ---- same tokens and the same loss at step 0
     batch = recorder.first_batch or {}
-    trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else -1
+    trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else \
+        (batch["input_ids"].numel() if batch else -1)
     trl_shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else ()
     trl_loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if "labels" in batch else -1
     same_rows = (batch_rows(batch) if batch else []) == sorted(tuple(e.input_ids) for e in encoded)
@@ -241,7 +259,7 @@ def run(args, threads: int, tmp: Path) -> None:
           f"{'yes' if not token_problems else 'NO: ' + '; '.join(token_problems)}")
 
     print("\n## Step-0 loss (fresh weights, same batch; mean NLL per completion token)")
-    print(step_loss_lines(inter, recorder, 0, width=15))
+    print(step_loss_lines(inter, recorders, 0, width=22))
     print(f"{'fp32 reference':15} {reference_loss:.6f}   (same fresh weights and batch, fp32 forward, no autocast: "
           "the scale of bf16 rounding noise in the lines above)")
     trl_loss = recorder.losses[0] if recorder.losses else float("nan")

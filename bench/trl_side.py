@@ -4,12 +4,13 @@ TRL trainer's loop, so the two sides' steps interleave (the protocol is in `comm
 - `OurSide`: one rlhfkit run (the real `Engine` and recipe task) driven a step at a time by
   `train.loop.fit`;
 - `Interleaver`: the TrainerCallback that times each TRL step and runs our steps between
-  two of TRL's;
-- `TrainingStepRecorder`: wraps `trainer.training_step` to keep TRL's loss of every step,
-  its first batch and the metrics it logged for each step;
+  two of TRL's, then one step of every further TRL trainer (`FollowerTRL`, e.g. TRL's best
+  settings beside its defaults: `--trl-sides`, `build_trl_sides`);
+- `TrainingStepRecorder` (in `trl_data.py`, as the data helpers): wraps `trainer.training_step`
+  to keep TRL's loss of every step, its first batch and the metrics it logged for each step;
 - `our_settings` / `trl_settings`: the settings both sides must share (batch, length,
   precision, AdamW lr/betas/weight decay, clipping, constant schedule, no warmup);
-- `preference_records`: the preference pairs of the DPO and reward-model benchmarks;
+- `preference_records` (in `trl_data.py`): the preference pairs of the DPO and reward-model benchmarks;
 - `parse_bench_args` / `start`: the command-line options and the report header every script
   shares; `step_loss_lines` and `print_speed`: the loss check and speed sections of the report.
 """
@@ -17,40 +18,48 @@ TRL trainer's loop, so the two sides' steps interleave (the protocol is in `comm
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
-import re
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from common import (  # bench/common.py, beside this script
+    PeakMemory,
     StepTimes,
+    agreement_line,
     agreement_lines,
     format_machine,
     format_table,
     load_average,
     machine_info,
+    measured,
     peak_flops,
     ratio_lines,
-    stopwatch,
     synchronize,
 )
+from trl_data import (  # bench/trl_data.py, re-exported
+    PACKED as PACKED,
+)
+from trl_data import PADDED as PADDED
+from trl_data import TrainingStepRecorder as TrainingStepRecorder
+from trl_data import batch_rows as batch_rows
+from trl_data import both_layouts as both_layouts
+from trl_data import preference_records as preference_records
+from trl_data import preference_setup as preference_setup
+from trl_data import write_jsonl as write_jsonl
+from trl_data import wrong_response as wrong_response
 
-from rlhfkit.tasks.check import check
-from rlhfkit.tasks.generate import FAMILIES, Task, make_tasks
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
 
 MODEL = "embedded"  # the default of --model
-PADDED, PACKED = "ours (padded)", "ours (packed)"  # our side with packing off / on
 
 
 # ------------------------------------------------------------------------------ command line
@@ -68,8 +77,13 @@ def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate, constant, both sides")
     p.add_argument("--max-length", type=int, default=512, help="max sequence length of both sides")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every usable core)")
+    p.add_argument("--trl-sides", default="default,best",
+                   help="TRL columns, in run order, comma-separated: 'default' (TRL's defaults) and/or 'best' "
+                        "(TRL's fastest settings on this hardware: no gradient checkpointing, plus what each "
+                        "script's TRL_BEST lists); the first one's trainer drives the loop")
     p.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
-                   help="TRL's gradient checkpointing (its default is on); ours never checkpoints")
+                   help="gradient checkpointing of the 'default' TRL column (TRL's default is on); "
+                        "'best' never checkpoints, nor do we")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one more step of each side and print the top ROWS ops")
 
@@ -92,6 +106,10 @@ def parse_bench_args(doc: str, argv, *, lr: float, own: Callable[[argparse.Argum
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be ≥ 1, --warmup ≥ 0")
     args.trl_gradient_checkpointing = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
+    args.trl_sides = [side.strip() for side in args.trl_sides.split(",") if side.strip()]
+    if not args.trl_sides or len(set(args.trl_sides)) < len(args.trl_sides) or \
+            not set(args.trl_sides) <= {"default", "best"}:
+        p.error("--trl-sides takes 'default', 'best' or both, comma-separated, each once")
     args.total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     return args
 
@@ -131,20 +149,38 @@ def our_settings(args: argparse.Namespace, *, batch_size: int, data_path: Path, 
                 resume=False)
 
 
-def trl_settings(args: argparse.Namespace, *, batch_size: int, run_dir: Path) -> dict:
+def trl_settings(args: argparse.Namespace, *, batch_size: int, run_dir: Path, best: bool = False) -> dict:
     """Keyword arguments of a TRL config (SFTConfig, DPOConfig, RewardConfig) that must match ours.
 
-    Everything else stays at TRL's defaults (gradient checkpointing on unless
-    --trl-gradient-checkpointing says otherwise, `adamw_torch_fused`, dropout disabled).
+    Everything else stays at TRL's defaults (`adamw_torch_fused`, dropout disabled, gradient
+    checkpointing on unless --trl-gradient-checkpointing says otherwise), except that `best`
+    turns gradient checkpointing off (it trades time for memory: never faster).
     """
     out = dict(output_dir=str(run_dir), bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(),
                per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, max_length=args.max_length,
                learning_rate=args.lr, adam_beta2=0.95, weight_decay=0.0, lr_scheduler_type="constant",
                warmup_steps=0, max_grad_norm=1.0, max_steps=args.total_steps, report_to=[], save_strategy="no",
                disable_tqdm=True, seed=0)
-    if args.trl_gradient_checkpointing is not None:
+    if best:
+        out["gradient_checkpointing"] = False
+    elif args.trl_gradient_checkpointing is not None:
         out["gradient_checkpointing"] = args.trl_gradient_checkpointing
     return out
+
+
+def trl_names(base: str, args: argparse.Namespace) -> dict[str, str]:
+    """{'default' | 'best': the column name} of the --trl-sides columns, in run order."""
+    return {side: base if side == "default" else f"{base} (best)" for side in args.trl_sides}
+
+
+def liger_note() -> str:
+    """Why TRL's `use_liger_kernel` is not part of its best settings here."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "use_liger_kernel off (liger-kernel is not installed; its kernels are Triton, GPU only)"
+    return "use_liger_kernel off (liger-kernel is installed, but its Triton kernels do not run on CPU)" if \
+        not torch.cuda.is_available() else "use_liger_kernel off (not tried by this benchmark)"
 
 
 def optimizer_summary(engine: Engine) -> str:
@@ -153,82 +189,6 @@ def optimizer_summary(engine: Engine) -> str:
     d = inner.defaults
     kind = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
     return f"{type(inner).__name__} {kind} (betas {d['betas'][0]}/{d['betas'][1]}, eps {d['eps']:g})"
-
-
-# ------------------------------------------------------------------------------ data
-
-def _wrong_answer(answer: str) -> str:
-    """A plausible wrong value: off by one for integers, the opposite truth value, reversed
-    order for lists and phrases, a dropped last letter for words, the next letter for letters."""
-    opposite = {"true": "false", "false": "true", "yes": "no", "no": "yes"}
-    if answer.lower() in opposite:
-        return opposite[answer.lower()]
-    if re.fullmatch(r"-?\d+", answer):
-        return str(int(answer) + 1)
-    sep = ", " if ", " in answer else " " if " " in answer else None
-    if sep is not None:
-        return sep.join(reversed(answer.split(sep)))
-    if len(answer) > 1:
-        return answer[:-1]
-    return chr(ord("a") + (ord(answer.lower()) - ord("a") + 1) % 26) if answer.isalpha() else answer + answer
-
-
-def wrong_response(task: Task, open_tasks: list[Task]) -> str:
-    """A deterministic bad response to `task`.
-
-    Checkable tasks: the reference with a wrong answer (an integer answer also changes after
-    the reasoning's "=", so the reasoning agrees with it; otherwise only the final `Answer:`
-    line changes). Open-ended tasks: the reference of the next open-ended task, an answer to
-    another prompt.
-    """
-    if task.answer is None:
-        return open_tasks[(open_tasks.index(task) + 1) % len(open_tasks)].reference
-    wrong = _wrong_answer(task.answer)
-    if re.fullmatch(r"-?\d+", task.answer):
-        response = re.sub(rf"(= |Answer: ){re.escape(task.answer)}(?!\.?\d)", lambda m: m.group(1) + wrong,
-                          task.reference)
-    else:
-        response = re.sub(r"Answer: .*$", lambda _: f"Answer: {wrong}", task.reference)
-    if check(task, response):
-        raise AssertionError(f"{task.id}: the 'wrong' response {response!r} passes the checker")
-    return response
-
-
-def preference_records(pairs: int) -> list[dict]:
-    """`pairs` preference pairs in TRL's conversational layout, from the first demo train tasks
-    (`make_tasks("train", 2)[:8]` for 8 pairs): chosen = the task's reference response,
-    rejected = `wrong_response`. Both sides render them through the same chat template."""
-    tasks = make_tasks("train", max(2, math.ceil(pairs / len(FAMILIES))))
-    open_tasks = [t for t in tasks if not t.checkable]
-    return [{"prompt": [{"role": "user", "content": t.prompt}],
-             "chosen": [{"role": "assistant", "content": t.reference}],
-             "rejected": [{"role": "assistant", "content": wrong_response(t, open_tasks)}]}
-            for t in tasks[:pairs]]
-
-
-def write_jsonl(records: list[dict], path: Path) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def both_layouts(tmp: Path, make: Callable[[bool, Path], object]) -> dict[str, object]:
-    """{PADDED: make(packing=False, tmp/"ours"), PACKED: make(packing=True, tmp/"ours_packed")}."""
-    return {PADDED: make(False, tmp / "ours"), PACKED: make(True, tmp / "ours_packed")}
-
-
-def preference_setup(args: argparse.Namespace, tmp: Path, make_config: Callable) -> tuple[list[dict], dict]:
-    """(the `--pairs` records, written to tmp/pairs.jsonl; {PADDED, PACKED: our config for
-    that file, `make_config(args, packing=, data_path=, run_dir=)`})."""
-    records = preference_records(args.pairs)
-    data_path = write_jsonl(records, tmp / "pairs.jsonl")
-    return records, both_layouts(tmp, lambda packing, run_dir: make_config(args, packing=packing, data_path=data_path,
-                                                                           run_dir=run_dir))
-
-
-def batch_rows(batch: dict) -> list[tuple[int, ...]]:
-    """The real (attention-mask) tokens of each row of a collated TRL batch, sorted."""
-    return sorted(tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"],
-                                                               strict=True))
 
 
 # ------------------------------------------------------------------------------ our side
@@ -256,71 +216,173 @@ class OurSide:
 # ------------------------------------------------------------------------------ interleaving
 
 class Interleaver:
-    """TrainerCallback that times TRL's steps and runs our steps in between.
+    """TrainerCallback that times TRL's steps and runs our steps in between, then one step of
+    each follower (a further TRL trainer, `follower()`).
 
-    TRL's step time is measured from the moment control returns to the trainer after our
-    steps to the end of its next optimizer step, so it covers what the trainer does per step
-    (data loading and collation, forward, backward, clipping, optimizer, its metrics).
-    `compute` (on_step_begin → on_step_end) is kept too, for the report. `metrics[name]`
-    holds the metrics of each of our sides' steps (the profiled step excluded).
+    TRL's step time is measured from the moment control returns to the trainer after the other
+    sides' steps to the end of its next optimizer step, so it covers what the trainer does per
+    step (data loading and collation, forward, backward, clipping, optimizer, its metrics); the
+    peak memory (`PeakMemory`) over the same span. `compute[name]` (on_step_begin →
+    on_step_end) is kept too, for the report. `metrics[name]` holds the metrics of each of our
+    sides' steps (the profiled step excluded).
     """
 
     def __init__(self, ours: dict[str, OurSide], times: dict[str, StepTimes], *, trl_name: str, device,
-                 profile_step: int | None, profile_rows: int):
-        from transformers import TrainerCallback
-
+                 profile_step: int | None, profile_rows: int, meter: PeakMemory | None = None):
         self.ours, self.times, self.trl_name, self.device = ours, times, trl_name, device
+        self.meter = meter or PeakMemory(device)
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in ours}
         self.trl_compute: list[float] = []
+        self.compute: dict[str, list[float]] = {trl_name: self.trl_compute}
+        self.followers: list[FollowerTRL] = []
         self.loads: list[str] = []
         self.profile_step, self.profile_rows = profile_step, profile_rows
         self.profiles: dict[str, str] = {}
-        self._resumed = self._began = 0.0
-        self._profiler = None
-        outer = self
+        self.callback = _timing_callback(self, trl_name, self._trl_step_ended, self.trl_compute)
 
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                outer._resumed = time.perf_counter()
-
-            def on_step_begin(self, args, state, control, **kw):
-                outer._began = time.perf_counter()
-                if state.global_step == outer.profile_step:
-                    outer._profiler = torch.profiler.profile(activities=_activities(outer.device))
-                    outer._profiler.__enter__()
-
-            def on_step_end(self, args, state, control, **kw):
-                outer.trl_step_ended(state.global_step)
-
-        self.callback = _Callback()
+    @property
+    def trl_names(self) -> list[str]:
+        return [self.trl_name, *(f.name for f in self.followers)]
 
     @property
     def first_losses(self) -> dict[str, float]:
         return {name: m[0]["loss"] for name, m in self.metrics.items() if m}
 
-    def trl_step_ended(self, step: int) -> None:
-        """`step` is the number of optimizer steps TRL has finished (1 after the first)."""
-        synchronize(self.device)
-        now = time.perf_counter()
-        if self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            self.profiles[self.trl_name] = _top_ops(self._profiler, self.profile_rows)
-            self._profiler = None
-        else:
-            self.times[self.trl_name].add(now - self._resumed)
-            self.trl_compute.append(now - self._began)
+    def follower(self, name: str) -> FollowerTRL:
+        """A further TRL side; build its trainer with `.callback`, then set `.trainer`."""
+        self.followers.append(FollowerTRL(self, name))
+        self.compute[name] = self.followers[-1].compute
+        return self.followers[-1]
+
+    def train(self, trainer) -> None:
+        """`trainer.train()` (the driver's loop), the followers' loops interleaved with it."""
+        for f in self.followers:
+            f.begin()
+        trainer.train()
+        for f in self.followers:
+            f.finish()
+
+    def _trl_step_ended(self, step: int) -> None:
+        """`step` is the number of optimizer steps the driver has finished (1 after the first)."""
         for name, side in self.ours.items():
             if step - 1 == self.profile_step:
                 with torch.profiler.profile(activities=_activities(self.device)) as prof:
                     side.step()
                 self.profiles[name] = _top_ops(prof, self.profile_rows)
                 continue
-            with stopwatch(self.device) as t:
+            with measured(self.times[name], self.meter, self.device):
                 metrics = side.step()
-            self.times[name].add(t[0])
             self.metrics[name].append(metrics)
+        for f in self.followers:
+            f.step()
         self.loads.append(load_average())
-        self._resumed = time.perf_counter()
+
+
+def _timing_callback(inter: Interleaver, name: str, then: Callable[[int], None], compute: list[float],
+                     at_begin: Callable[[int], None] | None = None):
+    """A TrainerCallback timing a TRL trainer's steps into `inter.times[name]`: from `resume`
+    (train begin, or control coming back) to on_step_end, and on_step_begin → on_step_end into
+    `compute`; the profile step is profiled instead. At on_step_end it calls `then(step)` and
+    resumes; at train begin `at_begin(0)` first, when given."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        profiler, resumed, began = None, 0.0, 0.0
+
+        def resume(self):
+            inter.meter.start()
+            self.resumed = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            if at_begin is not None:
+                at_begin(0)
+            self.resume()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.began = time.perf_counter()
+            if state.global_step == inter.profile_step:
+                self.profiler = torch.profiler.profile(activities=_activities(inter.device))
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            synchronize(inter.device)
+            now = time.perf_counter()
+            memory = inter.meter.stop()
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                inter.profiles[name] = _top_ops(self.profiler, inter.profile_rows)
+                self.profiler = None
+            else:
+                inter.times[name].add(now - self.resumed, memory)
+                compute.append(now - self.began)
+            then(state.global_step)
+            if state.global_step < state.max_steps:  # after the last step nothing more is timed
+                self.resume()
+
+    return _Callback()
+
+
+class FollowerTRL:
+    """A further TRL trainer interleaved with the driver's: its `train()` runs in a worker
+    thread that hands control back to the main thread at train begin and after each optimizer
+    step and waits there, so exactly one thread computes at any time. The driver's callback
+    calls `step()` after our steps: the follower runs one optimizer step, timed as the driver's
+    are (from the hand-off to on_step_end). Torch's thread count is set in the worker too."""
+
+    def __init__(self, inter: Interleaver, name: str):
+        self.name, self.trainer, self.error = name, None, None
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._threads = torch.get_num_threads()
+        self.compute: list[float] = []
+        self.callback = _timing_callback(inter, name, self._hand_back, self.compute, at_begin=self._hand_back)
+
+    def _hand_back(self, step: int) -> None:
+        self._done.release()
+        self._go.acquire()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._threads)
+        try:
+            self.trainer.train()
+        except BaseException as e:  # re-raised in the main thread
+            self.error = e
+        finally:
+            self._done.release()
+
+    def _wait(self) -> None:
+        self._done.acquire()
+        if self.error is not None:
+            raise RuntimeError(f"{self.name} failed") from self.error
+
+    def begin(self) -> None:
+        """Start the worker; returns once its trainer is set up and waits at train begin."""
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        self._wait()
+
+    def step(self) -> None:
+        self._go.release()
+        self._wait()
+
+    def finish(self) -> None:
+        """Let the worker's loop end (after its last step) and wait for it."""
+        self._go.release()
+        self._thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"{self.name} failed") from self.error
+
+
+def build_trl_sides(inter: Interleaver, names: dict[str, str], build: Callable[[bool, object], object]) -> dict:
+    """{name: TRL trainer} of each `trl_names` column, `build(best, callback)` making one; the
+    first drives the loop (the Interleaver's callback), the others follow it."""
+    trainers = {}
+    for side, name in names.items():
+        if not trainers:
+            trainers[name] = build(side == "best", inter.callback)
+        else:
+            follower = inter.follower(name)
+            trainers[name] = follower.trainer = build(side == "best", follower.callback)
+    return trainers
 
 
 def _activities(device) -> list:
@@ -335,65 +397,48 @@ def _top_ops(prof, rows: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-@dataclass
-class TrainingStepRecorder:
-    """Wraps `trainer.training_step` (TRL's own call stays inside) to keep, per step, the loss
-    it returned and the last value of each metric TRL's trainer logged for it (its
-    `_metrics["train"]`), plus the first step's batch."""
-
-    trainer: object
-    losses: list[float] = field(default_factory=list)
-    logged: list[dict[str, float]] = field(default_factory=list)
-    first_batch: dict | None = None
-    first_num_items: float | None = None
-
-    def __post_init__(self):
-        self.inner = self.trainer.training_step
-        self.trainer.training_step = self
-
-    @property
-    def first_loss(self) -> float | None:
-        return self.losses[0] if self.losses else None
-
-    def __call__(self, model, inputs, num_items_in_batch=None):
-        if self.first_batch is None:
-            self.first_batch = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
-            self.first_num_items = None if num_items_in_batch is None else float(num_items_in_batch)
-        loss = self.inner(model, inputs, num_items_in_batch)
-        self.losses.append(float(loss))
-        logged = getattr(self.trainer, "_metrics", {}).get("train", {})
-        self.logged.append({k: float(v[-1]) for k, v in logged.items() if v})
-        return loss
-
-
 # ------------------------------------------------------------------------------ report
 
-def step_loss_lines(inter: Interleaver, recorder: TrainingStepRecorder, step: int, *,
+def step_loss_lines(inter: Interleaver, recorders: dict[str, TrainingStepRecorder], step: int, *,
                     width: int | None = None) -> str | None:
-    """Each side's loss of optimizer step `step` (0 = the first) against TRL's, or None when
-    not every side ran it."""
+    """Each of our sides' loss of optimizer step `step` (0 = the first) against the first TRL
+    side's, then each other TRL side's against it; None when not every side ran it."""
+    (trl, first), *rest = recorders.items()
     ours = {name: m[step]["loss"] for name, m in inter.metrics.items() if len(m) > step}
-    if len(ours) < len(inter.metrics) or len(recorder.losses) <= step:
+    if len(ours) < len(inter.metrics) or any(len(r.losses) <= step for r in recorders.values()):
         return None
-    return agreement_lines(ours, inter.trl_name, recorder.losses[step], width=width)
+    width = width or max(len(name) for name in (*ours, *recorders))
+    lines = [agreement_lines(ours, trl, first.losses[step], width=width)]
+    lines += [agreement_line(name, r.losses[step], first.losses[step], width=width, against=f"this − {trl}")
+              for name, r in rest]
+    return "\n".join(lines)
 
 
 def print_speed(times: dict[str, StepTimes], inter: Interleaver, *, ours: str, others: list[str], flops: float,
                 device, warmup: int) -> None:
-    """The speed section: the table, every step, TRL's compute-only median, the ratios
-    (`ours` against the target of 2×, each of `others` without one), loads and profiles."""
-    trl = inter.trl_name
-    rows = [times[name] for name in (ours, *others, trl)]
-    print("\n## Speed (full optimizer steps: forward + backward + clip + AdamW)")
-    print(format_table(rows, baseline=trl, flops_per_token=flops, peak=peak_flops(device)))
+    """The speed section: the table (speed and peak memory), every step, each TRL side's
+    compute-only median, the ratios to each TRL side (`ours` against the target of 2×, each of
+    `others` without one), loads and profiles."""
+    trls = inter.trl_names
+    rows = [times[name] for name in (ours, *others, *trls)]
+    print("\n## Speed and memory (full optimizer steps: forward + backward + clip + AdamW)")
+    print(format_table(rows, baseline=trls, flops_per_token=flops, peak=peak_flops(device)))
     width = max(len(r.name) for r in rows)
     for row in rows:
         print(f"{row.name:{width}} every step (s), warmup first: " + " ".join(f"{x:.3f}" for x in row.seconds))
-    print(f"TRL step, on_step_begin → on_step_end only (no data loading): median "
-          f"{statistics.median(inter.trl_compute[warmup:]):.3f} s")
-    print(ratio_lines(times[ours], times[trl], target=2))
-    for name in others:
-        print(ratio_lines(times[name], times[trl]))
+    if torch.device(device).type == "cuda":
+        print("peak MiB      torch.cuda.max_memory_allocated() during the step − memory_allocated() at its start")
+    else:
+        print("peak MiB      bytes held from glibc malloc (mallinfo2) at the step's peak − at its start (sampled "
+              "every 5 ms); process RSS the same way: " + ", ".join(
+                  f"{r.name} {r.peak_rss_mib:.0f}" for r in rows if r.peak_rss_mib is not None))
+    for name in trls:
+        print(f"{name} step, on_step_begin → on_step_end only (no data loading): median "
+              f"{statistics.median(inter.compute[name][warmup:]):.3f} s")
+    for name in trls:
+        print(ratio_lines(times[ours], times[name], target=2))
+        for other in others:
+            print(ratio_lines(times[other], times[name]))
     print("load average  after each round: " + ", ".join(inter.loads))
     for name, table in inter.profiles.items():
         print(f"\n## Profile of one {name} step (top {inter.profile_rows} ops by self time)\n{table}")
