@@ -24,7 +24,7 @@ def config_error(fn, *args, **kwargs) -> str:
 
 def test_defaults():
     cfg = SFTConfig(train_data="d.jsonl")
-    assert (cfg.max_steps, cfg.batch_size, cfg.precision, cfg.packing) == (100, 8, "auto", None)  # None: by device
+    assert (cfg.max_steps, cfg.batch_size, cfg.precision, cfg.packing) == (100, 8, "auto", False)
     assert cfg.lr == 5e-5  # SFT overrides the shared default of 1e-5
     assert TrainConfig().lr == 1e-5
 

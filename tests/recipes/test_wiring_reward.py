@@ -58,10 +58,8 @@ def write_pairs(path: Path, *, label: float | None = None, margin: float | None 
 
 
 def run_rows(tmp_path: Path, data: Path, **overrides) -> list[dict]:
-    # packing off: the pairs' order (length-grouped) gives margins large enough for `assert_has_power`
     base = dict(model="tiny", train_data=str(data), output_dir=str(tmp_path / "run"), max_steps=3, batch_size=1,
-                lr=5e-2, schedule="constant", precision="fp32", progress=False, seed=1, test_fraction=0.0,
-                packing=False)
+                lr=5e-2, schedule="constant", precision="fp32", progress=False, seed=1, test_fraction=0.0)
     base.update(overrides)
     run_reward(RewardConfig(**base))
     rows = [r for r in read_metrics(base["output_dir"]) if "loss" in r]

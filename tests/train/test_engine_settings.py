@@ -1,5 +1,4 @@
-"""Engine choices that depend on the hardware: the attention kernel used for training and
-whether the recipes pack their micro-batches."""
+"""Engine choices that depend on the hardware: the attention kernel used for training."""
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from rlhfkit.models.loading import load_model
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.recipes.sft import SFTConfig
 from rlhfkit.train.engine import Engine, resolve_attention
-from rlhfkit.train.modules import resolve_packing
 
 
 def test_resolve_attention():
@@ -20,20 +18,6 @@ def test_resolve_attention():
     assert resolve_attention("model", gpu) is None  # the model's own (SDPA / flash)
     assert resolve_attention("sdpa", cpu) == "sdpa"
     assert resolve_attention("fp32-matmul", gpu) == FP32_MATMUL
-
-
-def test_resolve_packing():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    # unset: packed on CPU with rlhfkit's own kernels (measured faster there) ...
-    for attention in ("auto", "fp32-matmul", "packed-sdpa"):
-        assert resolve_packing(None, attention, cpu) is True
-    # ... padded on GPUs and with transformers' kernels (a packed row = one dense T×T mask there)
-    assert resolve_packing(None, "auto", gpu) is False
-    for attention in ("sdpa", "eager", "model", "flash_attention_2"):
-        assert resolve_packing(None, attention, cpu) is False
-    # set: the user's choice on any device
-    assert resolve_packing(False, "auto", cpu) is False
-    assert resolve_packing(True, "sdpa", gpu) is True
 
 
 @pytest.mark.parametrize("attention,expected", [("auto", FP32_MATMUL), ("sdpa", "sdpa"), ("eager", "eager")])

@@ -65,7 +65,6 @@ from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.train.engine import Engine, TrainConfig, set_training_attention
 from rlhfkit.train.loop import SupervisedTask, fit
-from rlhfkit.train.modules import PACKING_DEFAULT, resolve_packing
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,8 @@ class DPOConfig(TrainConfig):
                                   "'prompt=question,chosen=good,rejected=bad' (empty = none)")
     reference: str = param("", "reference model: empty = the starting model (with LoRA its base weights, "
                                "adapter disabled), or an HF id / folder")
-    packing: bool | None = param(None, "chosen and rejected of a micro-batch in padding-free rows "
-                                        "(off: one padded batch of 2B rows); " + PACKING_DEFAULT)
+    packing: bool = param(False, "chosen and rejected of a micro-batch in one padding-free row "
+                                 "(off: one padded batch of 2B rows; bench/RESULTS.md: which is faster where)")
     precompute_reference: bool = param(True, "score the reference once before training and cache it "
                                              "(off: a no-grad reference forward every micro-batch)")
     ties: str = param("keep", "tied training pairs (label 0.5): keep them (the loss pulls their implicit "
@@ -419,7 +418,6 @@ def run_dpo(cfg: DPOConfig) -> dict:
     model.to(engine.device)
     # The reference pass below runs before engine.setup: give it the kernel training will use.
     set_training_attention(model, cfg, engine.device)
-    packing = resolve_packing(cfg.packing, cfg.attention, engine.device)
     policy = TokenLogprobs(model, cfg.logprob_chunk)
     ref_train = ref_eval = None
     live_reference = None
@@ -429,7 +427,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         if cfg.precompute_reference:
             splits = {"train": train, **({"eval": eval_set} if eval_set else {})}
             scores, reused = precompute_reference(engine, reference, splits, batch_size=2 * cfg.batch_size,
-                                                  pad_id=pad_id, packing=packing)
+                                                  pad_id=pad_id, packing=cfg.packing)
             ref_train, ref_eval = scores["train"], scores.get("eval")
             reference_info = {"path": str(run_dir / reference_cache.CACHE_FILE), "reused": reused}
             del reference  # a separately loaded reference model is not needed any more
@@ -442,7 +440,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         atomic_write_text(run_dir / "data_report.json", json.dumps(
             {"loss": cfg.loss, "train_items": len(train), "eval_items": len(eval_set),
              "skipped": skipped.counts, "skipped_examples": skipped.examples}, indent=2))
-    task = preference_task(spec, hyperparameters, train, eval_set, pad_id=pad_id, packing=packing,
+    task = preference_task(spec, hyperparameters, train, eval_set, pad_id=pad_id, packing=cfg.packing,
                            ref_train=ref_train, ref_eval=ref_eval, live_reference=live_reference,
                            eval_batch_size=cfg.batch_size, nll_weight=cfg.nll_weight,
                            nll_reduction=cfg.nll_reduction or "sequence")

@@ -46,7 +46,6 @@ from rlhfkit.models.loading import LoraSettings, load_tokenizer
 from rlhfkit.models.reward import as_ensemble, load_reward_model, split_pair_rewards
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
-from rlhfkit.train.modules import PACKING_DEFAULT, resolve_packing
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,8 @@ class RewardConfig(TrainConfig):
     n_heads: int = param(1, "ensemble: scalar heads on one backbone, each trained with its own loss")
     ensemble_mode: str = param("mean", "how the heads combine into one reward for metrics and scoring",
                                choices=ENSEMBLE_MODES)
-    packing: bool | None = param(None, "pack each micro-batch's 2B sequences into padding-free rows "
-                                        "(off: length-grouped padding); " + PACKING_DEFAULT)
+    packing: bool = param(False, "pack each micro-batch's 2B sequences into one padding-free row "
+                                 "(off: length-grouped padding; bench/RESULTS.md: which is faster where)")
     max_eval_pairs: int = param(512, "at most this many held-out pairs")
     eval_batch_size: int = param(16, "pairs per forward pass at evaluation")
     lr: float = param(2e-5, "peak learning rate (AdamW)")
@@ -203,8 +202,7 @@ def run_reward(cfg: RewardConfig) -> dict:
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2))
 
     latest_report: dict = {}
-    packed = cfg.replace(packing=resolve_packing(cfg.packing, cfg.attention, engine.device))
-    metrics = fit(engine, reward_task(packed, tokenizer, train, held_out, latest_report))
+    metrics = fit(engine, reward_task(cfg, tokenizer, train, held_out, latest_report))
     final = engine.finish()
     if engine.is_main and latest_report:
         atomic_write_text(run_dir / "eval_report.json", json.dumps(latest_report, indent=2))

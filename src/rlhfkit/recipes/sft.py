@@ -33,7 +33,6 @@ from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
-from rlhfkit.train.modules import PACKING_DEFAULT, resolve_packing
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ class SFTConfig(TrainConfig):
                                   "'prompt=question,completion=answer' (empty = none)")
     assistant_turns: str = param("all", "which assistant turns of a conversation are trained: all, or the last",
                                  choices=ASSISTANT_TURNS)
-    packing: bool | None = param(None, "pack each micro-batch into padding-free rows (attention confined per "
-                                        "example); off: length-grouped padding; " + PACKING_DEFAULT)
+    packing: bool = param(False, "pack each micro-batch into one padding-free row (attention confined per "
+                                 "example); off: length-grouped padding (bench/RESULTS.md: which is faster where)")
     max_eval_examples: int = param(256, "at most this many eval examples")
     lr: float = param(5e-5, "peak learning rate (AdamW)")
 
@@ -133,7 +132,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         atomic_write_text(run_dir / "data_report.json", json.dumps(
             {"train_examples": len(train_examples), "train_used": len(train), "eval_used": len(eval_set),
              "skipped": skipped.counts, "skipped_examples": skipped.examples}, indent=2))
-    task = sft_task(tokenizer, train, eval_set, packing=resolve_packing(cfg.packing, cfg.attention, engine.device))
+    task = sft_task(tokenizer, train, eval_set, packing=cfg.packing)
     metrics = fit(engine, task)
     final = engine.finish()
     del module

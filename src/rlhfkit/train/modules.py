@@ -32,25 +32,6 @@ def resolve_attention(attention: str, device: torch.device) -> str | None:
     return attention
 
 
-PACKING_DEFAULT = ("unset: packed on CPU with rlhfkit's attention kernels (faster there), length-grouped padding "
-                   "on GPUs and with transformers' kernels")
-
-
-def resolve_packing(packing: bool | None, attention: str, device: torch.device) -> bool:
-    """Whether a recipe packs its micro-batches into padding-free rows: `packing` when set.
-
-    Unset (None, the default), packing is on where it was measured to win: on CPU with
-    rlhfkit's own attention kernels, which attend each packed sequence alone (equal to length-grouped
-    padding at equal lengths, 1.15× on the demo batch, 1.75× at 32–1,024 tokens: bench/RESULTS.md).
-    It stays off on GPUs (the packed kernel's speed there is not measured on current code) and
-    with transformers' own kernels, for which a packed row is one dense T×T block-causal mask.
-    """
-    if packing is not None:
-        return packing
-    own_kernel = attention in ("auto", "fp32-matmul", "packed-sdpa")
-    return device.type == "cpu" and own_kernel
-
-
 def set_training_attention(module: nn.Module, cfg, device: torch.device) -> None:  # cfg: a TrainConfig
     """Switch the transformers model inside `module` to the attention kernel training uses.
 
