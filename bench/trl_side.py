@@ -12,7 +12,9 @@ TRL trainer's loop, so the two sides' steps interleave (the protocol is in `comm
   precision, AdamW lr/betas/weight decay, clipping, constant schedule, no warmup);
 - `preference_records` (in `trl_data.py`): the preference pairs of the DPO and reward-model benchmarks;
 - `parse_bench_args` / `start`: the command-line options and the report header every script
-  shares; `step_loss_lines` and `print_speed`: the loss check and speed sections of the report.
+  shares (`trl_side_arguments` / `parse_trl_sides`: only the --trl-sides options, for a script
+  with options of its own); `step_loss_lines` and `print_speed`: the loss check and speed
+  sections of the report.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate, constant, both sides")
     p.add_argument("--max-length", type=int, default=512, help="max sequence length of both sides")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every usable core)")
+    trl_side_arguments(p)
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after timing, profile one more step of each side and print the top ROWS ops")
+
+
+def trl_side_arguments(p: argparse.ArgumentParser) -> None:
+    """--trl-sides and --trl-gradient-checkpointing (read them back with `parse_trl_sides`)."""
     p.add_argument("--trl-sides", default="default,best",
                    help="TRL columns, in run order, comma-separated: 'default' (TRL's defaults) and/or 'best' "
                         "(TRL's fastest settings on this hardware: no gradient checkpointing, plus what each "
@@ -84,8 +93,16 @@ def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     p.add_argument("--trl-gradient-checkpointing", choices=("default", "on", "off"), default="default",
                    help="gradient checkpointing of the 'default' TRL column (TRL's default is on); "
                         "'best' never checkpoints, nor do we")
-    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
-                   help="after timing, profile one more step of each side and print the top ROWS ops")
+
+
+def parse_trl_sides(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Turn `trl_side_arguments`' options into args.trl_sides (['default', 'best'], in run order)
+    and args.trl_gradient_checkpointing (None = TRL's default, True, False); errors through `p`."""
+    args.trl_gradient_checkpointing = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
+    args.trl_sides = [side.strip() for side in args.trl_sides.split(",") if side.strip()]
+    if not args.trl_sides or len(set(args.trl_sides)) < len(args.trl_sides) or \
+            not set(args.trl_sides) <= {"default", "best"}:
+        p.error("--trl-sides takes 'default', 'best' or both, comma-separated, each once")
 
 
 def pairs_argument(p: argparse.ArgumentParser) -> None:
@@ -105,11 +122,7 @@ def parse_bench_args(doc: str, argv, *, lr: float, own: Callable[[argparse.Argum
             p.error(f"--{name.replace('_', '-')} must be ≥ 1")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be ≥ 1, --warmup ≥ 0")
-    args.trl_gradient_checkpointing = {"default": None, "on": True, "off": False}[args.trl_gradient_checkpointing]
-    args.trl_sides = [side.strip() for side in args.trl_sides.split(",") if side.strip()]
-    if not args.trl_sides or len(set(args.trl_sides)) < len(args.trl_sides) or \
-            not set(args.trl_sides) <= {"default", "best"}:
-        p.error("--trl-sides takes 'default', 'best' or both, comma-separated, each once")
+    parse_trl_sides(p, args)
     args.total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     return args
 
@@ -414,14 +427,15 @@ def step_loss_lines(inter: Interleaver, recorders: dict[str, TrainingStepRecorde
     return "\n".join(lines)
 
 
-def print_speed(times: dict[str, StepTimes], inter: Interleaver, *, ours: str, others: list[str], flops: float,
-                device, warmup: int) -> None:
-    """The speed section: the table (speed and peak memory), every step, each TRL side's
-    compute-only median, the ratios to each TRL side (`ours` against the target of 2×, each of
-    `others` without one), loads and profiles."""
+def print_speed(times: dict[str, StepTimes], inter: Interleaver, *, ours: str, others: list[str],
+                flops: float | None, device, warmup: int,
+                heading: str = "Speed and memory (full optimizer steps: forward + backward + clip + AdamW)") -> None:
+    """The speed section under `heading`: the table (speed, peak memory, MFU when `flops` per
+    token is given), every step, each TRL side's compute-only median, the ratios to each TRL
+    side (`ours` against the target of 2×, each of `others` without one), loads and profiles."""
     trls = inter.trl_names
     rows = [times[name] for name in (ours, *others, *trls)]
-    print("\n## Speed and memory (full optimizer steps: forward + backward + clip + AdamW)")
+    print(f"\n## {heading}")
     print(format_table(rows, baseline=trls, flops_per_token=flops, peak=peak_flops(device)))
     width = max(len(r.name) for r in rows)
     for row in rows:
