@@ -49,20 +49,22 @@ from pathlib import Path
 
 import torch
 from common import StepTimes, load_average, model_flops_per_token  # bench/common.py
-from trl_side import (  # bench/trl_side.py
+from trl_data import (  # bench/trl_data.py
     PACKED,
     PADDED,
-    Interleaver,
-    OurSide,
     TrainingStepRecorder,
     batch_rows,
+    preference_setup,
+)
+from trl_side import (  # bench/trl_side.py
+    Interleaver,
+    OurSide,
     build_trl_sides,
     liger_note,
     optimizer_summary,
     our_settings,
     pairs_argument,
     parse_bench_args,
-    preference_setup,
     print_speed,
     start,
     step_loss_lines,

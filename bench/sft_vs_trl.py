@@ -46,11 +46,14 @@ from common import (  # bench/common.py
     load_average,
     model_flops_per_token,
 )
+from trl_data import (  # bench/trl_data.py
+    TrainingStepRecorder,
+    batch_rows,
+    write_jsonl,
+)
 from trl_side import (  # bench/trl_side.py
     Interleaver,
     OurSide,
-    TrainingStepRecorder,
-    batch_rows,
     build_trl_sides,
     liger_note,
     optimizer_summary,
@@ -61,7 +64,6 @@ from trl_side import (  # bench/trl_side.py
     step_loss_lines,
     trl_names,
     trl_settings,
-    write_jsonl,
 )
 
 from rlhfkit.data.batches import IGNORE_INDEX

@@ -1,5 +1,5 @@
-"""What goes into and comes out of the TRL trainers of the `bench/*_vs_trl.py` scripts (split
-from `trl_side.py`, which re-exports all of it):
+"""What goes into and comes out of the TRL trainers of the `bench/*_vs_trl.py` scripts (beside
+`trl_side.py`, which drives the trainers):
 
 - `preference_records` / `preference_setup`: the preference pairs of the DPO and
   reward-model benchmarks, and our configs for them (padded and packed);

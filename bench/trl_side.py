@@ -6,15 +6,15 @@ TRL trainer's loop, so the two sides' steps interleave (the protocol is in `comm
 - `Interleaver`: the TrainerCallback that times each TRL step and runs our steps between
   two of TRL's, then one step of every further TRL trainer (`FollowerTRL`, e.g. TRL's best
   settings beside its defaults: `--trl-sides`, `build_trl_sides`);
-- `TrainingStepRecorder` (in `trl_data.py`, as the data helpers): wraps `trainer.training_step`
-  to keep TRL's loss of every step, its first batch and the metrics it logged for each step;
 - `our_settings` / `trl_settings`: the settings both sides must share (batch, length,
   precision, AdamW lr/betas/weight decay, clipping, constant schedule, no warmup);
-- `preference_records` (in `trl_data.py`): the preference pairs of the DPO and reward-model benchmarks;
 - `parse_bench_args` / `start`: the command-line options and the report header every script
   shares (`trl_side_arguments` / `parse_trl_sides`: only the --trl-sides options, for a script
   with options of its own); `step_loss_lines` and `print_speed`: the loss check and speed
   sections of the report.
+
+The data the trainers get and give (`preference_records`, `TrainingStepRecorder`, ...) is in
+`trl_data.py`.
 """
 
 from __future__ import annotations
@@ -46,17 +46,7 @@ from common import (  # bench/common.py, beside this script
     ratio_lines,
     synchronize,
 )
-from trl_data import (  # bench/trl_data.py, re-exported
-    PACKED as PACKED,
-)
-from trl_data import PADDED as PADDED
-from trl_data import TrainingStepRecorder as TrainingStepRecorder
-from trl_data import batch_rows as batch_rows
-from trl_data import both_layouts as both_layouts
-from trl_data import preference_records as preference_records
-from trl_data import preference_setup as preference_setup
-from trl_data import write_jsonl as write_jsonl
-from trl_data import wrong_response as wrong_response
+from trl_data import TrainingStepRecorder  # bench/trl_data.py, beside this script
 
 from rlhfkit.train.engine import Engine, TrainConfig
 from rlhfkit.train.loop import SupervisedTask, fit
@@ -245,13 +235,12 @@ class Interleaver:
         self.ours, self.times, self.trl_name, self.device = ours, times, trl_name, device
         self.meter = meter or PeakMemory(device)
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in ours}
-        self.trl_compute: list[float] = []
-        self.compute: dict[str, list[float]] = {trl_name: self.trl_compute}
+        self.compute: dict[str, list[float]] = {trl_name: []}  # per TRL side: on_step_begin → on_step_end
         self.followers: list[FollowerTRL] = []
         self.loads: list[str] = []
         self.profile_step, self.profile_rows = profile_step, profile_rows
         self.profiles: dict[str, str] = {}
-        self.callback = _timing_callback(self, trl_name, self._trl_step_ended, self.trl_compute)
+        self.callback = _timing_callback(self, trl_name, self._trl_step_ended, self.compute[trl_name])
 
     @property
     def trl_names(self) -> list[str]:
