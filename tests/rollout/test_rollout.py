@@ -1,6 +1,7 @@
 """Rollouts: log-probs from the chunked forward, the reference (frozen copy / LoRA off), masks
 after the stop token, the row layout, prompts, reward specs and the reward-model source."""
 
+import dataclasses
 import json
 
 import pytest
@@ -325,3 +326,21 @@ def test_reference_copy_is_moved_to_the_training_device_and_the_policy_stays():
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert all(p.requires_grad for p in model.parameters())
     assert not any(p.requires_grad for p in ref.model.parameters())
+
+
+def test_a_samplers_logprobs_are_kept_per_token_and_logged_against_the_trainers():
+    from rlhfkit.rollout.generate import Generation
+    from rlhfkit.rollout.rollout import assemble_rollout, rollout_metrics
+
+    gens = [Generation(0, "a", [1, 2], [5, 6], True, (-1.0, -2.0)), Generation(0, "b", [1, 2], [7], True, (-0.5,))]
+    rollout = assemble_rollout(gens, torch.zeros(2), {}, group_size=2, pad_id=0)
+    assert rollout.sampler_logprobs.tolist() == [[-1.0, -2.0], [-0.5, 0.0]]  # 0 on padding
+    old = torch.tensor([[-1.5, -1.0], [-0.5, 0.0]])
+    m = rollout_metrics(dataclasses.replace(rollout, old_logprobs=old, ref_logprobs=old))
+    # Σ_t (log μ − log π_old) per response: (0.5 − 1.0) and 0 → mean −0.25; largest |difference| 1.0
+    assert m["sampler/kl"] == pytest.approx(-0.25) and m["sampler/max_abs_logprob_diff"] == pytest.approx(1.0)
+    # an in-process sampler reports no log-probs: nothing kept, nothing logged
+    plain = assemble_rollout([dataclasses.replace(g, logprobs=None) for g in gens], torch.zeros(2), {},
+                             group_size=2, pad_id=0)
+    assert plain.sampler_logprobs is None
+    assert "sampler/kl" not in rollout_metrics(dataclasses.replace(plain, old_logprobs=old, ref_logprobs=old))

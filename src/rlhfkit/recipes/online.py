@@ -39,7 +39,7 @@ from rlhfkit.rollout.environments import ENVIRONMENTS, EnvConfig
 from rlhfkit.rollout.episodes import EpisodeConfig, build_episode_rollout
 from rlhfkit.rollout.generate import PolicySampler, SamplingConfig
 from rlhfkit.rollout.prompts import DEMO_FAMILIES, RLPrompt, named_prompts, prompts_that_fit
-from rlhfkit.rollout.remote import RemoteSampler
+from rlhfkit.rollout.remote import RemoteSampler, connect
 from rlhfkit.rollout.reward_spec import build_reward, parse_reward_spec
 from rlhfkit.rollout.rewards import WeightedRewards
 from rlhfkit.rollout.rollout import (
@@ -82,8 +82,8 @@ class OnlineConfig(TrainConfig):
     top_p: float = param(1.0, "nucleus sampling threshold")
     top_k: int = param(0, "sample from the k most likely tokens (0 = off)")
     gen_batch_size: int = param(64, "sequences decoded together (requests in flight with --generation-server)")
-    generation_server: str = param("", "sample from this `transformers serve` URL (e.g. http://localhost:8000) "
-                                       "instead of in-process; docs/SCALING.md")
+    generation_server: str = param("", "sample from this vLLM or `transformers serve` URL (e.g. "
+                                       "http://localhost:8000) instead of in-process; docs/SCALING.md")
     sync_every: int = param(1, "with --generation-server: hand the weights to the server every N rollouts")
     kl_coef: float = param(0.05, "β: weight of the KL to the reference")
     kl_estimator: str = param("auto", "per-token KL estimator (auto: k3 in the loss, k1 in the reward)",
@@ -250,8 +250,8 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
     policy = engine.unwrapped()
     if cfg.generation_server:
         check(engine.world_size == 1, "--generation-server runs on one process for now")
-        sampler = RemoteSampler(policy.model, tokenizer, cfg.generation_server,
-                                Path(cfg.output_dir) / "generation-server", sync_every=cfg.sync_every)
+        sampler = connect(policy.model, tokenizer, cfg.generation_server,
+                          Path(cfg.output_dir) / "generation-server", sync_every=cfg.sync_every)
     run = run_type(cfg=cfg, engine=engine, module=module, policy=policy, reference=reference, tokenizer=tokenizer,
                    prompts=prompts, reward=reward, sampler=sampler, **algorithm_state)
     run.load_state(engine.extra_state)

@@ -56,6 +56,27 @@ class Generation:
     prompt_ids: list[int]
     response_ids: list[int]
     finished: bool  # ended with end-of-turn / stop string rather than the token limit
+    logprobs: tuple[float, ...] | None = None  # the sampler's log-prob of each response token, where it gives them
+
+
+def finish_generation(tokenizer, prompt_index: int, prompt_ids: list[int], sampled: list[int],
+                      stop_ids: list[int], stop: tuple[str, ...] | list[str] = (),
+                      logprobs: list[float] | None = None) -> Generation:
+    """A Generation from a sampler's tokens: cut after the first stop token (kept: the model
+    learns to end its turn), the text decoded without stop and special tokens, cut at the first
+    stop string (the tokens stay: the model sampled them); `finished` when either stopped it.
+    `logprobs` (the sampler's, one per sampled token) are cut with the tokens."""
+    toks, finished = list(sampled), False
+    for pos, t in enumerate(toks):
+        if t in stop_ids:
+            toks, finished = toks[:pos + 1], True
+            break
+    text = tokenizer.decode([t for t in toks if t not in stop_ids], skip_special_tokens=True)
+    for s in stop:
+        if s in text:
+            text, finished = text[:text.index(s)], True
+    kept = None if logprobs is None else tuple(logprobs[:len(toks)])
+    return Generation(prompt_index, text.strip(), list(prompt_ids), toks, finished, kept)
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -112,19 +133,8 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
         out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
         new = out[:, width:].cpu()
         for r, j in enumerate(batch):
-            toks = new[r].tolist()
-            finished = False
-            for pos, t in enumerate(toks):
-                if t in stop_ids:
-                    toks = toks[:pos + 1]
-                    finished = True
-                    break
-            text = tokenizer.decode([t for t in toks if t not in stop_ids], skip_special_tokens=True)
-            for s in cfg.stop:
-                if s in text:
-                    text, finished = text[:text.index(s)], True
             i = jobs[j][0]
-            results[j] = Generation(i, text.strip(), encoded[i], toks, finished)
+            results[j] = finish_generation(tokenizer, i, encoded[i], new[r].tolist(), stop_ids, cfg.stop)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]

@@ -64,6 +64,9 @@ class Rollout:
         errors, timeouts); empty for single-turn.
     old_logprobs, ref_logprobs, entropy, values: (B, T), 0 on padding; filled by
         `with_logprobs` (values only with a critic).
+    sampler_logprobs: (B, T) the log-probs the sampler reported for the tokens it sampled
+        (a vLLM server does; 0 on padding), else None. Never used in a loss: logged against
+        old_logprobs (`rollout_metrics`: `sampler/kl`), the gap between sampler and trainer.
     advantages: (B,) per response or (B, T) per token; returns: (B, T) value targets —
         set by the recipe once it has computed them.
     """
@@ -81,6 +84,7 @@ class Rollout:
     gold: Tensor | None = None
     baseline_scores: Tensor | None = None
     old_logprobs: Tensor | None = None
+    sampler_logprobs: Tensor | None = None
     ref_logprobs: Tensor | None = None
     entropy: Tensor | None = None
     values: Tensor | None = None
@@ -174,6 +178,11 @@ def assemble_rollout(generations: Sequence[Generation], scores: Tensor, source_s
     prompt_mask = pad_right([[1] * len(g.prompt_ids) for g in generations], 0)
     response_ids = pad_right([g.response_ids for g in generations], pad_id)
     response_mask = pad_right([[1] * len(g.response_ids) for g in generations], 0).float()
+    sampler_logprobs = None
+    if all(g.logprobs is not None for g in generations):
+        sampler_logprobs = torch.zeros(response_mask.shape)
+        for row, g in enumerate(generations):
+            sampler_logprobs[row, :len(g.response_ids)] = torch.tensor(g.logprobs, dtype=torch.float32)
     gold = None
     if prompts is not None and all("task" in prompts[g.prompt_index].meta for g in generations):
         gold = torch.tensor([float(check(prompts[g.prompt_index].meta["task"], g.text)) for g in generations])
@@ -182,7 +191,7 @@ def assemble_rollout(generations: Sequence[Generation], scores: Tensor, source_s
                    source_scores={k: v.float() for k, v in source_scores.items()},
                    prompt_index=torch.tensor([g.prompt_index for g in generations], dtype=torch.long),
                    group_size=group_size, finished=torch.tensor([g.finished for g in generations]),
-                   texts=tuple(g.text for g in generations), gold=gold)
+                   texts=tuple(g.text for g in generations), gold=gold, sampler_logprobs=sampler_logprobs)
 
 
 def score_generations(reward: WeightedRewards, prompts: Sequence[RLPrompt],
@@ -311,6 +320,12 @@ def rollout_metrics(rollout: Rollout) -> dict[str, float]:
     if rollout.old_logprobs is not None and rollout.ref_logprobs is not None:
         # KL(π ‖ π_ref) per response: Σ_t (log π − log π_ref), averaged over responses (nats).
         m["kl"] = float(((rollout.old_logprobs - rollout.ref_logprobs) * mask).sum(-1).mean())
+    if rollout.old_logprobs is not None and rollout.sampler_logprobs is not None:
+        # The sampler μ (a server's engine) against the trainer's π_old on the same tokens, drawn from μ:
+        # KL(μ ‖ π_old) per response ≈ Σ_t (log μ − log π_old), averaged over responses (nats).
+        gap = (rollout.sampler_logprobs - rollout.old_logprobs) * mask
+        m["sampler/kl"] = float(gap.sum(-1).mean())
+        m["sampler/max_abs_logprob_diff"] = float(gap.abs().max())
     if rollout.entropy is not None:
         m["entropy"] = float(masked_mean(rollout.entropy, mask))
     if rollout.gold is not None:
