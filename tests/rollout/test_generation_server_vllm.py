@@ -187,9 +187,9 @@ def test_hand_off_reloads_from_the_new_folder_empties_the_prefix_cache_and_probe
     sampler = remote.connect(model, tok, "http://h:1", tmp_path)
     folder = sampler.hand_off()
     paths = [p for p, _ in fake.requests]
-    assert paths == ["/v1/models", "/v1/models", "/collective_rpc", "/reset_prefix_cache", "/v1/completions"]
-    assert fake.requests[2][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
-    probe = fake.requests[4][1]
+    assert paths == ["/v1/models", "/collective_rpc", "/reset_prefix_cache", "/v1/completions"]
+    assert fake.requests[1][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
+    probe = fake.requests[3][1]
     assert probe["model"] == "served-name" and probe["prompt"] == remote.probe_ids(tok)
     assert sampler.handoff_gap < 1e-6 and folder.name == "v000000" and (folder / "model.safetensors").exists()
     # a server whose weights did not change: the gap is seen and warned of, once

@@ -66,7 +66,7 @@ from rlhfkit.rollout.generate import Generation, SamplingConfig, finish_generati
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 600.0  # a request waits for the ones queued before it
-HANDOFF_WARN_NATS = 0.1  # largest |server − trainer| log-prob on the probe before a hand-off is called suspect
+HANDOFF_WARN_NATS = 0.25  # mean |server − trainer| log-prob on the probe above which a hand-off is called suspect
 PROBE = ((Message("user", "Name three colours and one animal."),), "Red, green and blue; a fox.")  # prompt, response
 
 
@@ -198,11 +198,14 @@ def connect(model: torch.nn.Module, tokenizer, url: str, weights_dir: Path, *, s
         probe.close()
     probe._raise_for_status(response, "/v1/models")
     try:
-        owners = {m.get("owned_by") for m in response.json().get("data", [])}
+        served = [m for m in response.json().get("data", []) if isinstance(m, dict)]
     except (ValueError, AttributeError):
-        owners = set()
-    kind = VLLMSampler if "vllm" in owners else TransformersServeSampler
-    return kind(model, tokenizer, url, weights_dir, sync_every=sync_every)
+        served = []
+    if any(m.get("owned_by") == "vllm" for m in served):
+        sampler = VLLMSampler(model, tokenizer, url, weights_dir, sync_every=sync_every)
+        sampler.model_id = str(served[0].get("id", ""))
+        return sampler
+    return TransformersServeSampler(model, tokenizer, url, weights_dir, sync_every=sync_every)
 
 
 class VLLMSampler(RemoteSampler):
@@ -213,8 +216,8 @@ class VLLMSampler(RemoteSampler):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.model_id: str | None = None  # the name the server serves its model under
-        self.handoff_gap: float | None = None  # max |server − trainer| log-prob on PROBE at the last hand-off
+        self.model_id: str | None = None  # the name the server serves its model under (`connect` sets it)
+        self.handoff_gap: float | None = None  # mean |server − trainer| log-prob on PROBE at the last hand-off
         self._warned_gap = False
 
     def _serve(self, folder: Path) -> None:
@@ -245,13 +248,14 @@ class VLLMSampler(RemoteSampler):
         ids = probe_ids(self.tokenizer)
         theirs = torch.tensor(self.sequence_logprobs(ids))
         ours = trainer_logprobs(self.policy, ids)
-        self.handoff_gap = float((theirs - ours).abs().max())
+        self.handoff_gap = float((theirs - ours).abs().mean())
         log.info("%s: hand-off %d, probe log-prob gap %.2e nats", self.engine, self.syncs, self.handoff_gap)
         if self.handoff_gap > HANDOFF_WARN_NATS and not self._warned_gap:
             self._warned_gap = True
-            log.warning("%s: after the hand-off its log-probs of a probe sequence differ from the trainer's by up "
-                        "to %.3f nats (a dtype difference gives ≈ 0.01–0.05; a tied LM head on vLLM's CPU build "
-                        "is not reloaded): the rollouts may come from stale weights", self.engine, self.handoff_gap)
+            log.warning("%s: after the hand-off its log-probs of a probe sequence differ from the trainer's by "
+                        "%.3f nats per token on average (bf16 against fp32 gives ≈ 0.06–0.08 on SmolLM2-135M; a "
+                        "tied LM head on vLLM's CPU build is not reloaded): the rollouts may come from stale "
+                        "weights", self.engine, self.handoff_gap)
 
     def sequence_logprobs(self, ids: list[int]) -> list[float]:
         """The served model's log p(ids[t] | ids[<t]) for t = 1 … len−1 (its prompt log-probs)."""
