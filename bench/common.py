@@ -76,7 +76,13 @@ class PeakMemory:
       sides it depends on the order they run in; (a) does not. Both miss a peak that lasts
       less than `interval`. Without glibc (another allocator or OS) only (b) is available.
 
-    The sampler costs well under 1 % of a core (one mallinfo2 call ≈ 30 µs per `interval`).
+    The sampler keeps its own cost under 1 % of the step: `mallinfo2` walks every arena's free
+    lists under the arena locks, ≈ 30 µs on a fresh process but 2.4–5 ms on the multi-GB,
+    fragmented heap of a GRPO run, so after each call the thread sleeps `interval` or 100× that
+    call's duration, whichever is longer. (Sampling every 5 ms regardless, as sessions 12–13
+    did, held the allocator's locks half the time and slowed the measured GRPO steps from 19.5
+    to 30.1 s, growing through a run: bench/RESULTS.md, session 14.) A peak shorter than the
+    sleep can be missed by (a); the RSS high-water mark (b) misses none.
     """
 
     def __init__(self, device: torch.device | str = "cpu", interval: float = 0.005):
@@ -102,8 +108,9 @@ class PeakMemory:
         while True:
             self._active.wait()
             while self._active.is_set():
+                began = time.perf_counter()
                 self._sample()
-                time.sleep(self.interval)
+                time.sleep(max(self.interval, 100 * (time.perf_counter() - began)))
             self._idle.set()
 
     def start(self) -> None:

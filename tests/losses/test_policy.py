@@ -12,6 +12,7 @@ from rlhfkit.losses.policy import (
     loss_units,
     ppo_policy_loss,
     reinforce_loss,
+    truncated_importance_weights,
     value_loss,
 )
 from rlhfkit.ops.advantages import baseline_advantages
@@ -187,6 +188,23 @@ def test_grpo_clipping_matches_ppo_with_broadcast_advantages():
     p_loss = aggregate(p_per_token, mask, "token")
     assert g_loss.item() == pytest.approx(p_loss.item())
     assert float(g_m["clipfrac"]) == pytest.approx(float(p_m["clipfrac"]))
+
+
+def test_truncated_importance_weights_by_hand():
+    # π_old / μ per token: e^{0.5} = 1.6487, e^{−1} = 0.3679, e^{2} = 7.389 (capped at 2), padding ignored
+    old = t([[-1.0, -2.0], [0.0, 0.0]], grad=True)
+    sampler = t([[-1.5, -1.0], [-2.0, 5.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w, m = truncated_importance_weights(old, sampler, mask, cap=2.0)
+    torch.testing.assert_close(w[mask.bool()], t([math.exp(0.5), math.exp(-1.0), 2.0]))
+    assert not w.requires_grad  # a weight, never a path for the gradient
+    assert float(m["is_weight_mean"]) == pytest.approx((math.exp(0.5) + math.exp(-1.0) + 2.0) / 3)
+    assert float(m["is_capped_frac"]) == pytest.approx(1 / 3)
+    # a cap of 1.5 also bounds the first token
+    w, m = truncated_importance_weights(old, sampler, mask, cap=1.5)
+    assert float(w[0, 0]) == pytest.approx(1.5) and float(m["is_capped_frac"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="cap"):
+        truncated_importance_weights(old, sampler, mask, cap=0.0)
 
 
 # ---------------------------------------------------------------- REINFORCE / RLOO / ReMax

@@ -9,12 +9,14 @@ calls it, on a hand-built rollout (clip range, loss aggregation) and `setup_run`
 (log-prob temperature).
 """
 
+import dataclasses
 import functools
 import math
 
 import pytest
 import torch
 
+from rlhfkit.config import ConfigError
 from rlhfkit.models.tiny import tiny_causal_lm
 from rlhfkit.recipes import online
 from rlhfkit.recipes.policy_gradient import (
@@ -218,3 +220,28 @@ def test_clip_range_and_aggregation_on_a_hand_built_rollout(tmp_path, clip_eps, 
     assert metrics["loss"] == pytest.approx(expected, abs=1e-5)
     assert metrics["clipfrac"] == 1.0
     assert metrics["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize("cap,expected_loss", [(2.0, -7.1 / 6), (0.0, -0.525)], ids=["tis-cap-2", "tis-off"])
+def test_sampler_logprobs_weight_the_surrogate_truncated_at_the_cap(tmp_path, cap, expected_loss):
+    # The ε = 0.3 case above (per-token ℓ = [−2.6], [0.7, 0.7], [−0.65 ×3]) with the tokens drawn by
+    # another engine μ: w = min(π_old/μ, C) = exp(old − μ) per row: 1.5, 0.5, e^5 → C = 2.
+    #   weighted ℓ = [−3.9], [0.35, 0.35], [−1.3 ×3]; token mean (−3.9 + 0.7 − 3.9)/6 = −7.1/6
+    #   is_weight_mean (1.5 + 2·0.5 + 3·2)/6 = 8.5/6; is_capped_frac 3/6. cap 0: off, −0.525.
+    run = setup_run(config(GRPOConfig, tmp_path, kl_coef=0.0, aggregation="token", clip_eps=0.3,
+                           sampler_is_cap=cap))
+    rollout = hand_rollout([1, 2, 3], [2.0, -1.0, 0.5], [-30.0, 0.0, -30.0])
+    sampler = torch.tensor([-30.0 - math.log(1.5), math.log(2.0), -35.0])[:, None] * torch.ones(3, 3)
+    rollout = dataclasses.replace(rollout, sampler_logprobs=sampler * rollout.response_mask)
+    metrics, _ = update(run, rollout, 0)
+    assert metrics["policy_loss"] == pytest.approx(expected_loss, abs=1e-5)
+    if cap:
+        assert metrics["sampler/is_weight_mean"] == pytest.approx(8.5 / 6, abs=1e-5)
+        assert metrics["sampler/is_capped_frac"] == pytest.approx(0.5)
+    else:
+        assert "sampler/is_weight_mean" not in metrics
+
+
+def test_a_sampler_weight_cap_below_1_is_refused():
+    with pytest.raises(ConfigError, match="sampler_is_cap"):
+        GRPOConfig(model="tiny", tasks="demo", max_new_tokens=8, sampler_is_cap=0.5)

@@ -136,6 +136,8 @@ def test_grpo_samples_token_ids_and_logprobs_from_vllm_and_hands_it_each_update(
         # the ids came back exactly, and the server sampled from the weights handed to it
         assert r["sampler/max_abs_logprob_diff"] < 1e-4, r
         assert abs(r["sampler/kl"]) < 1e-3, r
+        # so the truncated importance weights min(π_old/μ, 2) of the update are 1 and never capped
+        assert r["sampler/is_weight_mean"] == pytest.approx(1.0, abs=1e-4) and r["sampler/is_capped_frac"] == 0.0
     assert [p.name for p in (Path(cfg.output_dir) / "generation-server").iterdir()] == ["v000003"]
 
 

@@ -228,6 +228,29 @@ def _kl_term(logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, kl_es
     return kl_coef * kl, metrics
 
 
+def truncated_importance_weights(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, *,
+                                 cap: float) -> tuple[Tensor, Metrics]:
+    """Truncated importance sampling (TIS) for tokens drawn by another engine than the trainer.
+
+        w_t = min(π_old(y_t) / μ(y_t), C) = min(exp(old_logp_t − sampler_logp_t), C)
+
+    μ is the sampler that drew the tokens (a vLLM server: other kernels, maybe another dtype),
+    π_old the trainer's policy on the same weights. The surrogate's gradient, an expectation
+    under π_old, is estimated from samples of μ by weighting each token's term by w_t;
+    truncating at C bounds the variance that rare tokens μ over-samples would bring (Yao et
+    al., 2025, "Your efficient RL framework secretly brings you off-policy RL training"; C = 2
+    is TRL's default). The weights carry no gradient.
+    old_logp, sampler_logp, mask: (B, T). Returns (w (B, T), metrics: is_weight_mean, the
+    token mean of w, and is_capped_frac, the fraction of tokens where C bound it).
+    """
+    _same_shape(old_logp=old_logp, sampler_logp=sampler_logp, mask=mask)
+    if cap <= 0:
+        raise ValueError(f"the importance weight cap must be > 0, got {cap}")
+    raw = torch.exp(old_logp.detach() - sampler_logp.detach())
+    w = raw.clamp(max=cap)
+    return w, {"is_weight_mean": masked_mean(w, mask), "is_capped_frac": masked_mean((raw > cap).float(), mask)}
+
+
 def gspo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor,
               mask: Tensor, *, clip_eps: float, kl_coef: float, kl_estimator: str,
               clip_eps_high: float | None = None) -> tuple[Tensor, Tensor, Metrics]:
