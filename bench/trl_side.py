@@ -433,7 +433,7 @@ def print_speed(times: dict[str, StepTimes], inter: Interleaver, *, ours: str, o
         print("peak MiB      torch.cuda.max_memory_allocated() during the step − memory_allocated() at its start")
     else:
         print("peak MiB      bytes held from glibc malloc (mallinfo2) at the step's peak − at its start (sampled "
-              "every 5 ms); process RSS the same way: " + ", ".join(
+              "every 5 ms, or 100× a sample's duration when longer); process RSS the same way: " + ", ".join(
                   f"{r.name} {r.peak_rss_mib:.0f}" for r in rows if r.peak_rss_mib is not None))
     for name in trls:
         print(f"{name} step, on_step_begin → on_step_end only (no data loading): median "
