@@ -41,7 +41,9 @@ prompt, each with its own seed (a pure function of the sampling seed, the prompt
 sample), sent concurrently.
 
 Either way, old log-probs are never taken from the sampler (see `rollout.rollout`): the
-trainer recomputes those of the returned tokens, so the update's ratio is exact for them.
+trainer recomputes those of the returned tokens, so the update's ratio is exact for them. The
+sampler's own log-probs (vLLM) serve the gap's correction instead: the critic-free recipes
+weight each token by min(π_old/μ, C) (`losses.policy.truncated_importance_weights`).
 """
 
 from __future__ import annotations

@@ -65,8 +65,9 @@ class Rollout:
     old_logprobs, ref_logprobs, entropy, values: (B, T), 0 on padding; filled by
         `with_logprobs` (values only with a critic).
     sampler_logprobs: (B, T) the log-probs the sampler reported for the tokens it sampled
-        (a vLLM server does; 0 on padding), else None. Never used in a loss: logged against
-        old_logprobs (`rollout_metrics`: `sampler/kl`), the gap between sampler and trainer.
+        (a vLLM server does; 0 on padding), else None. Logged against old_logprobs
+        (`rollout_metrics`: `sampler/kl`, the gap between sampler and trainer); the critic-free
+        recipes weight their surrogate by min(π_old/μ, C) with them (`truncated_importance_weights`).
     advantages: (B,) per response or (B, T) per token; returns: (B, T) value targets —
         set by the recipe once it has computed them.
     """
