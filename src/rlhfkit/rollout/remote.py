@@ -63,6 +63,7 @@ import torch
 from rlhfkit.data.schemas import Conversation, Message
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id, render_prompt
 from rlhfkit.io import atomic_dir
+from rlhfkit.ops.logprobs import gather_logprobs
 from rlhfkit.rollout.generate import Generation, SamplingConfig, finish_generation, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,18 @@ class RemoteSampler:
         reason = " ".join(str(e).split()) or type(e).__name__
         return GenerationServerError(f"{self.engine} {self.url} unreachable ({reason}); {self.start_hint}")
 
+    def served_models(self) -> list[dict]:
+        """The server's `GET /v1/models` entries (`id`, `owned_by`, …)."""
+        try:
+            response = self.client.get("/v1/models", timeout=30)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        self._raise_for_status(response, "/v1/models")
+        try:
+            return [m for m in response.json().get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            return []
+
     def close(self) -> None:
         self.client.close()
 
@@ -193,16 +206,9 @@ def connect(model: torch.nn.Module, tokenizer, url: str, weights_dir: Path, *, s
     owner of a model, else `TransformersServeSampler`."""
     probe = RemoteSampler(model, tokenizer, url, weights_dir, sync_every=sync_every)
     try:
-        response = probe.client.get("/v1/models", timeout=30)
-    except httpx.TransportError as e:
-        raise probe._unreachable(e) from None
+        served = probe.served_models()
     finally:
         probe.close()
-    probe._raise_for_status(response, "/v1/models")
-    try:
-        served = [m for m in response.json().get("data", []) if isinstance(m, dict)]
-    except (ValueError, AttributeError):
-        served = []
     if any(m.get("owned_by") == "vllm" for m in served):
         sampler = VLLMSampler(model, tokenizer, url, weights_dir, sync_every=sync_every)
         sampler.model_id = str(served[0].get("id", ""))
@@ -224,7 +230,7 @@ class VLLMSampler(RemoteSampler):
 
     def _serve(self, folder: Path) -> None:
         if self.model_id is None:
-            self.model_id = self._served_model()
+            self.model_id = str((self.served_models() or [{}])[0].get("id", ""))
         try:
             self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
         except GenerationServerError as e:
@@ -234,15 +240,6 @@ class VLLMSampler(RemoteSampler):
             raise
         self._post("/reset_prefix_cache", None)  # cached key/values were computed by the old weights
         self._check_hand_off()
-
-    def _served_model(self) -> str:
-        try:
-            response = self.client.get("/v1/models")
-        except httpx.TransportError as e:
-            raise self._unreachable(e) from None
-        self._raise_for_status(response, "/v1/models")
-        models = response.json().get("data") or [{}]
-        return str(models[0].get("id", ""))
 
     @torch.no_grad()
     def _check_hand_off(self) -> None:
@@ -319,11 +316,10 @@ def trainer_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """(len−1,) fp32 log p(ids[t] | ids[<t]) under the trainer's model, t = 1 … len−1."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    logits = model(input_ids=x).logits[0, :-1].float()
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    out = gather_logprobs(model, x[:, :-1], x[:, 1:])
     model.train(was_training)
-    return logits.log_softmax(-1).gather(-1, x[0, 1:, None])[:, 0].cpu()
+    return out[0].cpu()
 
 
 class TransformersServeSampler(RemoteSampler):
