@@ -5,6 +5,7 @@ in one process, steps interleaved; prints tokens/s of each side and the ratio.
     python bench/dpo_vs_trl.py --trl-sides default      # ours against TRL's defaults only
     python bench/dpo_vs_trl.py --trl-precompute-ref     # TRL's default column scores its reference up front too
     python bench/dpo_vs_trl.py --precision fp32 --steps 8 --profile 15
+    python bench/dpo_vs_trl.py --mix 32,1024 --max-length 1100 --pairs 4 --trl-sides best   # mixed lengths
     OMP_NUM_THREADS=1 python bench/dpo_vs_trl.py --steps 1 --warmup 0 --threads 1   # a quick smoke test
 
 What each side runs per optimizer step
@@ -61,6 +62,7 @@ from trl_data import (  # bench/trl_data.py
     PADDED,
     TrainingStepRecorder,
     batch_rows,
+    pairs_note,
     preference_setup,
 )
 from trl_side import (  # bench/trl_side.py
@@ -185,7 +187,7 @@ def _sequences(pairs: list[EncodedPair]) -> list[Encoded]:
 def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
     tokenizer = load_tokenizer(args.model)
-    records, configs = preference_setup(args, tmp, our_config)
+    records, configs = preference_setup(args, tmp, our_config, tokenizer)
     skipped = SkipReport()
     train = load_items(configs[OURS].train_data, get_preference_loss("dpo"), tokenizer, configs[OURS], skipped)
     if skipped.total:
@@ -218,8 +220,8 @@ def run(args, threads: int, tmp: Path) -> None:
     recorders = {name: TrainingStepRecorder(t) for name, t in trainers.items()}
     recorder = recorders[inter.trl_name]
 
-    print(f"batch         {len(train)} pairs = {len(sequences)} sequences (demo train tasks: chosen = reference, "
-          f"rejected = a wrong answer); {real_tokens} real tokens, {loss_tokens} completion tokens; "
+    print(f"batch         {len(train)} pairs = {len(sequences)} sequences ({pairs_note(args.mix, sequences)}); "
+          f"{real_tokens} real tokens, {loss_tokens} completion tokens; "
           f"precision {args.precision}; lr {args.lr}; β {BETA}; threads {threads}")
     for name, tr in trainers.items():
         t = tr.args
@@ -228,7 +230,7 @@ def run(args, threads: int, tmp: Path) -> None:
               f"optim {t.optim.value}, gradient_checkpointing {t.gradient_checkpointing}, padding_free "
               f"{tr.padding_free}, max_length {t.max_length}; trainer built in {build_s[name]:.1f} s"
               + (f"; padding_free not requested (TRL {_trl_version()} DPOTrainer turns it off: 'temporarily "
-                 f"unavailable after a refactor'); {liger_note()}" if name != TRL else ""))
+                 f"unavailable after a refactor'); {liger_note()}" if name.endswith("(best)") else ""))
     print(f"ours          loss dpo, reference precomputed once before training "
           f"({', '.join(f'{n}: {s:.2f} s' for n, s in precompute_s.items())}), "
           f"{optimizer_summary(ours[OURS].engine)}, no gradient checkpointing, "

@@ -522,7 +522,7 @@ def run(args, threads: int, tmp: Path) -> None:
               f"per_device_train_batch_size {t.per_device_train_batch_size}, gradient_accumulation_steps "
               f"{t.gradient_accumulation_steps}, gradient_checkpointing {t.gradient_checkpointing}, optim "
               f"{t.optim.value}, lr_scheduler {t.lr_scheduler_type.value}, logging_steps {t.logging_steps}"
-              + (f"; {liger_note()}" if name != TRL else ""))
+              + (f"; {liger_note()}" if name.endswith("(best)") else ""))
     print(f"ours          algorithm {cfg.algorithm}, aggregation {cfg.aggregation}, kl_coef {cfg.kl_coef} "
           f"({cfg.resolved_kl_estimator} in the {cfg.resolved_kl_placement}), clip_eps {cfg.clip_eps}, inner_epochs "
           f"{cfg.inner_epochs}, minibatches {cfg.minibatches}, batch_size {cfg.batch_size}, gen_batch_size "

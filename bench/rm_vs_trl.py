@@ -5,6 +5,7 @@ side and the ratio.
     python bench/rm_vs_trl.py                           # 8 demo pairs, bf16, 2 warmup + 8 timed steps
     python bench/rm_vs_trl.py --precision fp32 --steps 8 --profile 15
     python bench/rm_vs_trl.py --trl-sides default        # ours against TRL's defaults only
+    python bench/rm_vs_trl.py --mix 32,1024 --max-length 1100 --pairs 4 --trl-sides best   # mixed lengths
     OMP_NUM_THREADS=1 python bench/rm_vs_trl.py --steps 1 --warmup 0 --threads 1   # a quick smoke test
 
 What each side runs per optimizer step
@@ -54,6 +55,7 @@ from trl_data import (  # bench/trl_data.py
     PADDED,
     TrainingStepRecorder,
     batch_rows,
+    pairs_note,
     preference_setup,
 )
 from trl_side import (  # bench/trl_side.py
@@ -196,7 +198,7 @@ def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
     tokenizer = load_tokenizer(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    records, configs = preference_setup(args, tmp, our_config)
+    records, configs = preference_setup(args, tmp, our_config, tokenizer)
     train = read_ours(configs[OURS], tokenizer)
     ours = {name: build_ours(cfg, train, tokenizer) for name, cfg in configs.items()}
     device = ours[OURS].engine.device
@@ -217,15 +219,15 @@ def run(args, threads: int, tmp: Path) -> None:
     recorder = recorders[inter.trl_name]
     capture = RewardCapture(trainer)
 
-    print(f"batch         {len(train)} pairs = {len(sequences)} sequences (demo train tasks: chosen = reference, "
-          f"rejected = a wrong answer); {real_tokens} real tokens; precision {args.precision}; lr {args.lr}; "
+    print(f"batch         {len(train)} pairs = {len(sequences)} sequences ({pairs_note(args.mix, sequences)}); "
+          f"{real_tokens} real tokens; precision {args.precision}; lr {args.lr}; "
           f"threads {threads}")
     for name, tr in trainers.items():
         t = tr.args
         print(f"TRL settings  {name}: center_rewards_coefficient {t.center_rewards_coefficient}, optim "
               f"{t.optim.value}, gradient_checkpointing {t.gradient_checkpointing}, max_length {t.max_length}, pad "
               f"token {tokenizer.pad_token!r} (id {pad_id}); score head copied from ours"
-              + (f"; padding_free: RewardConfig has none; {liger_note()}" if name != TRL else ""))
+              + (f"; padding_free: RewardConfig has none; {liger_note()}" if name.endswith("(best)") else ""))
     print(f"ours          Bradley–Terry, center_coef {ours[OURS].cfg.center_coef}, "
           f"{optimizer_summary(ours[OURS].engine)}, no gradient checkpointing")
     print("load average  before the steps: " + load_average())

@@ -5,6 +5,8 @@ in one process, steps interleaved; prints tokens/s of each side and the ratio.
     python bench/sft_vs_trl.py --tasks-per-example 2  # longer examples, ≈900 tokens/step
     python bench/sft_vs_trl.py --precision fp32 --steps 8 --profile 15
     python bench/sft_vs_trl.py --trl-sides best      # only TRL's best column
+    python bench/sft_vs_trl.py --mix 32,1024 --max-length 1100 --trl-sides default --trl-gradient-checkpointing off
+                                                     # 8 examples of 62–1,010 tokens; TRL padded, no checkpointing
 
 What each side runs per optimizer step
 - ours (packed): exactly what `rlhf sft` runs. The pieces are the real ones: records read by
@@ -49,6 +51,7 @@ from common import (  # bench/common.py
 from trl_data import (  # bench/trl_data.py
     TrainingStepRecorder,
     batch_rows,
+    task_groups,
     write_jsonl,
 )
 from trl_side import (  # bench/trl_side.py
@@ -85,20 +88,23 @@ TRL_BEST = {"gradient_checkpointing": False, "padding_free": True, "max_length":
 
 # ------------------------------------------------------------------------------ data
 
-def bench_records(examples: int, tasks_per_example: int) -> list[dict[str, str]]:
+def bench_records(examples: int, tasks_per_example: int, mix: tuple[int, int] | None = None,
+                  tokenizer=None) -> list[dict[str, str]]:
     """`examples` prompt/completion records from the demo train split.
 
     With tasks_per_example K > 1, K consecutive demo tasks are joined into one record (their
-    prompts, then their references, separated by blank lines), for longer sequences.
+    prompts, then their references, separated by blank lines), for longer sequences. With
+    `mix` (LO, HI), each record joins the tasks of one `trl_data.task_groups` group instead:
+    lengths drawn from LO..HI tokens.
     """
-    need = examples * tasks_per_example
-    tasks = make_tasks("train", math.ceil(need / 5))[:need]
-    out = []
-    for i in range(examples):
-        group = tasks[i * tasks_per_example:(i + 1) * tasks_per_example]
-        out.append({"prompt": "\n\n".join(t.prompt for t in group),
-                    "completion": "\n\n".join(t.reference for t in group)})
-    return out
+    if mix is not None:
+        groups, _ = task_groups(examples, mix, tokenizer)
+    else:
+        need = examples * tasks_per_example
+        tasks = make_tasks("train", math.ceil(need / 5))[:need]
+        groups = [tasks[i * tasks_per_example:(i + 1) * tasks_per_example] for i in range(examples)]
+    return [{"prompt": "\n\n".join(t.prompt for t in group), "completion": "\n\n".join(t.reference for t in group)}
+            for group in groups]
 
 
 def as_conversational(record: dict[str, str]) -> dict[str, list[dict[str, str]]]:
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
 def run(args, threads: int, tmp: Path) -> None:
     """Build both sides in `tmp` (data file, run folders), train them interleaved, print the report."""
     tokenizer = load_tokenizer(args.model)
-    records = bench_records(args.examples, args.tasks_per_example)
+    records = bench_records(args.examples, args.tasks_per_example, args.mix, tokenizer)
     data_path = write_jsonl(records, tmp / "train.jsonl")
     skipped = SkipReport()
     encoded = encode_examples(tokenizer, read_sft(str(data_path)), args.max_length, skipped, str(data_path))
@@ -228,13 +234,16 @@ def run(args, threads: int, tmp: Path) -> None:
     recorders = {name: TrainingStepRecorder(t) for name, t in trainers.items()}
     recorder = recorders[inter.trl_name]
 
-    print(f"batch         {len(encoded)} examples × {args.tasks_per_example} demo task(s); "
+    lengths = sorted(len(e) for e in encoded)
+    shape = (f"mixed lengths (--mix {args.mix[0]},{args.mix[1]}): {lengths} tokens" if args.mix else
+             f"{args.tasks_per_example} demo task(s)")
+    print(f"batch         {len(encoded)} examples × {shape}; "
           f"{real_tokens} real tokens, {loss_tokens} loss (completion) tokens; precision {args.precision}; "
           f"lr {args.lr}; threads {threads}")
     for name, t in trainers.items():
         print(f"TRL settings  {name}: optim {t.args.optim.value}, gradient_checkpointing "
               f"{t.args.gradient_checkpointing}, padding_free {t.padding_free}, max_length {t.args.max_length}"
-              + (f"; {liger_note()}" if name != TRL else ""))
+              + (f"; {liger_note()}" if name.endswith("(best)") else ""))
     print(f"ours          {optimizer_summary(ours[OURS].engine)}, no gradient checkpointing, "
           f"logprob_chunk {ours[OURS].cfg.logprob_chunk}")
     reference_loss = forward_loss(ours[OURS_PADDED], encoded, tokenizer, precision="fp32")

@@ -3,6 +3,7 @@
 
 - `preference_records` / `preference_setup`: the preference pairs of the DPO and
   reward-model benchmarks, and our configs for them (padded and packed);
+- `task_groups`: with `--mix LO,HI`, demo tasks joined into examples of mixed lengths;
 - `write_jsonl`, `batch_rows`: the data file of our side; the rows of a collated TRL batch;
 - `TrainingStepRecorder`: wraps `trainer.training_step` to keep TRL's loss of every step,
   its first batch and the metrics it logged for each step.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,16 +67,63 @@ def wrong_response(task: Task, open_tasks: list[Task]) -> str:
     return response
 
 
-def preference_records(pairs: int) -> list[dict]:
-    """`pairs` preference pairs in TRL's conversational layout, from the first demo train tasks
+TEMPLATE_TOKENS = 30  # what SmolLM2's chat template adds to one user + assistant turn (≈ 28 tokens)
+
+
+def task_groups(count: int, mix: tuple[int, int] | None, tokenizer,
+                seed: int = 0) -> tuple[list[list[Task]], list[Task]]:
+    """(`count` groups of consecutive demo train tasks, one group per example or pair; the
+    tasks they were cut from).
+
+    mix None: one task per group (the demo batch). mix (LO, HI): for each group a target length
+    L ~ uniform{LO..HI} (seeded), then tasks are added while the group's prompts and references,
+    joined, stay within L − TEMPLATE_TOKENS tokens (at least one task): examples of mixed
+    lengths from ≈ 60 tokens (one task) to HI, each a sequence of real demo tasks.
+    """
+    if mix is None:
+        pool = make_tasks("train", max(2, math.ceil(count / len(FAMILIES))))
+        return [[t] for t in pool[:count]], pool
+    rng = random.Random(seed)
+    targets = [rng.randint(*mix) for _ in range(count)]
+    pool = make_tasks("train", math.ceil(sum(targets) / 40 / len(FAMILIES)) + 2)  # ≥ 40 tokens per task
+    pool_iter, groups = iter(pool), []
+    for target in targets:
+        group = [next(pool_iter)]
+        while True:
+            candidate = [*group, next(pool_iter)]
+            text = "\n\n".join(t.prompt for t in candidate) + "\n\n".join(t.reference for t in candidate)
+            if len(tokenizer(text).input_ids) + TEMPLATE_TOKENS > target:
+                break
+            group = candidate
+        groups.append(group)
+    return groups, pool
+
+
+def preference_records(pairs: int, mix: tuple[int, int] | None = None, tokenizer=None) -> list[dict]:
+    """`pairs` preference pairs in TRL's conversational layout, from the demo train tasks
     (`make_tasks("train", 2)[:8]` for 8 pairs): chosen = the task's reference response,
-    rejected = `wrong_response`. Both sides render them through the same chat template."""
-    tasks = make_tasks("train", max(2, math.ceil(pairs / len(FAMILIES))))
-    open_tasks = [t for t in tasks if not t.checkable]
-    return [{"prompt": [{"role": "user", "content": t.prompt}],
-             "chosen": [{"role": "assistant", "content": t.reference}],
-             "rejected": [{"role": "assistant", "content": wrong_response(t, open_tasks)}]}
-            for t in tasks[:pairs]]
+    rejected = `wrong_response`. Both sides render them through the same chat template.
+
+    With `mix`, each pair joins the tasks of one `task_groups` group: the prompts, then the
+    references (chosen) or the same references with the last one replaced by its wrong response
+    (rejected), each part separated by blank lines.
+    """
+    groups, pool = task_groups(pairs, mix, tokenizer)
+    open_tasks = [t for t in pool if not t.checkable]
+    return [{"prompt": [{"role": "user", "content": "\n\n".join(t.prompt for t in g)}],
+             "chosen": [{"role": "assistant", "content": "\n\n".join(t.reference for t in g)}],
+             "rejected": [{"role": "assistant", "content": "\n\n".join(
+                 [t.reference for t in g[:-1]] + [wrong_response(g[-1], open_tasks)])}]}
+            for g in groups]
+
+
+def pairs_note(mix: tuple[int, int] | None, sequences) -> str:
+    """What the pairs of `preference_records` are, for a report's batch line."""
+    note = "demo train tasks: chosen = reference, rejected = a wrong answer"
+    if mix is None:
+        return note
+    return (f"{note} in the last task joined; mixed lengths (--mix {mix[0]},{mix[1]}): "
+            f"{sorted(len(s) for s in sequences)} tokens")
 
 
 def write_jsonl(records: list[dict], path: Path) -> Path:
@@ -87,10 +136,11 @@ def both_layouts(tmp: Path, make: Callable[[bool, Path], object]) -> dict[str, o
     return {PADDED: make(False, tmp / "ours"), PACKED: make(True, tmp / "ours_packed")}
 
 
-def preference_setup(args: argparse.Namespace, tmp: Path, make_config: Callable) -> tuple[list[dict], dict]:
-    """(the `--pairs` records, written to tmp/pairs.jsonl; {PADDED, PACKED: our config for
+def preference_setup(args: argparse.Namespace, tmp: Path, make_config: Callable,
+                     tokenizer) -> tuple[list[dict], dict]:
+    """(the `--pairs` records (of `--mix` lengths if given), written to tmp/pairs.jsonl; {PADDED, PACKED: our config for
     that file, `make_config(args, packing=, data_path=, run_dir=)`})."""
-    records = preference_records(args.pairs)
+    records = preference_records(args.pairs, args.mix, tokenizer)
     data_path = write_jsonl(records, tmp / "pairs.jsonl")
     return records, both_layouts(tmp, lambda packing, run_dir: make_config(args, packing=packing, data_path=data_path,
                                                                            run_dir=run_dir))

@@ -69,6 +69,9 @@ def protocol_arguments(p: argparse.ArgumentParser, *, lr: float) -> None:
     p.add_argument("--lr", type=float, default=lr, help="AdamW learning rate, constant, both sides")
     p.add_argument("--max-length", type=int, default=512, help="max sequence length of both sides")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = every usable core)")
+    p.add_argument("--mix", default=None, metavar="LO,HI",
+                   help="examples of mixed lengths: each joins demo tasks up to a token length drawn uniformly "
+                        "from LO..HI (seeded; raise --max-length above HI); default: one demo task each")
     trl_side_arguments(p)
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="after timing, profile one more step of each side and print the top ROWS ops")
@@ -95,6 +98,19 @@ def parse_trl_sides(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--trl-sides takes 'default', 'best' or both, comma-separated, each once")
 
 
+def parse_mix(p: argparse.ArgumentParser, mix: str | None, max_length: int) -> tuple[int, int] | None:
+    """--mix "LO,HI" → (LO, HI), 1 ≤ LO ≤ HI ≤ --max-length; errors through `p`."""
+    if mix is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in mix.split(","))
+    except ValueError:
+        p.error(f"--mix takes two integers LO,HI, got '{mix}'")
+    if not 1 <= lo <= hi <= max_length:
+        p.error(f"--mix needs 1 ≤ LO ≤ HI ≤ --max-length ({max_length}), got {lo},{hi}")
+    return lo, hi
+
+
 def pairs_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=8, help="preference pairs per step (the batch size of both sides)")
 
@@ -113,6 +129,7 @@ def parse_bench_args(doc: str, argv, *, lr: float, own: Callable[[argparse.Argum
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be ≥ 1, --warmup ≥ 0")
     parse_trl_sides(p, args)
+    args.mix = parse_mix(p, args.mix, args.max_length)
     args.total_steps = args.warmup + args.steps + (1 if args.profile else 0)
     return args
 
@@ -172,8 +189,10 @@ def trl_settings(args: argparse.Namespace, *, batch_size: int, run_dir: Path, be
 
 
 def trl_names(base: str, args: argparse.Namespace) -> dict[str, str]:
-    """{'default' | 'best': the column name} of the --trl-sides columns, in run order."""
-    return {side: base if side == "default" else f"{base} (best)" for side in args.trl_sides}
+    """{'default' | 'best': the column name} of the --trl-sides columns, in run order; the default
+    column's name says when --trl-gradient-checkpointing overrode TRL's default."""
+    default = base + {None: "", True: " (checkpointing)", False: " (no checkpointing)"}[args.trl_gradient_checkpointing]
+    return {side: default if side == "default" else f"{base} (best)" for side in args.trl_sides}
 
 
 def liger_note() -> str:
