@@ -3,6 +3,7 @@
     python bench/packing_sweep.py                         # CPU: bf16 autocast, the embedded model
     python bench/packing_sweep.py --mix 32,1024 --examples 16 --steps 15
     python bench/packing_sweep.py --sweep                 # tokens/s vs batch and sequence length
+    python bench/packing_sweep.py --masked --examples 8   # + padded rows with their T×T mask (the old kernel path)
 
 One optimizer-free step = forward (chunked log-probs, `TokenLogprobs`) + SFT loss + backward,
 with the attention kernel training uses on this device (`Engine`'s "auto": fp32 matmul on
@@ -13,7 +14,10 @@ ratio beside the median one.
 
 - padded: `collate_padded`, right-padded to the longest example of the step;
 - packed: `collate_packed`, rows of at most 2048 tokens balanced to the narrowest width that
-  keeps their number (`pack_rows`), attention confined to each example.
+  keeps their number (`pack_rows`), attention confined to each example;
+- with `--masked`, also "masked": the padded batch with its padding mask built (what every
+  padded batch did before right-padded rows skipped the mask, `models.attention._unless_packed`):
+  the fp32 matmul path up to `MATMUL_MAX_ELEMENTS` scores per call, masked SDPA above.
 
 Tokens/s counts real tokens only. `--sweep` prints the packed step's tokens/s for growing
 batches of one length and for one batch of growing lengths: with attention per example the
@@ -23,6 +27,7 @@ cost stays about linear in real tokens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
@@ -33,6 +38,7 @@ from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.packing import collate_packed, collate_padded
 from rlhfkit.data.tokenize import Encoded
 from rlhfkit.losses.sft import sft_loss
+from rlhfkit.models import attention
 from rlhfkit.models.loading import load_model
 from rlhfkit.models.policy import TokenLogprobs
 from rlhfkit.train.engine import resolve_attention
@@ -63,15 +69,30 @@ def step(policy: TokenLogprobs, batch, device, autocast: bool) -> float:
     return time.perf_counter() - start
 
 
-def compare(policy, exs, device, autocast, steps: int) -> dict:
-    layouts = {"padded": collate_padded(exs, 0), "packed": collate_packed(exs, 0)}
+@contextlib.contextmanager
+def mask_kept():
+    """Padded rows keep their padding mask (no right padding is recognized) inside the block."""
+    recognize = attention.right_padded
+    attention.right_padded = lambda mask: False
+    try:
+        yield
+    finally:
+        attention.right_padded = recognize
+
+
+def compare(policy, exs, device, autocast, steps: int, masked: bool = False) -> dict:
+    layouts = {"padded": (collate_padded(exs, 0), contextlib.nullcontext),
+               "packed": (collate_packed(exs, 0), contextlib.nullcontext)}
+    if masked:
+        layouts["masked"] = (layouts["padded"][0], mask_kept)
     times = {name: [] for name in layouts}
     for _ in range(steps + 2):
-        for name, batch in layouts.items():
-            times[name].append(step(policy, batch, device, autocast))
+        for name, (batch, context) in layouts.items():
+            with context():
+                times[name].append(step(policy, batch, device, autocast))
     real = sum(len(e) for e in exs)
     row = {"real_tokens": real}
-    for name, batch in layouts.items():
+    for name, (batch, _) in layouts.items():
         t = times[name][2:]
         row[name] = {"shape": tuple(batch.input_ids.shape), "median_s": statistics.median(t), "min_s": min(t),
                      "max_s": max(t), "tokens_per_s": real / statistics.median(t)}
@@ -82,10 +103,14 @@ def compare(policy, exs, device, autocast, steps: int) -> dict:
 
 def print_row(label: str, row: dict) -> None:
     pad, pack = row["padded"], row["packed"]
+    masked = row.get("masked")
     print(f"{label}: {row['real_tokens']} real tokens | padded {pad['shape']} {pad['median_s']:.3f} s "
           f"[{pad['min_s']:.3f}, {pad['max_s']:.3f}] {pad['tokens_per_s']:,.0f} tok/s | packed {pack['shape']} "
           f"{pack['median_s']:.3f} s [{pack['min_s']:.3f}, {pack['max_s']:.3f}] {pack['tokens_per_s']:,.0f} tok/s | "
-          f"packed/padded speed {row['ratio_median']:.2f}× (fastest steps {row['ratio_fastest']:.2f}×)", flush=True)
+          f"packed/padded speed {row['ratio_median']:.2f}× (fastest steps {row['ratio_fastest']:.2f}×)"
+          + (f" | padded with its mask {masked['median_s']:.3f} s [{masked['min_s']:.3f}, {masked['max_s']:.3f}]: "
+             f"padded/masked speed {masked['median_s'] / pad['median_s']:.2f}× "
+             f"(fastest {masked['min_s'] / pad['min_s']:.2f}×)" if masked else ""), flush=True)
 
 
 def main() -> None:
@@ -99,7 +124,9 @@ def main() -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--no-demo", action="store_true", help="skip the demo batch")
+    p.add_argument("--no-mix", action="store_true", help="skip the mixed-length batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masked", action="store_true", help="also time the padded batch with its padding mask built")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,12 +140,14 @@ def main() -> None:
     autocast = args.precision == "bf16"
     demo = [int(n) for n in args.demo_lengths.split(",")]
     if not args.no_demo:
-        print_row("demo batch", compare(policy, examples(demo, vocab, args.seed), device, autocast, args.steps))
+        print_row("demo batch", compare(policy, examples(demo, vocab, args.seed), device, autocast, args.steps,
+                                                     args.masked))
     lo, hi = map(int, args.mix.split(","))
     rng = random.Random(args.seed)
     mix = [rng.randint(lo, hi) for _ in range(args.examples)]
-    print_row(f"mix {lo}–{hi} × {args.examples}", compare(policy, examples(mix, vocab, args.seed), device,
-                                                           autocast, args.steps))
+    if not args.no_mix:
+        print_row(f"mix {lo}–{hi} × {args.examples}", compare(policy, examples(mix, vocab, args.seed), device,
+                                                               autocast, args.steps, args.masked))
     if args.sweep:
         for n in (4, 8, 16, 32):
             print_row(f"sweep batch {n} × 256", compare(policy, examples([256] * n, vocab, n), device, autocast,

@@ -1,8 +1,12 @@
 """The fp32 matmul attention kernel: the same outputs and gradients as SDPA in fp32, close to
-SDPA's in bf16 (closer than transformers' eager kernel), masks respected."""
+SDPA's in bf16 (closer than transformers' eager kernel), masks respected. Right-padded rows
+build no mask (causal attention within each row); left-padded ones go through the masked paths."""
+
+import dataclasses
 
 import pytest
 import torch
+from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from rlhfkit.data.packing import collate_padded
 from rlhfkit.data.schemas import as_conversation
@@ -12,19 +16,26 @@ from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.ops.logprobs import gather_logprobs
 
 
-def _batch():
+def _batch(padding: str = "right"):
     tok = tiny_tokenizer()
     rows = [encode_pair(tok, as_conversation("first prompt, a longer one"), "alpha beta"),
             encode_pair(tok, as_conversation("second"), "gamma")]
-    return collate_padded(rows, tok.pad_token_id)
+    batch = collate_padded(rows, tok.pad_token_id)
+    if padding == "left":  # each row's padding moved to its front: a mask the kernel must apply
+        shifts = [int(n) for n in (batch.attention_mask == 0).sum(-1)]
+        roll = lambda x: torch.stack([r.roll(n) for r, n in zip(x, shifts, strict=True)])  # noqa: E731
+        batch = dataclasses.replace(batch, input_ids=roll(batch.input_ids), labels=roll(batch.labels),
+                                    attention_mask=roll(batch.attention_mask))
+    return batch
 
 
 def _logprobs(model, batch):
     return gather_logprobs(model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask)
 
 
-def test_fp32_matmul_equals_sdpa_in_fp32_forward_and_backward():
-    batch = _batch()
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_fp32_matmul_equals_sdpa_in_fp32_forward_and_backward(padding):
+    batch = _batch(padding)
     out, grads = {}, {}
     for impl in ("sdpa", attention.register()):
         model = tiny_causal_lm(seed=1)
@@ -53,7 +64,7 @@ def test_in_bf16_it_stays_closer_to_sdpa_than_eager_does():
 
 
 def test_large_calls_go_to_sdpa_with_the_same_result(monkeypatch):
-    batch = _batch()  # right-padded: the second row has fully masked (padding) query rows
+    batch = _batch("left")  # the second row has fully masked (padding) query rows
     model = tiny_causal_lm(seed=1)
     model.set_attn_implementation(attention.register())
     small = _logprobs(model, batch).detach()
@@ -68,9 +79,10 @@ def test_large_calls_go_to_sdpa_with_the_same_result(monkeypatch):
     torch.testing.assert_close(large_bf16.detach(), small_bf16.detach(), atol=0.05, rtol=0.05)
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])  # 4 query heads: grouped 4, 2, none
-def test_grouped_query_heads_are_shared(kv_heads):
-    batch = _batch()
+def test_grouped_query_heads_are_shared(kv_heads, padding):
+    batch = _batch(padding)
     out = {}
     for impl in ("sdpa", attention.register()):
         model = tiny_causal_lm(seed=2, kv_heads=kv_heads)
@@ -78,6 +90,40 @@ def test_grouped_query_heads_are_shared(kv_heads):
         out[impl] = _logprobs(model, batch).detach()
     a, b = out.values()
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_right_padded_mask_over_the_rows_own_tokens_is_not_built():
+    built = attention._unless_packed(lambda **kwargs: "built")
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    plain = dict(mask_function=causal_mask_function, q_length=4, kv_length=4, q_offset=0, kv_offset=0)
+    assert built(attention_mask=right, **plain) is None  # causal attention needs no padding mask here
+    assert built(attention_mask=None, **plain) is None  # packed rows: masked per sequence by the kernel
+    assert built(attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), **plain) == "built"  # left padding
+    assert built(attention_mask=torch.tensor([[1, 0, 1, 1]]), **plain) == "built"  # a hole
+    assert built(attention_mask=right, **{**plain, "q_length": 1, "q_offset": 3}) == "built"  # after a cache
+    window = {**plain, "mask_function": sliding_window_causal_mask_function(2)}
+    assert built(attention_mask=right, **window) == "built"  # any mask function but the causal one
+    assert attention.right_padded(right) and not attention.right_padded(torch.tensor([[0, 1]]))
+
+
+def test_right_padded_rows_reach_the_causal_kernel_without_a_mask(monkeypatch):
+    """The padded batch goes through one causal SDPA call per layer (not the masked matmul),
+    with the real tokens' log-probs and the gradients of the masked computation."""
+    batch = _batch("right")
+    model = tiny_causal_lm(seed=1)
+    model.set_attn_implementation(attention.register())
+    masked = []
+    monkeypatch.setattr(attention, "_matmul", lambda *a, **k: masked.append(1) or pytest.fail("masked path"))
+    lp = _logprobs(model, batch)
+    lp.sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    reference = tiny_causal_lm(seed=1)
+    reference.set_attn_implementation("eager")  # transformers' own masked matmul attention
+    ref = _logprobs(reference, batch)
+    ref.sum().backward()
+    torch.testing.assert_close(lp.detach(), ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads, torch.cat([p.grad.flatten() for p in reference.parameters()]),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_sequence_spans_of_packed_rows():

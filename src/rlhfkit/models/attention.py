@@ -1,4 +1,4 @@
-"""The attention kernel rlhfkit trains with on CPU: matmul attention with fp32 scores.
+"""The attention kernels rlhfkit trains with on CPU: fp32 scores, no mask where causality suffices.
 
 On CPU, PyTorch's fused SDPA kernel has a slow backward at the short sequences RLHF trains
 on (≈ 10 ms per layer for 8 × 72 tokens, 5× its forward: 0.3 s of a 2.5 s SFT step of the
@@ -27,6 +27,15 @@ when the model gets no 2-D attention mask) and attend within each sequence [s, e
     O[s:e] = softmax(Q[s:e] K[s:e]ᵀ · scale + causal) V[s:e],
 
 so a row of sequences of lengths n_i costs Σ n_i² instead of (Σ n_i)², whatever its width.
+
+**Right-padded rows need no mask either** (the padded batches of `data.packing` and of the
+rollouts): under causal attention a real token never sees the padding after it, so the mask
+function builds none for a right-padded 2-D mask over the model's own tokens (`_unless_packed`)
+and each row goes to the same causal kernel as one sequence — the whole batch in one SDPA call.
+Only the padding positions' outputs differ from the masked computation, and nothing reads them.
+The masked paths above remain for left padding, queries after a cache and other masks. Before
+this, padded batches at long rows took the masked matmul path (up to 64 M scores per call): a
+DPO step of 4 pairs of 62–1,010 tokens ran at 0.79× TRL's, a reward-model step at 0.46×.
 On CPU each sequence goes through SDPA's fused causal kernel with fp32 Q, K, V (autocast
 off): fp32 accumulation as above, but no n×n mask is built, blocks above the diagonal are
 skipped (≈ half the FLOPs), only the (H, n) log-sum-exp is kept for the backward instead of
@@ -162,11 +171,34 @@ def packed_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
     return _per_sequence(kernel, query, key, value, spans).transpose(1, 2).contiguous(), None
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether each row of a 2-D mask is ones, then zeros (right padding, or none)."""
+    m = attention_mask.bool()
+    return attention_mask.dim() == 2 and not bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
 def _unless_packed(mask_function):
     """transformers' mask function, except that no mask is built when the model gets no 2-D
-    attention mask (packed rows, or rows without padding): the kernels mask per sequence."""
+    attention mask (packed rows) or a right-padded one over its own tokens (no cache): the
+    kernels then attend causally within each row (each sequence of a packed row).
+
+    Right padding needs no mask under causal attention: a real token at position i < len
+    attends to keys ≤ i, all real, so its output is the same with or without the mask; only
+    the padding positions' outputs change (they see the row's real tokens), and no loss,
+    pooled reward or value reads them. Without the mask the padded batch goes through SDPA's
+    causal kernel in one call (no T×S mask built, upper blocks skipped, only the log-sum-exp
+    kept) instead of the masked matmul path, whose T×S probabilities cost time and memory at
+    long rows. Other masks (left padding, offsets after a cache, sliding windows or any mask
+    function other than the causal one) are built as transformers builds them.
+    """
     def build(*args, attention_mask=None, **kwargs):
         if attention_mask is None:
+            return None
+        from transformers.masking_utils import causal_mask_function  # noqa: PLC0415 — see register
+
+        own_tokens = kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0 and \
+            kwargs.get("q_length") == kwargs.get("kv_length")
+        if own_tokens and kwargs.get("mask_function") is causal_mask_function and right_padded(attention_mask):
             return None
         return mask_function(*args, attention_mask=attention_mask, **kwargs)
     return build
