@@ -9,6 +9,7 @@ step functions `setup_run` + `advantages` / the shared `online.update` with PPO'
 (called as `train_step` calls it) on a hand-built rollout.
 """
 
+import dataclasses
 import functools
 import json
 import math
@@ -198,6 +199,21 @@ def update(run, rollout: Rollout, step: int) -> dict[str, float]:
     return metrics
 
 
+def clip_rollout() -> Rollout:
+    """The rollout of the clip-range test below (rows of 1, 2, 3 tokens, every token clipped at ε = 0.3)."""
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]])
+    b = 3
+    return Rollout(prompt_ids=torch.tensor([[40, 41, 42]] * b), prompt_mask=torch.ones(b, 3, dtype=torch.long),
+                   response_ids=torch.tensor([[70, 71, 72]] * b) * mask.long(), response_mask=mask,
+                   scores=torch.zeros(b), source_scores={}, prompt_index=torch.arange(b), group_size=1,
+                   finished=torch.ones(b, dtype=torch.bool), texts=("",) * b,
+                   old_logprobs=torch.tensor([-30.0, 0.0, -30.0])[:, None] * mask,
+                   ref_logprobs=torch.zeros(b, 3),
+                   advantages=torch.tensor([2.0, -1.0, 0.5])[:, None] * mask,
+                   values=torch.tensor([1.0, -0.1, 0.5])[:, None] * mask,
+                   returns=torch.tensor([0.0, 0.4, -1.0])[:, None] * mask)
+
+
 @pytest.mark.parametrize("eps_v,aggregation,expected_policy,expected_value", [
     (0.2, "token", -0.525, 0.5025),
     (0.4, "token", -0.525, 2.155 / 6),
@@ -218,17 +234,7 @@ def test_clip_ranges_value_weight_and_aggregation_on_a_hand_built_rollout(tmp_pa
     #   ε_v = 0.2, sequence: (0.32 + 0.08 + 0.845)/3 = 1.245/3
     #   vf_clipfrac = (1 + 0 + 3)/6 = 2/3 (a token share whatever the aggregation)
     # loss = policy_loss + c_v·value_loss, c_v = 0.7.
-    mask = torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]])
-    b = 3
-    rollout = Rollout(prompt_ids=torch.tensor([[40, 41, 42]] * b), prompt_mask=torch.ones(b, 3, dtype=torch.long),
-                      response_ids=torch.tensor([[70, 71, 72]] * b) * mask.long(), response_mask=mask,
-                      scores=torch.zeros(b), source_scores={}, prompt_index=torch.arange(b), group_size=1,
-                      finished=torch.ones(b, dtype=torch.bool), texts=("",) * b,
-                      old_logprobs=torch.tensor([-30.0, 0.0, -30.0])[:, None] * mask,
-                      ref_logprobs=torch.zeros(b, 3),
-                      advantages=torch.tensor([2.0, -1.0, 0.5])[:, None] * mask,
-                      values=torch.tensor([1.0, -0.1, 0.5])[:, None] * mask,
-                      returns=torch.tensor([0.0, 0.4, -1.0])[:, None] * mask)
+    rollout = clip_rollout()
     run = setup_run(config(tmp_path, clip_eps=0.3, cliprange_value=eps_v, vf_coef=0.7, aggregation=aggregation))
     metrics = update(run, rollout, 0)
     assert metrics["policy_loss"] == pytest.approx(expected_policy, abs=1e-5)
@@ -236,3 +242,24 @@ def test_clip_ranges_value_weight_and_aggregation_on_a_hand_built_rollout(tmp_pa
     assert metrics["value_loss"] == pytest.approx(expected_value, abs=1e-6)
     assert metrics["vf_clipfrac"] == pytest.approx(4 / 6, abs=1e-6)
     assert metrics["loss"] == pytest.approx(expected_policy + 0.7 * expected_value, abs=1e-5)
+
+
+@pytest.mark.parametrize("cap,expected_policy", [(2.0, -7.1 / 6), (0.0, -0.525)], ids=["tis-cap-2", "tis-off"])
+def test_sampler_logprobs_weight_the_policy_surrogate_not_the_value_loss(tmp_path, cap, expected_policy):
+    # The clip-range case above (ε = 0.3, ε_v = 0.2, token mean: ℓ = [−2.6], [0.7, 0.7], [−0.65 ×3],
+    # value loss 0.5025) with the tokens drawn by another engine μ: w = min(π_old/μ, C) = exp(old − μ)
+    # per row: 1.5, 0.5, e^5 → C = 2. Weighted ℓ = [−3.9], [0.35, 0.35], [−1.3 ×3]:
+    #   policy (−3.9 + 0.7 − 3.9)/6 = −7.1/6; the value loss stays 0.5025; cap 0: off, −0.525.
+    rollout = clip_rollout()
+    sampler = torch.tensor([-30.0 - math.log(1.5), math.log(2.0), -35.0])[:, None] * rollout.response_mask
+    rollout = dataclasses.replace(rollout, sampler_logprobs=sampler)
+    run = setup_run(config(tmp_path, clip_eps=0.3, cliprange_value=0.2, vf_coef=0.7, sampler_is_cap=cap))
+    metrics = update(run, rollout, 0)
+    assert metrics["policy_loss"] == pytest.approx(expected_policy, abs=1e-5)
+    assert metrics["value_loss"] == pytest.approx(0.5025, abs=1e-6)
+    assert metrics["loss"] == pytest.approx(expected_policy + 0.7 * 0.5025, abs=1e-5)
+    if cap:
+        assert metrics["sampler/is_weight_mean"] == pytest.approx(8.5 / 6, abs=1e-5)
+        assert metrics["sampler/is_capped_frac"] == pytest.approx(0.5)
+    else:
+        assert "sampler/is_weight_mean" not in metrics

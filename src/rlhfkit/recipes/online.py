@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rlhfkit.config import check, param
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.judge.reward import JUDGE_REWARD_BUILDERS
-from rlhfkit.losses.policy import AGGREGATIONS, aggregate, loss_units
+from rlhfkit.losses.policy import AGGREGATIONS, aggregate, loss_units, truncated_importance_weights
 from rlhfkit.models.loading import LoraSettings, load_model, load_tokenizer
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.models.value import PolicyValueModel
@@ -85,6 +85,10 @@ class OnlineConfig(TrainConfig):
     generation_server: str = param("", "sample from this vLLM or `transformers serve` URL (e.g. "
                                        "http://localhost:8000) instead of in-process; docs/SCALING.md")
     sync_every: int = param(1, "with --generation-server: hand the weights to the server every N rollouts")
+    sampler_is_cap: float = param(2.0, "with a sampler that reports its log-probs μ (a vLLM server): weight each "
+                                       "token's policy surrogate (policy-gradient recipes, PPO) by min(π_old/μ, C), "
+                                       "C = this (truncated importance sampling; 0 = off; online DPO's pair loss "
+                                       "is not weighted)")
     kl_coef: float = param(0.05, "β: weight of the KL to the reference")
     kl_estimator: str = param("auto", "per-token KL estimator (auto: k3 in the loss, k1 in the reward)",
                               choices=("auto", *KL_ESTIMATORS))
@@ -118,6 +122,8 @@ class OnlineConfig(TrainConfig):
         check(self.generation_server == "" or self.generation_server.startswith(("http://", "https://")),
               "generation_server must be an http:// or https:// URL")
         check(self.sync_every >= 1, "sync_every must be ≥ 1")
+        check(self.sampler_is_cap == 0 or self.sampler_is_cap >= 1,
+              "sampler_is_cap must be 0 (off) or ≥ 1 (a cap below 1 would shrink every on-policy token)")
         check(self.kl_coef >= 0, "kl_coef must be ≥ 0")
         check(0 < self.clip_eps < 1, "clip_eps must be in (0, 1)")
         check(self.inner_epochs >= 1, "inner_epochs must be ≥ 1")
@@ -242,13 +248,15 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
     engine = Engine(cfg, Path(cfg.output_dir), updates_per_step=cfg.updates_per_step, description=description)
     set_training_attention(model, cfg, engine.device)  # the reference copy gets the policy's kernel
     reference = ReferencePolicy(model, engine.device)  # before engine.setup can load trained weights into `model`
-    # Its own copy (bf16 runs) too: FSDP refuses to copy a sharded model. Synced before each rollout.
-    sampler: PolicySampler | RemoteSampler = PolicySampler(model, engine.compute_dtype)
-    if sampler.model is not model:
-        sampler.model.to(engine.device)
+    sampler: PolicySampler | RemoteSampler | None = None
+    if not cfg.generation_server:
+        # Its own copy (bf16 runs) before setup: FSDP refuses to copy a sharded model. Synced before each rollout.
+        sampler = PolicySampler(model, engine.compute_dtype)
+        if sampler.model is not model:
+            sampler.model.to(engine.device)
     module = engine.setup(PolicyValueModel(model, critic=critic, chunk_size=cfg.logprob_chunk), tokenizer)
     policy = engine.unwrapped()
-    if cfg.generation_server:
+    if cfg.generation_server:  # the server samples: no local copy of the policy is held
         check(engine.world_size == 1, "--generation-server runs on one process for now")
         sampler = connect(policy.model, tokenizer, cfg.generation_server,
                           Path(cfg.output_dir) / "generation-server", sync_every=cfg.sync_every)
@@ -256,6 +264,24 @@ def start_run(cfg: OnlineConfig, run_type: type[Run], *, tokenizer, prompts: lis
                    prompts=prompts, reward=reward, sampler=sampler, **algorithm_state)
     run.load_state(engine.extra_state)
     return run
+
+
+def sampler_weighted(surrogate: Tensor, part: Rollout, cap: float, metrics: dict[str, Tensor]) -> Tensor:
+    """The per-token policy surrogate (B, T), weighted by truncated importance sampling when the
+    tokens came from another engine μ that reported its log-probs (a vLLM server):
+
+        ℓ_t ← min(π_old(y_t)/μ(y_t), C) · ℓ_t          (C = `cap`; 0 = off)
+
+    so the update follows π_old's distribution although μ drew the tokens. Adds
+    `sampler/is_weight_mean` and `sampler/is_capped_frac` to `metrics`. Without sampler
+    log-probs (in-process sampling: μ = π_old) the surrogate is returned as is.
+    """
+    if part.sampler_logprobs is None or cap == 0:
+        return surrogate
+    weights, is_metrics = truncated_importance_weights(part.old_logprobs, part.sampler_logprobs,
+                                                       part.response_mask, cap=cap)
+    metrics.update({f"sampler/{k}": v for k, v in is_metrics.items()})
+    return surrogate * weights
 
 
 def mean_across(engine: Engine, metrics: dict[str, float]) -> dict[str, float]:

@@ -50,7 +50,6 @@ from rlhfkit.losses.policy import (
     constant_length_normalized,
     grpo_loss,
     gspo_loss,
-    truncated_importance_weights,
 )
 from rlhfkit.ops.advantages import (
     REWARD_SCALES,
@@ -65,7 +64,7 @@ from rlhfkit.ops.advantages import (
 )
 from rlhfkit.ops.kl import get_kl_estimator
 from rlhfkit.recipes import online
-from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
+from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, sampler_weighted, start_run
 from rlhfkit.rollout.generate import SamplingConfig
 from rlhfkit.rollout.rollout import ResponseOutputs, Rollout, pack_left, rollout_metrics, unpack_left
 
@@ -154,9 +153,6 @@ class PolicyGradientConfig(OnlineConfig):
                                   "(0 = ε_low; with ratio_level=sequence GSPO's 4e-4)")
     constant_length: int = param(0, "Dr. GRPO: divide each token's loss by this constant L (the max response "
                                     "length); with aggregation seq-mean-token-sum the loss is Σ ℓ / (B·L) (0 = off)")
-    sampler_is_cap: float = param(2.0, "with a sampler that reports its log-probs μ (a vLLM server): weight each "
-                                       "token's surrogate by min(π_old/μ, C), C = this (truncated importance "
-                                       "sampling; 0 = off)")
     dynamic_sampling: bool = param(False, "DAPO: drop the groups whose rewards are all equal before the update "
                                           "(not refilled: the batch shrinks; logged as "
                                           "dynamic_sampling/dropped_groups)")
@@ -173,8 +169,6 @@ class PolicyGradientConfig(OnlineConfig):
         check(self.samples_per_prompt >= algo.min_group_size,
               f"{self.algorithm} needs samples_per_prompt ≥ {algo.min_group_size}")
         check(0 <= self.baseline_decay < 1, "baseline_decay must be in [0, 1)")
-        check(self.sampler_is_cap == 0 or self.sampler_is_cap >= 1,
-              "sampler_is_cap must be 0 (off) or ≥ 1 (a cap below 1 would shrink every on-policy token)")
         check(self.scale_rewards == "auto" or self.algorithm == "grpo", "scale_rewards applies to grpo only")
         check(self.scale_rewards == "auto" or self.scale_advantages,
               "scale_advantages=false is scale_rewards=none: give only scale_rewards")
@@ -376,12 +370,7 @@ def loss(cfg: PolicyGradientConfig, part: Rollout, out: ResponseOutputs) -> tupl
     if cfg.constant_length:
         surrogate = constant_length_normalized(surrogate, cfg.constant_length)
         penalty = constant_length_normalized(penalty, cfg.constant_length)
-    if part.sampler_logprobs is not None and cfg.sampler_is_cap > 0:
-        # the tokens came from another engine (μ): reweight the surrogate toward π_old, the KL term stays
-        weights, is_metrics = truncated_importance_weights(part.old_logprobs, part.sampler_logprobs,
-                                                           part.response_mask, cap=cfg.sampler_is_cap)
-        surrogate = surrogate * weights
-        metrics.update({f"sampler/{k}": v for k, v in is_metrics.items()})
+    surrogate = sampler_weighted(surrogate, part, cfg.sampler_is_cap, metrics)  # the KL term stays unweighted
     metrics["policy_loss"] = aggregate(surrogate.detach(), part.response_mask, cfg.aggregation)
     # The loss's "kl" is the in-loss penalty term; "kl" in the logs is the rollout's KL to π_ref.
     kl = metrics.pop("kl")

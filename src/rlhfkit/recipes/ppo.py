@@ -39,7 +39,7 @@ from rlhfkit.ops.advantages import kl_penalized_rewards
 from rlhfkit.ops.gae import gae
 from rlhfkit.ops.stats import masked_mean, masked_whiten
 from rlhfkit.recipes import online
-from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, start_run
+from rlhfkit.recipes.online import OnlineConfig, OnlineRun, load_inputs, mean_across, sampler_weighted, start_run
 from rlhfkit.recipes.sft import encode_examples
 from rlhfkit.rollout.process_rewards import process_token_rewards
 from rlhfkit.rollout.reward_spec import parse_reward_spec
@@ -164,9 +164,11 @@ def advantages(run: PPORun, rollout: Rollout) -> tuple[Rollout, dict[str, float]
 
 
 def loss(cfg: PPOConfig, part: Rollout, out: ResponseOutputs) -> tuple[Tensor, dict[str, Tensor]]:
-    """Step 5's loss on one micro-batch, per token: ℓ = ℓ_clip(π) + c_v · ℓ_V^clip − c_H · H."""
+    """Step 5's loss on one micro-batch, per token: ℓ = w · ℓ_clip(π) + c_v · ℓ_V^clip − c_H · H, where
+    w = min(π_old/μ, C) when the tokens came from a server's sampler μ (`sampler_weighted`), else 1."""
     mask = part.response_mask
     policy, metrics = ppo_policy_loss(out.logprobs, part.old_logprobs, part.advantages, mask, clip_eps=cfg.clip_eps)
+    policy = sampler_weighted(policy, part, cfg.sampler_is_cap, metrics)  # the value loss stays unweighted
     value, value_metrics = value_loss(out.values, part.values, part.returns, mask, clip_eps=cfg.cliprange_value)
     per_token = policy + cfg.vf_coef * value
     metrics.update(policy_loss=aggregate(policy.detach(), mask, cfg.aggregation),
