@@ -9,6 +9,7 @@ token, whose argmax an update rarely moves). The server's must equal the trainer
 every hand-off, and change with every update.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -188,3 +189,24 @@ def test_a_lora_policy_is_handed_over_merged_and_earlier_versions_are_removed(tm
 def test_bad_server_options_are_one_line(kw, message):
     with pytest.raises(ConfigError, match=message):
         GRPOConfig(model="tiny", tasks="demo", max_new_tokens=8, **kw)
+
+
+def test_a_run_sampling_from_a_server_holds_no_local_copy_of_the_policy(monkeypatch, tmp_path):
+    """bf16 runs decode in-process with a bf16 copy of the policy (`PolicySampler`); with a
+    server the copy would only take memory, so none is made and the run's sampler is the server's."""
+    from rlhfkit.recipes import online, policy_gradient
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a local PolicySampler was built although a server samples")
+
+    served = []
+    monkeypatch.setattr(online, "PolicySampler", no_copy)
+    monkeypatch.setattr(online, "connect", lambda model, tokenizer, url, folder, sync_every: served.append(url) or url)
+    cfg = GRPOConfig(model="tiny", tasks="demo", demo_per_family=2, output_dir=str(tmp_path / "run"), max_steps=1,
+                     prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, batch_size=4, precision="bf16",
+                     progress=False, generation_server="http://127.0.0.1:9")
+    run = policy_gradient.setup_run(cfg)
+    assert run.sampler == "http://127.0.0.1:9" and served == ["http://127.0.0.1:9"]
+    # without a server the copy is made: the same setup reaches PolicySampler
+    with pytest.raises(AssertionError, match="local PolicySampler"):
+        policy_gradient.setup_run(dataclasses.replace(cfg, generation_server="", output_dir=str(tmp_path / "run2")))
