@@ -1,10 +1,11 @@
 """The attention kernels rlhfkit trains with on CPU: fp32 scores, no mask where causality suffices.
 
-On CPU, PyTorch's fused SDPA kernel has a slow backward at the short sequences RLHF trains
-on (≈ 10 ms per layer for 8 × 72 tokens, 5× its forward: 0.3 s of a 2.5 s SFT step of the
-embedded model). Plain matmul attention is much faster there, but transformers' "eager"
-version rounds the scores QKᵀ to bf16 under autocast before the softmax, which moves the
-loss by ~1e-3 compared with SDPA (whose kernel accumulates in fp32).
+On CPU, PyTorch's fused SDPA kernel given a padding mask (transformers' "sdpa") has a slow
+backward at the short sequences RLHF trains on (≈ 10 ms per layer for 8 × 72 tokens, 5× its
+forward: 0.3 s of a 2.5 s SFT step of the embedded model; its causal kernel without a mask, used
+below for packed and right-padded rows, does not). Plain matmul attention is much faster
+there, but transformers' "eager" version rounds the scores QKᵀ to bf16 under autocast before
+the softmax, which moves the loss by ~1e-3 compared with SDPA (whose kernel accumulates in fp32).
 
 `fp32_matmul_attention` computes, per head, with autocast off and every tensor in fp32:
 
