@@ -85,7 +85,7 @@ def task_groups(count: int, mix: tuple[int, int] | None, tokenizer,
         return [[t] for t in pool[:count]], pool
     rng = random.Random(seed)
     targets = [rng.randint(*mix) for _ in range(count)]
-    pool = make_tasks("train", math.ceil(sum(targets) / 40 / len(FAMILIES)) + 2)  # ≥ 40 tokens per task
+    pool = make_tasks("train", math.ceil(sum(targets) / 20 / len(FAMILIES)) + 2)  # a demo task is ≥ 20 tokens
     pool_iter, groups = iter(pool), []
     for target in targets:
         group = [next(pool_iter)]
