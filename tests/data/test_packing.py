@@ -130,3 +130,33 @@ def test_balanced_rows_keep_every_example_once_within_the_cap(seed):
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     widths = [sum(lengths[i] for i in row) for row in rows]
     assert max(widths) <= 512 and max(widths) >= max(max(lengths), -(-sum(lengths) // len(rows)))
+
+
+def test_collate_shared_prompts_stores_a_run_of_equal_prompts_once():
+    """Sequences 1–3 share the prompt 5 6 7 (P = 3): the first whole, the others from the last
+    prompt token on, at positions 2, 3, … (a branch continuing the first two tokens); the 4th
+    has its own prompt. The counted labels, row by row, are the four responses in order."""
+    from rlhfkit.data.packing import collate_shared_prompts
+
+    I = IGNORE_INDEX
+    seqs = [([5, 6, 7, 8, 9], [I, I, 8, 9, I]), ([5, 6, 7, 10], [I, I, 10, I]),
+            ([5, 6, 7, 11, 12, 13], [I, I, 11, 12, 13, I]), ([4, 7, 14], [I, 14, I])]
+    batch = collate_shared_prompts(seqs, [3, 3, 3, 2], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10, 7, 11, 12, 13, 4, 7, 14]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 2, 3, 4, 5, 0, 1, 2]]
+    assert batch.labels.tolist() == [[I, I, 8, 9, I, 10, I, 11, 12, 13, I, I, 14, I]]
+    assert batch.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]]
+    assert batch.labels[batch.labels != I].tolist() == [8, 9, 10, 11, 12, 13, 14]
+    # rows of at most 11 tokens: the two groups (11 and 3 tokens) go to two rows, in order;
+    # the padding is a sequence of its own (positions from 0) with attention mask 0
+    two = collate_shared_prompts(seqs, [3, 3, 3, 2], pad_id=0, row_tokens=11)
+    assert two.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10, 7, 11, 12, 13], [4, 7, 14] + [0] * 8]
+    assert two.position_ids[1].tolist() == [0, 1, 2] + list(range(8))
+    assert two.attention_mask[1].tolist() == [1, 1, 1] + [0] * 8
+    # equal prompts that are not consecutive are not shared; a label inside a shared prompt is refused
+    apart = collate_shared_prompts([seqs[0], seqs[3], seqs[1]], [3, 2, 3], pad_id=0)
+    assert apart.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="sequence 1: a label before the last token of its shared prompt"):
+        collate_shared_prompts([seqs[0], ([5, 6, 7, 10], [6, I, 10, I])], [3, 3])
+    with pytest.raises(ValueError, match="sequence 0: prompt length 4 for 3 tokens"):
+        collate_shared_prompts([seqs[3]], [4])

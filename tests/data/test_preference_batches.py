@@ -83,3 +83,23 @@ def test_skip_report_names_each_place_once():
     assert report.counts == {"tie (ties=drop)": 7, "too long": 1}
     assert report.describe() == "skipped 7 tie (ties=drop), 1 too long (prefs.jsonl; prefs.jsonl:3)"
     assert SkipReport().describe() == "no records skipped"
+
+
+def test_shared_prompt_pairs_store_each_prompt_once_and_keep_the_segment_numbering():
+    """Two pairs (prompts of 21 tokens; responses 3/4 and 3/3 tokens): chosen whole, then the
+    rejected side from the last prompt token on. Segment ids still number chosen sides 0..B−1
+    and rejected sides B..2B−1, so per-sequence sums and last-token pooling read them as before.
+    (Consecutive pairs of one prompt would share it too: all four sides after one copy.)"""
+    other = PreferencePair(as_conversation("Yo"), "c", "d")
+    pairs = encode_preference_pairs(tiny_tokenizer(), [_pair("a", "bb"), other])
+    batch = collate_pairs(pairs, pad_id=0, packed=True, share_prompts=True).sequences
+    plain = collate_pairs(pairs, pad_id=0, packed=True).sequences
+    assert batch.num_tokens == 24 + 5 + 24 + 4 and plain.num_tokens == 24 + 25 + 24 + 24
+    (segments,) = batch.segment_ids.tolist()
+    assert segments == [0] * 24 + [2] * 5 + [1] * 24 + [3] * 4
+    (positions,) = batch.position_ids.tolist()
+    assert positions == list(range(24)) + list(range(20, 25)) + list(range(24)) + list(range(20, 24))
+    # each side's counted labels are its response, in both layouts
+    for s in range(4):
+        assert batch.labels[(batch.segment_ids == s) & batch.loss_mask].tolist() == \
+            plain.labels[(plain.segment_ids == s) & plain.loss_mask].tolist()

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
+from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right
 from rlhfkit.data.packing import collate_padded
 from rlhfkit.data.schemas import as_conversation
-from rlhfkit.data.tokenize import encode_pair
+from rlhfkit.data.tokenize import encode_pair, render_prompt
 from rlhfkit.models import attention
 from rlhfkit.models.tiny import tiny_causal_lm, tiny_tokenizer
 from rlhfkit.ops.logprobs import gather_logprobs
@@ -127,10 +128,64 @@ def test_right_padded_rows_reach_the_causal_kernel_without_a_mask(monkeypatch):
 
 
 def test_sequence_spans_of_packed_rows():
+    S = attention.Span
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
-    assert attention.sequence_spans(pos, 2, 6) == [[(0, 3), (3, 5), (5, 6)], [(0, 4), (4, 6)]]
-    assert attention.sequence_spans(None, 2, 6) == [[(0, 6)], [(0, 6)]]
-    assert attention.sequence_spans(torch.arange(6)[None], 2, 6) == [[(0, 6)], [(0, 6)]]  # broadcast row
+    assert attention.sequence_spans(pos, 2, 6) == [[S(0, 3), S(3, 5), S(5, 6)], [S(0, 4), S(4, 6)]]
+    assert attention.sequence_spans(None, 2, 6) == [[S(0, 6)], [S(0, 6)]]
+    assert attention.sequence_spans(torch.arange(6)[None], 2, 6) == [[S(0, 6)], [S(0, 6)]]  # broadcast row
+
+
+def test_sequence_spans_read_branches_from_position_ids_that_step_back():
+    # 0 1 2 3 4 | 2 3 4 | 2 3 → the sequences 0..4, 0 1 + 2 3 4 and 0 1 + 2 3; then a plain one, 0 1
+    pos = torch.tensor([[0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 0, 1]])
+    (row,) = attention.sequence_spans(pos, 1, 12)
+    assert row == [attention.Span(0, 10, ((3, 2), (2, 2))), attention.Span(10, 12)]
+    assert row[0].trunk == 5
+    attention._last_spans[0] = None
+    with pytest.raises(ValueError, match="starts at position 3, but its sequence's trunk has 2 tokens"):
+        attention.sequence_spans(torch.tensor([[0, 1, 3, 4]]), 1, 4)  # a gap: no trunk to continue
+
+
+def _branch_case(tok):
+    """Three sequences of one prompt and one of another, as separate padded rows and as
+    shared-prompt packed rows (the first prompt stored once)."""
+    from rlhfkit.data.packing import collate_shared_prompts
+
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    first = ids(render_prompt(tok, as_conversation("a shared prompt, longer than its answers")))
+    other = ids(render_prompt(tok, as_conversation("another")))
+    answers = [(first, "x y"), (first, "one two three four"), (first, "z"), (other, "w v")]
+    seqs, lengths = [], []
+    for prompt, answer in answers:
+        response = ids(answer)
+        seqs.append((prompt + response, [IGNORE_INDEX] * (len(prompt) - 1) + response + [IGNORE_INDEX]))
+        lengths.append(len(prompt))
+    padded = LMBatch(pad_right([s for s, _ in seqs], 0), pad_right([[1] * len(s) for s, _ in seqs], 0),
+                     pad_right([lab for _, lab in seqs], IGNORE_INDEX))
+    return padded, collate_shared_prompts(seqs, lengths, pad_id=0)
+
+
+@pytest.mark.parametrize("name", [attention.NAME, attention.PACKED_SDPA])
+def test_shared_prompt_rows_give_each_sequences_logprobs_and_gradients(name):
+    """Each sequence's response log-probs (read in order) and the gradient of a weighted sum
+    of them: the same whether a prompt is stored once per sequence (padded rows, transformers'
+    eager kernel) or once for its three sequences (branches in one packed row, each kernel)."""
+    tok = tiny_tokenizer()
+    padded, shared = _branch_case(tok)
+    assert shared.input_ids.shape[0] == 1 and shared.num_tokens < padded.num_tokens
+    results = []
+    for kernel, batch in (("eager", padded), (name, shared)):
+        model = tiny_causal_lm(seed=2)
+        attention.register()
+        model.set_attn_implementation(kernel)
+        lp = gather_logprobs(model, batch.input_ids, batch.labels, position_ids=batch.position_ids,
+                             attention_mask=None if batch.packed else batch.attention_mask)
+        flat = lp[batch.labels != IGNORE_INDEX]
+        (flat * torch.linspace(0.5, 1.5, len(flat))).sum().backward()
+        results.append((flat.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (lp_padded, g_padded), (lp_shared, g_shared) = results
+    torch.testing.assert_close(lp_shared, lp_padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_shared, g_padded, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", [attention.NAME, attention.PACKED_SDPA])
@@ -147,7 +202,7 @@ def test_packed_rows_cost_the_sum_of_squares_not_the_row_squared(name, monkeypat
     real = attention._per_sequence
 
     def spy(kernel, query, key, value, spans):
-        shapes.extend((e - s) for row in spans for s, e in row)
+        shapes.extend((span.end - span.start) for row in spans for span in row)
         return real(kernel, query, key, value, spans)
 
     monkeypatch.setattr(attention, "_per_sequence", spy)

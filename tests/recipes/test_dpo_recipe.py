@@ -385,6 +385,26 @@ def test_live_reference_gives_the_same_losses_as_the_cache(tmp_path, dpo_run, co
         assert scored_live[step]["loss"] == pytest.approx(cached[step]["loss"], abs=1e-5)
 
 
+def test_packed_pairs_sharing_their_prompt_train_as_unshared_ones(tmp_path, dpo_run, monkeypatch):
+    # share_prompts (the default) stores each packed pair's prompt once; the losses and gradient
+    # norms of 3 steps are those of the unshared packed run, and the shared layout was used.
+    from rlhfkit.data import preference_batches
+
+    calls = []
+    real = preference_batches.collate_shared_prompts
+    monkeypatch.setattr(preference_batches, "collate_shared_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg, _ = dpo_run
+    run_dpo(cfg.replace(output_dir=str(tmp_path / "plain"), max_steps=3, eval_data="", packing=True,
+                        share_prompts=False))
+    assert not calls
+    run_dpo(cfg.replace(output_dir=str(tmp_path / "shared"), max_steps=3, eval_data="", packing=True))
+    assert calls
+    plain, shared = losses_by_step(tmp_path / "plain"), losses_by_step(tmp_path / "shared")
+    for step in (1, 2, 3):
+        assert shared[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-5)
+        assert shared[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-4)
+
+
 def test_loss_is_normalized_by_the_pairs_of_the_whole_step(tmp_path, dpo_run):
     # 2 micro-batches of 4 pairs must give the gradient of 1 micro-batch of 8 (packed plans
     # keep the shuffled order, so the pairs are the same): same gradient norm — Adam would

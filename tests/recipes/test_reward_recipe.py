@@ -122,6 +122,26 @@ def test_the_final_model_reloads_as_a_plain_sequence_classifier(trained):
     assert again["loss"] == pytest.approx(trained["result"]["eval"]["loss"], abs=1e-5)
 
 
+def test_packed_pairs_sharing_their_prompt_train_as_unshared_ones(tmp_path, monkeypatch):
+    # share_prompts (the default): each packed pair's prompt stored once; last-token pooling
+    # reads each side's own end, so 4 steps log the unshared run's losses and gradient norms.
+    from rlhfkit.data import preference_batches
+
+    calls = []
+    real = preference_batches.collate_shared_prompts
+    monkeypatch.setattr(preference_batches, "collate_shared_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {"max_steps": 4, "batch_size": 4, "packing": True, "n_heads": 2, "use_margin": True, "test_fraction": 0.0}
+    run_reward(_cfg(tmp_path, tmp_path / "plain", share_prompts=False, **kw))
+    assert not calls
+    run_reward(_cfg(tmp_path, tmp_path / "shared", **kw))
+    assert calls
+    plain = {m["step"]: m for m in read_metrics(tmp_path / "plain") if "loss" in m}
+    shared = {m["step"]: m for m in read_metrics(tmp_path / "shared") if "loss" in m}
+    for step in (1, 2, 3, 4):
+        assert shared[step]["loss"] == pytest.approx(plain[step]["loss"], abs=1e-5)
+        assert shared[step]["grad_norm"] == pytest.approx(plain[step]["grad_norm"], rel=1e-4)
+
+
 def test_resume_with_heads_margin_noise_and_centering_gives_identical_losses(tmp_path):
     kw = {"max_steps": 4, "save_every": 2, "batch_size": 4, "packing": True, "n_heads": 2, "ensemble_mode": "min",
           "use_margin": True, "label_noise": 0.1, "center_coef": 0.01, "test_fraction": 0.0}

@@ -153,6 +153,38 @@ def test_logprob_temperature_is_the_same_in_rollout_and_update(tmp_path):
     assert row["approx_kl"] == pytest.approx(0.0, abs=1e-9) and row["clipfrac"] == 0.0
 
 
+@pytest.mark.parametrize("cls,extra", [(GRPOConfig, {}), (RLOOConfig, {"kl_placement": "reward"})],
+                         ids=["grpo", "rloo-old-logprob-pass"])
+def test_share_prompts_reaches_the_passes_and_changes_no_number(tmp_path, cls, extra, monkeypatch):
+    # share_prompts lays out every log-prob pass (rollout's policy and reference passes, the
+    # update's forwards) with each prompt stored once: the logged numbers of two steps (the
+    # second after an update, 2 epochs × 2 minibatches shuffled across groups) are those of
+    # the unshared run; and the batches really were shared (fewer positions than rows × width).
+    from rlhfkit.rollout import rollout as rollout_module
+
+    shared_batches = []
+    real = rollout_module.collate_shared_prompts
+    monkeypatch.setattr(rollout_module, "collate_shared_prompts",
+                        lambda *a, **k: shared_batches.append(real(*a, **k)) or shared_batches[-1])
+    kw = dict(max_steps=2, inner_epochs=2, minibatches=2, batch_size=3, kl_coef=0.1, **extra)
+    plain = run_rows(cls, tmp_path / "plain", share_prompts=False, **kw)
+    assert not shared_batches
+    shared = run_rows(cls, tmp_path / "shared", **kw)
+    assert shared_batches and all(b.position_ids is not None for b in shared_batches)
+    assert any((b.position_ids[:, 1:] <= b.position_ids[:, :-1]).logical_and(b.position_ids[:, 1:] > 0).any()
+               for b in shared_batches)  # some row has a branch
+    for a, b in zip(plain, shared, strict=True):
+        for key in ("loss", "policy_loss", "kl", "kl_penalty", "entropy", "grad_norm", "ratio_mean", "approx_kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_share_prompts_is_off_with_a_kernel_that_does_not_read_branches():
+    assert GRPOConfig(model="tiny", tasks="demo").shares_prompts
+    assert not GRPOConfig(model="tiny", tasks="demo", attention="sdpa").shares_prompts
+    assert not GRPOConfig(model="tiny", tasks="demo", share_prompts=False).shares_prompts
+
+
 # ============================================================================ setup_run + collect
 
 

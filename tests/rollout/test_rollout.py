@@ -93,6 +93,70 @@ def test_micro_batches_group_rows_of_similar_length_and_cover_each_row_once():
     assert rollout.select(groups[0]).response_mask.shape[1] == 4
 
 
+def test_micro_batches_by_prompt_keep_each_prompts_rows_together_in_order():
+    rollout = _shared_rollout()
+    # rows of prompts 0, 0, 1, 0 (a minibatch shuffled them): prompt 0's rows first, in the order given
+    assert [g.tolist() for g in micro_batches(rollout, torch.tensor([3, 0, 2, 1]), 3, by_prompt=True)] == \
+        [[3, 0, 1], [2]]
+
+
+def _shared_rollout() -> Rollout:
+    """Rows 0, 1 and 3 answer the prompt 5 6 7, row 2 the prompt 5 6."""
+    I = PAD
+    return Rollout(prompt_ids=torch.tensor([[5, 6, 7], [5, 6, 7], [5, 6, I], [5, 6, 7]]),
+                   prompt_mask=torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]]),
+                   response_ids=torch.tensor([[8, 9, EOS], [10, I, I], [11, EOS, I], [12, 13, I]]),
+                   response_mask=torch.tensor([[1.0, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 0]]),
+                   scores=torch.zeros(4), source_scores={}, prompt_index=torch.tensor([0, 0, 1, 0]), group_size=3,
+                   finished=torch.ones(4, dtype=torch.bool), texts=("",) * 4)
+
+
+def test_shared_prompt_rows_keep_the_response_layout():
+    """Rows 0 and 1 share their prompt (consecutive); row 3 has it too but follows another
+    prompt, so it gets its own copy. Values read back in the response layout are the
+    unshared layout's, row for row."""
+    rollout = _shared_rollout()
+    batch = rollout.lm_batch(PAD, share_prompts=True)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, EOS, 7, 10, 5, 6, 11, EOS, 5, 6, 7, 12, 13]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 4]]
+    I = IGNORE_INDEX
+    assert batch.labels.tolist() == [[I, I, 8, 9, EOS, I, 10, I, I, 11, EOS, I, I, I, 12, 13, I]]
+    counted = torch.zeros(batch.labels.shape)
+    counted[batch.labels != I] = torch.arange(1.0, 9.0)
+    assert rollout.response_layout(counted, batch).tolist() == [[1, 2, 3], [4, 0, 0], [5, 6, 0], [7, 8, 0]]
+    plain = rollout.lm_batch(PAD)
+    flat = torch.zeros(plain.labels.shape)
+    flat[plain.labels != I] = torch.arange(1.0, 9.0)
+    assert rollout.response_layout(flat, plain).tolist() == rollout.response_layout(counted, batch).tolist()
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_shared_prompts_give_the_same_logprobs_entropy_values_and_gradients(critic):
+    """build_rollout's old/ref log-probs and entropy and a forward's values and gradients, with
+    each prompt stored once for its 3 samples (both attention kernels) or once per row."""
+    from rlhfkit.models import attention
+    from rlhfkit.rollout.rollout import policy_outputs
+
+    tok = tiny_tokenizer()
+    for kernel in (attention.NAME, attention.PACKED_SDPA):
+        results = []
+        for share in (False, True):
+            model = tiny_causal_lm(seed=3)
+            attention.register()
+            model.set_attn_implementation(kernel)
+            policy = PolicyValueModel(model, critic=critic, chunk_size=7)
+            rollout = build_rollout(policy, ReferencePolicy(model), tok, _prompts(), _length_reward(),
+                                    SamplingConfig(max_new_tokens=6, temperature=0.7, n=3, seed=1),
+                                    micro_batch_size=4, chunk_size=7, with_values=True, share_prompts=share)
+            out = policy_outputs(policy, rollout, PAD, temperature=0.7, with_entropy=True, with_values=True,
+                                 share_prompts=share)
+            (out.logprobs.sum() + out.entropy.sum() + out.values.sum()).backward()
+            grads = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
+            results.append((rollout.old_logprobs, rollout.ref_logprobs, rollout.entropy, out.values.detach(), grads))
+        for plain, shared in zip(*results, strict=True):
+            torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+
+
 def test_reference_with_lora_disabled_equals_the_base_model():
     base = tiny_causal_lm(seed=0)
     model = load_model("tiny", lora=LoraSettings(r=4, alpha=8), seed=0)  # same base weights as `base`

@@ -121,6 +121,58 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
     return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg), _weights(weights, (len(rows), width)))
 
 
+def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_lengths: list[int], pad_id: int = 0,
+                           row_tokens: int | None = None) -> LMBatch:
+    """Sequences (input ids, shifted labels) in packed rows where consecutive sequences with
+    the same prompt store it once: (R, W), the model's attention must be rlhfkit's
+    (`models.attention`, which reads the branches from the position ids).
+
+    A run of sequences s_1 … s_k with the same first P tokens (P = `prompt_lengths`) is laid
+    out as s_1 whole (the trunk), then for each later s_j its tokens from P − 1 on (a branch),
+    with position ids P − 1, P, …: the last prompt token is repeated per sequence, because
+    its output predicts that sequence's first response token. So k samples of a P-token
+    prompt cost P + Σ (R_j + 1) − 1 positions instead of Σ (P + R_j). A prompt's labels must
+    be IGNORE_INDEX before its last token (they would count once, not k times).
+
+    Sequences keep their order: the counted labels, read row by row, are those of the input
+    sequences in order (what `rollout.Rollout.response_layout` reads). Groups fill rows of at
+    most `row_tokens` tokens in order (next fit; default `PACK_ROW_TOKENS`, or the longest
+    group); `segment_ids` give each token its sequence's index (a shared prompt: the first
+    sequence's), −1 on padding, which gets positions 0, 1, … of its own.
+    """
+    groups: list[list[tuple[list[int], list[int], list[int], int]]] = []  # (ids, labels, positions, index)
+    for i, ((ids, labels), p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        if not 0 <= p <= len(ids) or len(labels) != len(ids):
+            raise ValueError(f"sequence {i}: prompt length {p} for {len(ids)} tokens and {len(labels)} labels")
+        first = groups[-1][0] if groups else None
+        if p > 0 and first is not None and prompt_lengths[first[3]] == p and first[0][:p] == ids[:p]:
+            if any(label != IGNORE_INDEX for label in labels[:p - 1]):
+                raise ValueError(f"sequence {i}: a label before the last token of its shared prompt")
+            groups[-1].append((ids[p - 1:], labels[p - 1:], list(range(p - 1, len(ids))), i))
+        else:
+            groups.append([(ids, labels, list(range(len(ids))), i)])
+    sizes = [sum(len(part[0]) for part in g) for g in groups]
+    limit = max(row_tokens or PACK_ROW_TOKENS, max(sizes, default=0))
+    rows: list[list[int]] = []
+    for g, size in enumerate(sizes):
+        if not rows or sum(sizes[j] for j in rows[-1]) + size > limit:
+            rows.append([])
+        rows[-1].append(g)
+    width = max((sum(sizes[j] for j in row) for row in rows), default=0)
+    ids, labels, pos, seg, attn = [], [], [], [], []
+    for row in rows:
+        parts = [part for g in row for part in groups[g]]
+        r_ids = [t for part in parts for t in part[0]]
+        pad = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        labels.append([t for part in parts for t in part[1]] + [IGNORE_INDEX] * pad)
+        pos.append([t for part in parts for t in part[2]] + list(range(pad)))
+        seg.append([part[3] for part in parts for _ in part[0]] + [-1] * pad)
+        attn.append([1] * len(r_ids) + [0] * pad)
+    t = lambda x: torch.tensor(x, dtype=torch.long).reshape(len(rows), width)  # noqa: E731
+    return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg))
+
+
 def collate(examples: list[Encoded], pad_id: int, *, packed: bool) -> LMBatch:
     """`collate_packed` (one padding-free row set) or `collate_padded` (right-padded rows)."""
     return collate_packed(examples, pad_id) if packed else collate_padded(examples, pad_id)

@@ -14,6 +14,7 @@ One definition for every recipe that trains on preferences (reward models, the D
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, to_device
 from rlhfkit.data.errors import DataError, SkipReport
-from rlhfkit.data.packing import collate
+from rlhfkit.data.packing import collate, collate_shared_prompts
 from rlhfkit.data.schemas import PreferencePair, UnpairedFeedback, is_tie
 from rlhfkit.data.tokenize import Encoded, encode_pair, encode_prompt
 
@@ -204,9 +205,22 @@ def response_length(sequence: Encoded) -> int:
 
 
 def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, *, packed: bool,
-                  ref_logps: Tensor | None = None) -> PreferenceBatch:
+                  ref_logps: Tensor | None = None, share_prompts: bool = False) -> PreferenceBatch:
+    """The pairs as one `PreferenceBatch`. share_prompts (packed only): each pair's prompt is
+    stored once, its rejected side a branch after the chosen one
+    (`data.packing.collate_shared_prompts`; the attention must be rlhfkit's); segment ids keep
+    numbering chosen sides 0..B−1 and rejected sides B..2B−1."""
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    return PreferenceBatch(collate(sides, pad_id, packed=packed),
+    if packed and share_prompts:
+        b = len(pairs)
+        interleaved = [side for p in pairs for side in (p.chosen, p.rejected)]
+        sequences = collate_shared_prompts([(s.input_ids, s.labels) for s in interleaved],
+                                           [s.prompt_len for s in interleaved], pad_id)
+        segment = torch.tensor([j // 2 + (b if j % 2 else 0) for j in range(2 * b)] + [-1], dtype=torch.long)
+        sequences = dataclasses.replace(sequences, segment_ids=segment[sequences.segment_ids])
+    else:
+        sequences = collate(sides, pad_id, packed=packed)
+    return PreferenceBatch(sequences,
                            torch.tensor([response_length(s) for s in sides], dtype=torch.float32),
                            torch.tensor([p.label for p in pairs], dtype=torch.float32),
                            torch.tensor([p.margin for p in pairs], dtype=torch.float32), ref_logps)

@@ -48,6 +48,8 @@ DPO step of 4 pairs of 30–1,010 tokens ran at 0.79× TRL's, a reward-model ste
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -57,27 +59,64 @@ PACKED_SDPA = "rlhfkit_packed_sdpa"
 MATMUL_MAX_ELEMENTS = 64 * 2**20
 
 
-def sequence_spans(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[tuple[int, int]]]:
-    """Per row, the [start, end) of each sequence: a new one wherever the position id is 0
-    (packed rows; the padding after them is a sequence of its own). Without position ids,
-    or with plain ones (0, 1, …), each row is one sequence. Cached for the last tensor seen:
-    every layer of one forward pass gets the same `position_ids`."""
+class Span(NamedTuple):
+    """One sequence [start, end) of a row. A sequence with `branches` shares its beginning:
+    its first (end − start − Σ lengths) tokens are the trunk, and each branch (length, at)
+    that follows continues the trunk's first `at` tokens (see `sequence_spans`)."""
+
+    start: int
+    end: int
+    branches: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def trunk(self) -> int:
+        return self.end - self.start - sum(length for length, _ in self.branches)
+
+
+def sequence_spans(position_ids: torch.Tensor | None, batch: int, length: int) -> list[list[Span]]:
+    """Per row, each sequence as a `Span`: a new one wherever the position id is 0 (packed
+    rows; the padding after them is a sequence of its own). Without position ids, or with
+    plain ones (0, 1, …), each row is one sequence. Cached for the last tensor seen: every
+    layer of one forward pass gets the same `position_ids`.
+
+    Inside a sequence, a token whose position id is not its predecessor's + 1 starts a
+    **branch** (the shared-prefix rows of `data.packing.collate_shared_prompts`): a branch
+    starting at position `at` continues the sequence's first `at` tokens (its trunk, the
+    tokens before the first branch), so positions 0 1 2 3 4 2 3 4 2 3 hold the sequences
+    0 1 2 3 4, 0 1 2 3 4 and 0 1 2 3 with the first two tokens stored once.
+    """
     if position_ids is None:
-        return [[(0, length)]] * batch
+        return [[Span(0, length)]] * batch
     cached = _last_spans[0]  # one read: another thread may swap the entry (never half of it)
     if cached is not None and cached[0] is position_ids and cached[1] == (batch, length):
         return cached[2]
-    starts = (position_ids.expand(batch, -1) == 0)
-    starts[:, 0] = True
-    spans = []
-    for row in starts.cpu().tolist():
-        begin = [i for i, s in enumerate(row) if s]
-        spans.append(list(zip(begin, begin[1:] + [length], strict=True)))
+    spans = [_row_spans(row, length) for row in position_ids.expand(batch, -1).cpu().tolist()]
     _last_spans[0] = (position_ids, (batch, length), spans)
     return spans
 
 
-_last_spans: list[tuple[torch.Tensor, tuple[int, int], list[list[tuple[int, int]]]] | None] = [None]
+_last_spans: list[tuple[torch.Tensor, tuple[int, int], list[list[Span]]] | None] = [None]
+
+
+def _row_spans(positions: list[int], length: int) -> list[Span]:
+    starts = [i for i, p in enumerate(positions) if p == 0 or i == 0]
+    spans = []
+    for s, e in zip(starts, starts[1:] + [length], strict=True):
+        cuts = [i for i in range(s + 1, e) if positions[i] != positions[i - 1] + 1]
+        if not cuts:
+            spans.append(Span(s, e))
+            continue
+        trunk = cuts[0] - s
+        branches = []
+        for b, b_end in zip(cuts, cuts[1:] + [e], strict=True):
+            at = positions[b]
+            if not 0 < at <= trunk:
+                raise ValueError(f"position ids: a branch at index {b} starts at position {at}, but its "
+                                 f"sequence's trunk has {trunk} tokens (a branch continues the trunk's first "
+                                 f"1..{trunk} tokens)")
+            branches.append((b_end - b, at))
+        spans.append(Span(s, e, tuple(branches)))
+    return spans
 
 
 def _causal(t: int, s: int, device: torch.device) -> torch.Tensor:
@@ -97,22 +136,53 @@ def _matmul(query, key, value, mask, scaling: float, p: float, training: bool):
         return torch.matmul(weights, value.float()), weights
 
 
-def _per_sequence(kernel, query, key, value, spans) -> torch.Tensor:
-    """(B, H, T, d): `kernel(q, k, v)` on each sequence [s, e) of each row, joined back.
+def _per_sequence(kernel, query, key, value, spans: list[list[Span]]) -> torch.Tensor:
+    """(B, H, T, d): `kernel(q, k, v)` on each sequence of each row (`_branched` for one with
+    branches), joined back.
 
     Rows and sequences are cut with `split` and joined with `cat`, so the backward is one
     `cat` per split tensor (no zero-filled row-sized gradient per piece)."""
-    if all(len(row_spans) == 1 for row_spans in spans):  # one sequence per row: one call
+    if all(len(row_spans) == 1 and not row_spans[0].branches for row_spans in spans):  # one call
         return kernel(query, key, value)
     rows = []
     for q, k, v, row_spans in zip(query.split(1), key.split(1), value.split(1), spans, strict=True):
-        if len(row_spans) == 1:
+        if len(row_spans) == 1 and not row_spans[0].branches:
             rows.append(kernel(q, k, v))
             continue
-        sizes = [e - s for s, e in row_spans]
-        parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), strict=True)
-        rows.append(torch.cat([kernel(*part) for part in parts], dim=2))
+        sizes = [span.end - span.start for span in row_spans]
+        parts = zip(q.split(sizes, dim=2), k.split(sizes, dim=2), v.split(sizes, dim=2), row_spans, strict=True)
+        rows.append(torch.cat([_branched(kernel, *part) for part in parts], dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
+def _branched(kernel, query, key, value, span: Span) -> torch.Tensor:
+    """(1, H, n, d): causal attention over one sequence whose branches share its trunk.
+
+    The trunk attends to itself; a branch (length L, at) is attended as the sequence
+    trunk[:at] + branch, whose last L outputs are the branch's:
+
+        O_branch = (softmax(Q Kᵀ · scale + causal) V)[at:],   Q, K, V = trunk[:at] ⧺ branch
+
+    so each branch gets the outputs it would have as a sequence of its own, while everything
+    outside attention (projections, MLP, LM head) ran once for the shared tokens. The kernel
+    recomputes the trunk[:at] queries' scores per branch (at² of the branch's (at + L)² —
+    the causal kernel has no offset form on CPU); their outputs are dropped, so no gradient
+    flows from them, and the shared keys and values collect every branch's gradient.
+    """
+    if not span.branches:
+        return kernel(query, key, value)
+    sizes = [span.trunk, *(length for length, _ in span.branches)]
+    qs, ks, vs = query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)
+    outs = [kernel(qs[0], ks[0], vs[0])]
+    for (length, at), q, k, v in zip(span.branches, qs[1:], ks[1:], vs[1:], strict=True):
+        out = kernel(_after(qs[0], at, q), _after(ks[0], at, k), _after(vs[0], at, v))
+        outs.append(out.narrow(2, at, length))
+    return torch.cat(outs, dim=2)
+
+
+def _after(trunk: torch.Tensor, at: int, own: torch.Tensor) -> torch.Tensor:
+    """trunk[:, :, :at] ⧺ own along the sequence dimension."""
+    return torch.cat([trunk.narrow(2, 0, at), own], dim=2)
 
 
 def _fp32_causal_sdpa(query, key, value, scaling: float, p: float) -> torch.Tensor:

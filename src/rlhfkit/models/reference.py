@@ -73,8 +73,9 @@ class ReferencePolicy:
     def logprobs(self, batch: LMBatch, *, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
         """(B, L) log π_ref(labels), 0 where labels = IGNORE_INDEX."""
         def run():
-            return gather_logprobs(self.model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
-                                   chunk_size=chunk_size, temperature=temperature)
+            return gather_logprobs(self.model, batch.input_ids, batch.labels,
+                                   attention_mask=None if batch.packed else batch.attention_mask,
+                                   position_ids=batch.position_ids, chunk_size=chunk_size, temperature=temperature)
         if self.uses_adapter:
             with self.model.disable_adapter():
                 return run()

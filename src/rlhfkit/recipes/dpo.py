@@ -270,7 +270,7 @@ KTO_BATCH_STATISTICS = ("rewards/desirable", "rewards/undesirable", "kto/kl_refe
 
 
 def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float], train: Sequence[Item],
-                    eval_set: Sequence[Item], *, pad_id: int, packing: bool,
+                    eval_set: Sequence[Item], *, pad_id: int, packing: bool, share_prompts: bool = False,
                     ref_train: Tensor | None = None, ref_eval: Tensor | None = None,
                     live_reference: ReferencePolicy | None = None, eval_batch_size: int = 8,
                     nll_weight: float = 0.0, nll_reduction: str = "sequence") -> SupervisedTask:
@@ -279,6 +279,8 @@ def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float],
     `hyperparameters` missing a name take its default. `nll_weight` α adds α × `preferred_nll`
     (RPO, by `nll_reduction`) to each pair's loss. Reference sums come from `ref_train`/`ref_eval`
     ((N, 2), precomputed) or, when those are None, from `live_reference` each micro-batch.
+    share_prompts: packed pairs store their prompt once (`collate_pairs`; KTO's examples have
+    no partner to share with).
     """
     if spec.needs_reference and ref_train is None and live_reference is None:
         raise ValueError(f"loss '{spec.name}' needs reference log-probs: pass ref_train or live_reference")
@@ -287,8 +289,9 @@ def preference_task(spec: PreferenceLossSpec, hyperparameters: dict[str, float],
     def make_batch(idx):
         items = [train[i] for i in idx]
         ref = ref_train[torch.tensor(idx)] if ref_train is not None else None
-        collate_items = collate_pairs if spec.paired else collate_feedback
-        return collate_items(items, pad_id, packed=packing, ref_logps=ref)
+        if spec.paired:
+            return collate_pairs(items, pad_id, packed=packing, ref_logps=ref, share_prompts=share_prompts)
+        return collate_feedback(items, pad_id, packed=packing, ref_logps=ref)
 
     def pair_step(module, batch: PreferenceBatch, normalizer):
         b = batch.num_pairs
@@ -441,7 +444,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
             {"loss": cfg.loss, "train_items": len(train), "eval_items": len(eval_set),
              "skipped": skipped.counts, "skipped_examples": skipped.examples}, indent=2))
     task = preference_task(spec, hyperparameters, train, eval_set, pad_id=pad_id, packing=cfg.packing,
-                           ref_train=ref_train, ref_eval=ref_eval, live_reference=live_reference,
+                           share_prompts=cfg.shares_prompts, ref_train=ref_train, ref_eval=ref_eval,
+                           live_reference=live_reference,
                            eval_batch_size=cfg.batch_size, nll_weight=cfg.nll_weight,
                            nll_reduction=cfg.nll_reduction or "sequence")
     metrics = fit(engine, task)

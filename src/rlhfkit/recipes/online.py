@@ -315,11 +315,13 @@ def _collect(run: OnlineRun, step: int, *, with_values: bool, policy_pass: bool,
         return build_episode_rollout(run.policy, run.reference, run.tokenizer, prompts, cfg.episodes(),
                                      cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
                                      with_values=with_values, chunk_size=cfg.logprob_chunk, sampler=run.sampler,
-                                     policy_pass=policy_pass, autocast=run.engine.autocast)
+                                     policy_pass=policy_pass, share_prompts=cfg.shares_prompts,
+                                     autocast=run.engine.autocast)
     return build_rollout(run.policy, run.reference, run.tokenizer, prompts, run.reward,
                          cfg.sampling(step_seed(cfg.seed, step)), micro_batch_size=cfg.batch_size,
                          with_values=with_values, chunk_size=cfg.logprob_chunk, sampler=run.sampler,
-                         policy_pass=policy_pass, baseline=baseline, autocast=run.engine.autocast)
+                         policy_pass=policy_pass, baseline=baseline, share_prompts=cfg.shares_prompts,
+                         autocast=run.engine.autocast)
 
 
 # A micro-batch's loss: (its rows, the policy's outputs on them) → (ℓ (B, T), metrics).
@@ -334,7 +336,8 @@ def update(run: OnlineRun, rollout: Rollout, step: int, loss_fn: LossFn, *, with
     without them (`policy_pass=False`: taken, detached, from this update's own forward, which
     on-policy gives exactly log π_old).
 
-    Each minibatch is split into length-sorted micro-batches; each micro-batch's ℓ is summed
+    Each minibatch is split into length-sorted micro-batches (sorted by prompt when prompts
+    are shared, `TrainConfig.shares_prompts`); each micro-batch's ℓ is summed
     and divided by the units (tokens or responses, see `loss_units`) of the whole minibatch
     on all processes, so the accumulated gradient is exactly that of the minibatch.
     `after_minibatch(update_index)` adds its own backward to the minibatch's gradient before
@@ -350,7 +353,7 @@ def update(run: OnlineRun, rollout: Rollout, step: int, loss_fn: LossFn, *, with
     run.module.train()
     for epoch in range(cfg.inner_epochs):
         for k, rows in enumerate(minibatch_rows(rollout.num_rows, cfg, step=step, epoch=epoch)):
-            groups = micro_batches(rollout, rows, cfg.batch_size)
+            groups = micro_batches(rollout, rows, cfg.batch_size, by_prompt=cfg.shares_prompts)
             parts = [rollout.select(g) for g in groups]
             local_units = sum(float(loss_units(p.response_mask, cfg.aggregation)) for p in parts)
             # DDP averages the processes' gradients: dividing by (all units / processes) makes
@@ -361,7 +364,7 @@ def update(run: OnlineRun, rollout: Rollout, step: int, loss_fn: LossFn, *, with
                 with engine.accumulate(last=last), engine.autocast():
                     out = policy_outputs(run.module, part, run.pad_id, temperature=temperature,
                                          with_entropy=with_entropy or fill, with_values=with_values,
-                                         entropy_grad=entropy_grad)
+                                         entropy_grad=entropy_grad, share_prompts=cfg.shares_prompts)
                     if fill:
                         part = dataclasses.replace(part, old_logprobs=out.logprobs.detach())
                         put_rows(old_full, part_rows, part.old_logprobs)

@@ -123,7 +123,7 @@ def reward_task(cfg: RewardConfig, tokenizer, train: list[EncodedPair], held_out
     pad_id = pad_token_id(tokenizer)
 
     def make_batch(indices: list[int]) -> PreferenceBatch:
-        return collate_pairs([train[i] for i in indices], pad_id, packed=cfg.packing)
+        return collate_pairs([train[i] for i in indices], pad_id, packed=cfg.packing, share_prompts=cfg.shares_prompts)
 
     def loss(module, batch: PreferenceBatch, normalizer: float):
         num_pairs = batch.num_pairs

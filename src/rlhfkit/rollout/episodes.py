@@ -253,6 +253,7 @@ def build_episode_rollout(policy: nn.Module, reference: ReferencePolicy, tokeniz
                           cfg: EpisodeConfig, sampling: SamplingConfig, *, micro_batch_size: int,
                           with_values: bool = False, chunk_size: int = DEFAULT_CHUNK,
                           sampler: PolicySampler | None = None, policy_pass: bool = True,
+                          share_prompts: bool = False,
                           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                           ) -> Rollout:
     """`build_rollout` for episodes: run them with `sampler` (synced first; else the policy's
@@ -267,4 +268,4 @@ def build_episode_rollout(policy: nn.Module, reference: ReferencePolicy, tokeniz
     with autocast():
         return with_logprobs(rollout, policy, reference, pad_id=pad_id, temperature=logprob_temperature(sampling),
                              micro_batch_size=micro_batch_size, with_values=with_values, chunk_size=chunk_size,
-                             policy_pass=policy_pass)
+                             policy_pass=policy_pass, share_prompts=share_prompts)

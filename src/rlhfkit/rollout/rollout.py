@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhfkit.data.batches import IGNORE_INDEX, LMBatch, pad_right, to_device
+from rlhfkit.data.packing import collate_shared_prompts
 from rlhfkit.data.schemas import prompt_text
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.models.reference import ReferencePolicy
@@ -129,15 +130,21 @@ class Rollout:
     def to(self, device) -> Rollout:
         return to_device(self, device)
 
-    def lm_batch(self, pad_id: int) -> LMBatch:
+    def lm_batch(self, pad_id: int, *, share_prompts: bool = False) -> LMBatch:
         """Rows prompt + response (no padding in between), right-padded; labels on the response.
 
         Row i holds P_i prompt and R_i response tokens; the label at position P_i − 1 + j is
         response token j where response_mask is 1 (IGNORE_INDEX on tool tokens), so the label
         layout's counted positions, read row by row, are the model's response tokens in order
         (see `response_layout`).
+
+        share_prompts: consecutive rows with the same prompt (a group's samples, kept together
+        by `micro_batches(by_prompt=True)`) store it once, in packed rows
+        (`data.packing.collate_shared_prompts`: G samples of a P-token prompt cost
+        P + Σ (R_j + 1) − 1 positions instead of Σ (P + R_j)); the counted labels keep the
+        same order. Needs rlhfkit's attention kernels (`models.attention`).
         """
-        seqs, labels = [], []
+        seqs, labels, prompt_lengths = [], [], []
         for ids, pm, rids, present, rm in zip(self.prompt_ids.tolist(), self.prompt_mask.tolist(),
                                               self.response_ids.tolist(), self.response_present.tolist(),
                                               self.response_mask.tolist()):
@@ -146,7 +153,10 @@ class Rollout:
             targets = [t if m else IGNORE_INDEX for t, m, p in zip(rids, rm, present) if p]
             seqs.append(prompt + response)
             labels.append([IGNORE_INDEX] * (len(prompt) - 1) + targets + [IGNORE_INDEX])
+            prompt_lengths.append(len(prompt))
         device = self.response_ids.device
+        if share_prompts:
+            return collate_shared_prompts(list(zip(seqs, labels, strict=True)), prompt_lengths, pad_id).to(device)
         return LMBatch(pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0).to(device),
                        pad_right(labels, IGNORE_INDEX).to(device))
 
@@ -157,16 +167,23 @@ class Rollout:
         return out.masked_scatter(self.response_mask.bool(), counted)
 
 
-def micro_batches(rollout: Rollout, rows: Tensor | Sequence[int], size: int) -> list[Tensor]:
+def micro_batches(rollout: Rollout, rows: Tensor | Sequence[int], size: int, *,
+                  by_prompt: bool = False) -> list[Tensor]:
     """`rows` in micro-batches of ≤ `size` rows of similar length (prompt + response tokens).
 
     Each forward pads its rows to the longest of them; sorting by length first (stable, so
     the split is a pure function of the lengths) keeps that padding small: on a 32-row GRPO
     rollout of the demo tasks, one micro-batch is 25% padding, four sorted ones 7.5%.
+    by_prompt: sorted by prompt instead (stable: rows of one prompt keep their order), so the rows
+    of one prompt sit together and share it (`Rollout.lm_batch(share_prompts=True)`, packed
+    rows: no padding to keep small).
     """
     rows = torch.as_tensor(rows, dtype=torch.long).cpu()
-    lengths = (rollout.prompt_mask.sum(-1) + rollout.response_present.sum(-1)).cpu()[rows]
-    ordered = rows[torch.sort(lengths, stable=True).indices]
+    if by_prompt:
+        keys = rollout.prompt_index.cpu()[rows]
+    else:
+        keys = (rollout.prompt_mask.sum(-1) + rollout.response_present.sum(-1)).cpu()[rows]
+    ordered = rows[torch.sort(keys, stable=True).indices]
     return [ordered[s:s + size] for s in range(0, len(ordered), size)]
 
 
@@ -217,9 +234,10 @@ class ResponseOutputs:
 
 def policy_outputs(module: nn.Module, rollout: Rollout, pad_id: int, *, temperature: float,
                    with_entropy: bool = False, with_values: bool = False, entropy_grad: bool = True,
-                   batch: LMBatch | None = None) -> ResponseOutputs:
-    """One forward of a PolicyValueModel (possibly DDP-wrapped) over the rollout's rows."""
-    batch = rollout.lm_batch(pad_id) if batch is None else batch
+                   batch: LMBatch | None = None, share_prompts: bool = False) -> ResponseOutputs:
+    """One forward of a PolicyValueModel (possibly DDP-wrapped) over the rollout's rows (laid
+    out by `Rollout.lm_batch(share_prompts=…)` unless `batch` is given)."""
+    batch = rollout.lm_batch(pad_id, share_prompts=share_prompts) if batch is None else batch
     out = module(batch, temperature=temperature, with_entropy=with_entropy, with_values=with_values,
                  entropy_grad=entropy_grad)
     return ResponseOutputs(rollout.response_layout(out.logprobs, batch),
@@ -230,12 +248,13 @@ def policy_outputs(module: nn.Module, rollout: Rollout, pad_id: int, *, temperat
 @torch.no_grad()
 def with_logprobs(rollout: Rollout, module: nn.Module, reference: ReferencePolicy, *, pad_id: int,
                   temperature: float, micro_batch_size: int, with_values: bool = False,
-                  chunk_size: int = DEFAULT_CHUNK, policy_pass: bool = True) -> Rollout:
+                  chunk_size: int = DEFAULT_CHUNK, policy_pass: bool = True, share_prompts: bool = False) -> Rollout:
     """Fill old log-probs (and entropy, values) from the policy and ref log-probs from π_ref.
 
     policy_pass=False skips the policy forward (old log-probs and entropy stay None): for an
     on-policy update, whose training forward gives exactly these log-probs (see
-    `recipes.online.update`)."""
+    `recipes.online.update`). share_prompts: each micro-batch's rows of one prompt share it
+    (`Rollout.lm_batch`)."""
     was_training = module.training
     module.eval()
     shape, device = rollout.response_mask.shape, rollout.response_mask.device
@@ -246,9 +265,9 @@ def with_logprobs(rollout: Rollout, module: nn.Module, reference: ReferencePolic
             filled[name] = torch.zeros(shape, dtype=values.dtype, device=device)
         put_rows(filled[name], rows, values)
 
-    for rows in micro_batches(rollout, range(rollout.num_rows), micro_batch_size):
+    for rows in micro_batches(rollout, range(rollout.num_rows), micro_batch_size, by_prompt=share_prompts):
         part = rollout.select(rows)
-        batch = part.lm_batch(pad_id)
+        batch = part.lm_batch(pad_id, share_prompts=share_prompts)
         if policy_pass:
             out = policy_outputs(module, part, pad_id, temperature=temperature, with_entropy=True,
                                  with_values=with_values, batch=batch)
@@ -275,7 +294,7 @@ def logprob_temperature(sampling: SamplingConfig) -> float:
 def build_rollout(policy: nn.Module, reference: ReferencePolicy, tokenizer, prompts: Sequence[RLPrompt],
                   reward: WeightedRewards, sampling: SamplingConfig, *, micro_batch_size: int,
                   with_values: bool = False, chunk_size: int = DEFAULT_CHUNK, sampler: PolicySampler | None = None,
-                  policy_pass: bool = True, baseline: SamplingConfig | None = None,
+                  policy_pass: bool = True, baseline: SamplingConfig | None = None, share_prompts: bool = False,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Rollout:
     """Generate `sampling.n` responses per prompt, score them, and fill the log-probs.
 
@@ -284,7 +303,7 @@ def build_rollout(policy: nn.Module, reference: ReferencePolicy, tokenizer, prom
     (the precision context of the log-prob forwards: the engine's).
     baseline: also decode each prompt with these settings (ReMax: greedily) and score those
     responses in the same call as the samples, so a normalized reward treats both alike;
-    their score per row is `Rollout.baseline_scores`. policy_pass: see `with_logprobs`.
+    their score per row is `Rollout.baseline_scores`. policy_pass, share_prompts: see `with_logprobs`.
     """
     prompt_convs = [p.prompt for p in prompts]
     if sampler is not None:
@@ -303,7 +322,7 @@ def build_rollout(policy: nn.Module, reference: ReferencePolicy, tokenizer, prom
     with autocast():
         return with_logprobs(rollout, policy, reference, pad_id=pad_id, temperature=logprob_temperature(sampling),
                              micro_batch_size=micro_batch_size, with_values=with_values, chunk_size=chunk_size,
-                             policy_pass=policy_pass)
+                             policy_pass=policy_pass, share_prompts=share_prompts)
 
 
 def rollout_metrics(rollout: Rollout) -> dict[str, float]:

@@ -90,8 +90,19 @@ class TrainConfig(Config):
                            "GPUs), fp32-matmul or packed-sdpa (models/attention.py: packed rows cost Σ len², not "
                            "row²), model (the model's own), eager, sdpa or flash_attention_2",
                            choices=ATTENTIONS)
+    share_prompts: bool = param(True, "store a prompt once for every sequence that continues it: an RL group's "
+                                      "samples, a preference pair's two sides with --packing (same log-probs and "
+                                      "gradients, fewer tokens; models/attention.py). Only with rlhfkit's "
+                                      "attention (--attention auto, fp32-matmul or packed-sdpa); SFT has no "
+                                      "shared prompts")
     logprob_chunk: int = param(512, "tokens per chunk of the output projection (memory vs speed)")
     progress: bool = param(True, "show a progress bar")
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether sequences of one prompt store it once (`share_prompts`, and a kernel that reads
+        the branches of `models.attention.sequence_spans`)."""
+        return self.share_prompts and self.attention in ("auto", "fp32-matmul", "packed-sdpa")
 
     def validate(self) -> None:
         check(self.max_steps >= 1, "max_steps must be ≥ 1")
