@@ -109,8 +109,9 @@ def main() -> None:
         batches = [part.lm_batch(0, share_prompts=share) for part in parts]
         layouts[name] = (share, parts, sum(b.num_tokens for b in batches), sum(b.input_ids.numel() for b in batches))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, attention "
-          f"{model.config._attn_implementation}, {args.precision}; {args.prompts} prompts × {args.samples} samples, "
-          f"prompt {args.prompt} tokens, response {args.response}, micro-batches of {args.micro_batch} rows; {args.rounds} timed rounds after 2", flush=True)
+          f"{model.config._attn_implementation}, {args.precision}; {args.prompts} prompts × {args.samples} "
+          f"samples, prompt {args.prompt} tokens, response {args.response}, micro-batches of {args.micro_batch} "
+          f"rows; {args.rounds} timed rounds after 2", flush=True)
     for name, (_, parts, real, positions) in layouts.items():
         print(f"{name:7s} {len(parts)} micro-batches, {real} tokens computed ({positions} positions with padding)")
     times = {(name, kind): [] for name in layouts for kind in ("update", "reference")}
