@@ -160,3 +160,15 @@ def test_collate_shared_prompts_stores_a_run_of_equal_prompts_once():
         collate_shared_prompts([seqs[0], ([5, 6, 7, 10], [6, I, 10, I])], [3, 3])
     with pytest.raises(ValueError, match="sequence 0: prompt length 4 for 3 tokens"):
         collate_shared_prompts([seqs[3]], [4])
+
+
+def test_positions_from_mask_count_real_tokens_and_never_step_back_on_right_padding():
+    """Left padding: the real tokens count from 0 (pads at 0). Right padding keeps counting, so
+    the row stays one sequence for rlhfkit's kernels (a repeated position would be a branch)."""
+    from rlhfkit.data.batches import positions_from_mask
+    from rlhfkit.models.attention import Span, sequence_spans
+
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = positions_from_mask(mask)
+    assert positions.tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert sequence_spans(positions[[0, 2]], 2, 5) == [[Span(0, 5)], [Span(0, 5)]]

@@ -93,3 +93,15 @@ def pad_right(seqs: list[list[int]], value: int, length: int | None = None) -> T
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s[:T], dtype=torch.long)
     return out
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """(B, T) position ids counting real tokens only, so a left-padded sequence sees the same
+    positions (0, 1, 2, …) as the same sequence right-padded; the padding after a row's last
+    real token keeps counting (mask 1 1 1 0 0 → 0 1 2 3 4), so position ids never step back
+    inside a row (a step back marks a shared-prompt branch for rlhfkit's attention kernels,
+    `models.attention.sequence_spans`)."""
+    real = attention_mask.long()
+    counted = (real.cumsum(-1) - 1).clamp(min=0)
+    after_last = real.flip(-1).cumsum(-1).flip(-1) == 0
+    return counted + after_last.long().cumsum(-1)

@@ -1,4 +1,4 @@
-"""The attention kernels rlhfkit trains with on CPU: fp32 scores, no mask where causality suffices.
+"""The attention kernels rlhfkit trains with: fp32 scores on CPU, no mask where causality suffices, shared prompts.
 
 On CPU, PyTorch's fused SDPA kernel given a padding mask (transformers' "sdpa") has a slow
 backward at the short sequences RLHF trains on (≈ 10 ms per layer for 8 × 72 tokens, 5× its
@@ -35,6 +35,14 @@ the n×n probabilities, and grouped K/V heads are read in place. Per layer at H 
 (forward + backward, 2 threads) it was 4× faster than the matmul path at n = 1024 and no
 slower at n = 32. The sequences are cut with `split` (whose backward is one `cat`), not by
 slicing (each slice's backward would fill a zero tensor as large as the whole row).
+
+**Shared prompts are stored once** (`data.packing.collate_shared_prompts`): in a packed
+sequence, a token whose position id steps back (…, 48, 49, 45, 46, …) starts a branch that
+continues the sequence's first 45 tokens, so the G samples of one prompt (or a preference
+pair's two responses) run the prompt's projections, MLPs and norms once. Each branch is
+attended as prompt + branch (`_branched`), so every token's output is the one it would have
+in its own row; on the GRPO bench's rollouts (8 prompts × 4 samples, ≈ 46 prompt tokens)
+the passes compute 42% fewer tokens.
 
 **Right-padded rows need no mask either** (the padded batches of `data.packing` and of the
 rollouts): under causal attention a real token never sees the padding after it, so the mask

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from rlhfkit.data.batches import pad_right, to_device
+from rlhfkit.data.batches import pad_right, positions_from_mask, to_device
 from rlhfkit.data.schemas import Conversation
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id
 from rlhfkit.models.loading import TINY, LoraSettings
@@ -104,7 +104,7 @@ class ProcessRewardModel(nn.Module):
 
     def forward(self, batch: StepBatch) -> Tensor:
         backbone, head = _parts(self.model)
-        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(batch.attention_mask)
         out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                        use_cache=False)
         hidden = out.last_hidden_state                                             # (B, T, H)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from rlhfkit.config import ConfigError
-from rlhfkit.data.batches import LMBatch
+from rlhfkit.data.batches import LMBatch, positions_from_mask
 from rlhfkit.data.packing import collate_packed
 from rlhfkit.data.preference_batches import EncodedPair, collate_pairs
 from rlhfkit.data.readers import looks_like_hub_id
@@ -75,12 +75,6 @@ def segment_last_index(segment_ids: Tensor, num_segments: int) -> Tensor:
     return last
 
 
-def _positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids counting real tokens only, so a left-padded sequence sees the same
-    positions (0, 1, 2, ...) as the same sequence right-padded."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone, score head) of a sequence classifier, PEFT-wrapped or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -119,7 +113,7 @@ class RewardModel(nn.Module):
             last = hidden[segment_last_index(batch.segment_ids, batch.num_examples)]
         else:
             position_ids = (batch.position_ids if batch.position_ids is not None
-                            else _positions_from_mask(batch.attention_mask))
+                            else positions_from_mask(batch.attention_mask))
             out = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=position_ids, use_cache=False)
             hidden = out.last_hidden_state                                        # (B, T, H)
