@@ -19,7 +19,8 @@ What each side runs per optimizer step
   normalized by the step's pairs); the `Engine` (accelerate, bf16 autocast, AdamW,
   clipping, metrics). Each step is one call of `train.loop.fit` itself, told to run the
   next single step, so our steps can be interleaved with TRL's.
-- ours (packed): the same with `packing=True` (the 2B sequences in one padding-free row).
+- ours (packed): the same with `packing=True` (the 2B sequences in one padding-free row, each
+  pair's prompt stored once: `share_prompts`, on by default with rlhfkit's attention).
 - TRL: `DPOTrainer.train()` with TRL's defaults except what must match (β 0.1, loss
   "sigmoid", precision, batch size, max_length, lr, AdamW betas, weight decay 0, constant
   schedule, no warmup) on a `datasets.Dataset` of the same records in the conversational
@@ -83,8 +84,7 @@ from trl_side import (  # bench/trl_side.py
 
 from rlhfkit.data.batches import IGNORE_INDEX
 from rlhfkit.data.errors import SkipReport
-from rlhfkit.data.packing import collate_packed
-from rlhfkit.data.preference_batches import EncodedPair
+from rlhfkit.data.preference_batches import EncodedPair, collate_pairs
 from rlhfkit.data.tokenize import Encoded
 from rlhfkit.losses.preference_registry import get_preference_loss
 from rlhfkit.models.loading import load_model, load_tokenizer
@@ -120,7 +120,7 @@ def build_ours(cfg: OurDPOConfig, train: list[EncodedPair], tokenizer) -> tuple[
                                          pad_id=pad_id, packing=cfg.packing)
     engine.setup(policy, tokenizer)
     task = preference_task(spec, cfg.loss_hyperparameters, train, [], pad_id=pad_id, packing=cfg.packing,
-                           ref_train=scores["train"], eval_batch_size=cfg.batch_size)
+                           share_prompts=cfg.shares_prompts, ref_train=scores["train"], eval_batch_size=cfg.batch_size)
     return OurSide(engine, task, cfg), t[0], scores["train"]
 
 
@@ -245,7 +245,9 @@ def run(args, threads: int, tmp: Path) -> None:
     trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else -1
     trl_loss_tokens = int(batch["completion_mask"][:, 1:].sum()) if "completion_mask" in batch else -1
     same_rows = (batch_rows(batch) if batch else []) == sorted(tuple(s.input_ids) for s in sequences)
-    packed_shape = " × ".join(map(str, collate_packed(sequences).input_ids.shape))
+    shared = collate_pairs(train, 0, packed=True, share_prompts=configs[PACKED].shares_prompts).sequences
+    packed_shape = (" × ".join(map(str, shared.input_ids.shape)) + f" = {shared.num_tokens} tokens, prompts "
+                    + ("shared" if configs[PACKED].shares_prompts else "not shared"))
     print("\n## Same tokens")
     print(f"ours          {real_tokens} real tokens, {loss_tokens} completion tokens (padded: {len(sequences)} × "
           f"{max(len(s) for s in sequences)}; packed: {packed_shape})")

@@ -20,7 +20,8 @@ What each side runs per optimizer step
   (accelerate, bf16 autocast, AdamW, clipping, metrics). Each step is one call of
   `train.loop.fit` itself, told to run the next single step, so our steps can be
   interleaved with TRL's.
-- ours (packed): the same with `packing=True` (the 2B sequences in one padding-free row).
+- ours (packed): the same with `packing=True` (the 2B sequences in one padding-free row, each
+  pair's prompt stored once: `share_prompts`, on by default with rlhfkit's attention).
 - TRL: `RewardTrainer.train()` with TRL's defaults except what must match (precision, batch
   size, max_length, lr, AdamW betas, weight decay 0, constant schedule, no warmup) on a
   `datasets.Dataset` of the same records in the conversational prompt/chosen/rejected
@@ -75,7 +76,6 @@ from trl_side import (  # bench/trl_side.py
 )
 
 from rlhfkit.data.errors import SkipReport
-from rlhfkit.data.packing import collate_packed
 from rlhfkit.data.preference_batches import EncodedPair, collate_pairs, encode_preference_pairs
 from rlhfkit.models.loading import load_tokenizer, resolve_model_path
 from rlhfkit.models.reward import load_reward_model
@@ -240,7 +240,9 @@ def run(args, threads: int, tmp: Path) -> None:
     trl_real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else -1
     trl_rows = batch_rows(batch) if batch else []
     same_rows = trl_rows == sorted(tuple(s.input_ids) for s in sequences)
-    packed_shape = " × ".join(map(str, collate_packed(sequences).input_ids.shape))
+    shared = collate_pairs(train, 0, packed=True, share_prompts=configs[PACKED].shares_prompts).sequences
+    packed_shape = (" × ".join(map(str, shared.input_ids.shape)) + f" = {shared.num_tokens} tokens, prompts "
+                    + ("shared" if configs[PACKED].shares_prompts else "not shared"))
     print("\n## Same tokens")
     print(f"ours          {real_tokens} real tokens (padded: {len(sequences)} × {max(len(s) for s in sequences)}; "
           f"packed: {packed_shape})")
