@@ -12,7 +12,8 @@ token (the model must learn to stop) and 0 after it.
 
 Log-probs are never taken from the sampler: one forward over prompt + response rows
 (concatenated without padding between them, right-padded, labels only on the response
-tokens) through the chunked path gives the log-probs the loss will compare against, so
+tokens; or with each prompt stored once for its rows, `Rollout.lm_batch(share_prompts=True)`)
+through the chunked path gives the log-probs the loss will compare against, so
 at ratio 1 the two agree exactly. The reference runs once per rollout batch: a frozen
 copy of the initial policy, or — with LoRA — the policy itself with its adapter disabled.
 """
