@@ -147,12 +147,7 @@ def test_collate_shared_prompts_stores_a_run_of_equal_prompts_once():
     assert batch.labels.tolist() == [[I, I, 8, 9, I, 10, I, 11, 12, 13, I, I, 14, I]]
     assert batch.segment_ids.tolist() == [[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3]]
     assert batch.labels[batch.labels != I].tolist() == [8, 9, 10, 11, 12, 13, 14]
-    # rows of at most 11 tokens: the two groups (11 and 3 tokens) go to two rows, in order;
-    # the padding is a sequence of its own (positions from 0) with attention mask 0
-    two = collate_shared_prompts(seqs, [3, 3, 3, 2], pad_id=0, row_tokens=11)
-    assert two.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10, 7, 11, 12, 13], [4, 7, 14] + [0] * 8]
-    assert two.position_ids[1].tolist() == [0, 1, 2] + list(range(8))
-    assert two.attention_mask[1].tolist() == [1, 1, 1] + [0] * 8
+    assert batch.attention_mask.tolist() == [[1] * 14]  # one row, no padding
     # equal prompts that are not consecutive are not shared; a label inside a shared prompt is refused
     apart = collate_shared_prompts([seqs[0], seqs[3], seqs[1]], [3, 2, 3], pad_id=0)
     assert apart.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]

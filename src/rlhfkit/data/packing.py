@@ -121,11 +121,11 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
     return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg), _weights(weights, (len(rows), width)))
 
 
-def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_lengths: list[int], pad_id: int = 0,
-                           row_tokens: int | None = None) -> LMBatch:
-    """Sequences (input ids, shifted labels) in packed rows where consecutive sequences with
-    the same prompt store it once: (R, W), the model's attention must be rlhfkit's
-    (`models.attention`, which reads the branches from the position ids).
+def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_lengths: list[int],
+                           pad_id: int = 0) -> LMBatch:
+    """Sequences (input ids, shifted labels) in one packed row where consecutive sequences with
+    the same prompt store it once: (1, N), N the tokens kept. The model's attention must be
+    rlhfkit's (`models.attention`, which reads the branches from the position ids).
 
     A run of sequences s_1 … s_k with the same first P tokens (P = `prompt_lengths`) is laid
     out as s_1 whole (the trunk), then for each later s_j its tokens from P − 1 on (a branch),
@@ -134,43 +134,33 @@ def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_
     prompt cost P + Σ (R_j + 1) − 1 positions instead of Σ (P + R_j). A prompt's labels must
     be IGNORE_INDEX before its last token (they would count once, not k times).
 
-    Sequences keep their order: the counted labels, read row by row, are those of the input
-    sequences in order (what `rollout.Rollout.response_layout` reads). Groups fill rows of at
-    most `row_tokens` tokens in order (next fit; default `PACK_ROW_TOKENS`, or the longest
-    group); `segment_ids` give each token its sequence's index (a shared prompt: the first
-    sequence's), −1 on padding, which gets positions 0, 1, … of its own.
+    Sequences keep their order: the counted labels, read in order, are those of the input
+    sequences in order (what `rollout.Rollout.response_layout` reads); `segment_ids` give each
+    token its sequence's index (a shared prompt: the first sequence's). One row, no padding:
+    rlhfkit's kernels attend each sequence and branch on its own, so a row costs what its
+    sequences cost whatever its width (`collate_packed` caps rows for kernels that build the
+    row's T×T mask, which cannot read branches anyway).
     """
-    groups: list[list[tuple[list[int], list[int], list[int], int]]] = []  # (ids, labels, positions, index)
-    for i, ((ids, labels), p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        if not 0 <= p <= len(ids) or len(labels) != len(ids):
-            raise ValueError(f"sequence {i}: prompt length {p} for {len(ids)} tokens and {len(labels)} labels")
-        first = groups[-1][0] if groups else None
-        if p > 0 and first is not None and prompt_lengths[first[3]] == p and first[0][:p] == ids[:p]:
-            if any(label != IGNORE_INDEX for label in labels[:p - 1]):
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    seg: list[int] = []
+    trunk: tuple[list[int], int] | None = None  # (ids, prompt length) of the current run's first sequence
+    for i, ((s_ids, s_labels), p) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        if not 0 <= p <= len(s_ids) or len(s_labels) != len(s_ids):
+            raise ValueError(f"sequence {i}: prompt length {p} for {len(s_ids)} tokens and {len(s_labels)} labels")
+        if p > 0 and trunk is not None and trunk[1] == p and trunk[0][:p] == s_ids[:p]:
+            if any(label != IGNORE_INDEX for label in s_labels[:p - 1]):
                 raise ValueError(f"sequence {i}: a label before the last token of its shared prompt")
-            groups[-1].append((ids[p - 1:], labels[p - 1:], list(range(p - 1, len(ids))), i))
+            start = p - 1
         else:
-            groups.append([(ids, labels, list(range(len(ids))), i)])
-    sizes = [sum(len(part[0]) for part in g) for g in groups]
-    limit = max(row_tokens or PACK_ROW_TOKENS, max(sizes, default=0))
-    rows: list[list[int]] = []
-    for g, size in enumerate(sizes):
-        if not rows or sum(sizes[j] for j in rows[-1]) + size > limit:
-            rows.append([])
-        rows[-1].append(g)
-    width = max((sum(sizes[j] for j in row) for row in rows), default=0)
-    ids, labels, pos, seg, attn = [], [], [], [], []
-    for row in rows:
-        parts = [part for g in row for part in groups[g]]
-        r_ids = [t for part in parts for t in part[0]]
-        pad = width - len(r_ids)
-        ids.append(r_ids + [pad_id] * pad)
-        labels.append([t for part in parts for t in part[1]] + [IGNORE_INDEX] * pad)
-        pos.append([t for part in parts for t in part[2]] + list(range(pad)))
-        seg.append([part[3] for part in parts for _ in part[0]] + [-1] * pad)
-        attn.append([1] * len(r_ids) + [0] * pad)
-    t = lambda x: torch.tensor(x, dtype=torch.long).reshape(len(rows), width)  # noqa: E731
-    return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg))
+            trunk, start = (s_ids, p), 0
+        ids += s_ids[start:]
+        labels += s_labels[start:]
+        pos += range(start, len(s_ids))
+        seg += [i] * (len(s_ids) - start)
+    row = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+    return LMBatch(row(ids), torch.ones(1, len(ids), dtype=torch.long), row(labels), row(pos), row(seg))
 
 
 def collate(examples: list[Encoded], pad_id: int, *, packed: bool) -> LMBatch:

@@ -140,7 +140,7 @@ class Rollout:
         (see `response_layout`).
 
         share_prompts: consecutive rows with the same prompt (a group's samples, kept together
-        by `micro_batches(by_prompt=True)`) store it once, in packed rows
+        by `micro_batches(by_prompt=True)`) store it once, in one packed row
         (`data.packing.collate_shared_prompts`: G samples of a P-token prompt cost
         P + Σ (R_j + 1) − 1 positions instead of Σ (P + R_j)); the counted labels keep the
         same order. Needs rlhfkit's attention kernels (`models.attention`).
