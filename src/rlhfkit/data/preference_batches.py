@@ -216,8 +216,8 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, *, packed: bool,
         interleaved = [side for p in pairs for side in (p.chosen, p.rejected)]
         sequences = collate_shared_prompts([(s.input_ids, s.labels) for s in interleaved],
                                            [s.prompt_len for s in interleaved], pad_id)
-        segment = torch.tensor([j // 2 + (b if j % 2 else 0) for j in range(2 * b)] + [-1], dtype=torch.long)
-        sequences = dataclasses.replace(sequences, segment_ids=segment[sequences.segment_ids])
+        side_index = torch.tensor([j // 2 + (b if j % 2 else 0) for j in range(2 * b)], dtype=torch.long)
+        sequences = dataclasses.replace(sequences, segment_ids=side_index[sequences.segment_ids])
     else:
         sequences = collate(sides, pad_id, packed=packed)
     return PreferenceBatch(sequences,
