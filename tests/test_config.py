@@ -29,6 +29,18 @@ def test_defaults():
     assert TrainConfig().lr == 1e-5
 
 
+def test_layout_defaults_follow_the_measurements():
+    # bench/RESULTS.md: packed pairs with their prompt stored once beat padding for DPO and the
+    # reward model (demo batch and the 32–1,024 mix); SFT ties at the demo's lengths and keeps
+    # length-grouped padding, whose batches the demo's SFT numbers come from.
+    from rlhfkit.recipes.dpo import DPOConfig
+    from rlhfkit.recipes.reward import RewardConfig
+
+    for cfg in (DPOConfig(train_data="p.jsonl"), RewardConfig(train_data="p.jsonl")):
+        assert cfg.packing and cfg.shares_prompts
+    assert not SFTConfig(train_data="d.jsonl").packing
+
+
 def test_override_beats_yaml_beats_default(tmp_path):
     path = write_yaml(tmp_path / "sft.yaml", "train_data: d.jsonl\nlr: 1.0e-4\nmax_steps: 7\n")
     cfg = SFTConfig.load(path, overrides={"lr": 2e-4, "seed": None})

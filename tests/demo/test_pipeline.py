@@ -40,6 +40,7 @@ def test_presets_full_is_a_larger_loop_and_compare_adds_the_algorithms(tmp_path)
     loop = full.loop_config("sft")
     assert loop.demo_per_family * 4 >= full.rounds * full.loop_prompts
     assert quick.loop_config("sft").demo_per_family == quick.train_per_family
+    assert quick.loop_config("sft").demo_per_family * 4 >= quick.rounds * quick.loop_prompts  # fresh ones too
     # --full retrains SFT on all labels so far each round, one pass over them: 24, 48, 72, 96 steps
     assert (loop.init, loop.steps) == ("start", 24)
     assert [loop.for_round(r).steps for r in (1, 2, 3, 4)] == [24, 48, 72, 96]

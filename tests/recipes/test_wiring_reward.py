@@ -58,12 +58,16 @@ def write_pairs(path: Path, *, label: float | None = None, margin: float | None 
 
 
 def run_rows(tmp_path: Path, data: Path, **overrides) -> list[dict]:
+    # Padded (length-grouped) batches: the pair order these checks were sized on, where Δ moves
+    # well away from 0 in 3 steps. The packed layout (the default) computes the same losses on
+    # the same batches (test_packed_and_padded_layouts_log_the_same_steps).
     base = dict(model="tiny", train_data=str(data), output_dir=str(tmp_path / "run"), max_steps=3, batch_size=1,
-                lr=5e-2, schedule="constant", precision="fp32", progress=False, seed=1, test_fraction=0.0)
+                lr=5e-2, schedule="constant", precision="fp32", progress=False, seed=1, test_fraction=0.0,
+                packing=False)
     base.update(overrides)
     run_reward(RewardConfig(**base))
     rows = [r for r in read_metrics(base["output_dir"]) if "loss" in r]
-    assert [r["units"] for r in rows] == [1.0] * base["max_steps"]
+    assert [r["units"] for r in rows] == [float(base["batch_size"])] * base["max_steps"]
     return rows
 
 
@@ -151,3 +155,17 @@ def test_ensemble_heads_each_train_and_the_mode_combines_them(tmp_path, mode):
     assert row["rewards/rejected"] == pytest.approx(float(ensemble_reduce(rejected[:, None], mode)[0]), abs=1e-6)
     assert row["rewards/ensemble_spread"] == pytest.approx(
         float((chosen.std() + rejected.std()) / 2), abs=1e-6)
+
+
+def test_packed_and_padded_layouts_log_the_same_steps(tmp_path):
+    # One micro-batch holds every pair, so both layouts train on the same batch each step: the
+    # packed row with each prompt stored once (the default) logs the padded run's losses and Δ
+    # step after step, through updates that move Δ far from 0.
+    data = write_pairs(tmp_path / "p.jsonl")
+    padded, packed = (run_rows(tmp_path / name, data, max_steps=4, batch_size=3, packing=name == "packed")
+                      for name in ("padded", "packed"))
+    assert max(abs(delta(r)) for r in padded) > 0.5
+    for a, b in zip(padded, packed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert delta(b) == pytest.approx(delta(a), abs=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)

@@ -22,8 +22,8 @@ def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="folder for data, checkpoints, metrics and the report"),
     quick: bool = typer.Option(True, "--quick/--full",
                                help="quick (≈ 10 min on 2 CPU cores: SFT + 2 rounds of the loop) or full (≈ 1 h: "
-                                    "the base model's accuracy, 4 rounds of twice the size, each retraining SFT "
-                                    "on all labels so far, on 800 held-out prompts)"),
+                                    "the base model's accuracy, 4 rounds from a larger pool of prompts, each "
+                                    "retraining SFT on all labels so far, on 800 held-out prompts)"),
     compare: bool = typer.Option(False, "--compare",
                                  help="after the loop, compare the algorithms on a fixed dataset (reward model, "
                                       "DPO/IPO/KTO, GRPO/RLOO/ReMax/PPO, over-optimization, judge win rates: about "

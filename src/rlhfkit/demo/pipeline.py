@@ -72,7 +72,8 @@ class DemoSettings:
     max_new_tokens: int = 40
     # the feedback loop after SFT (rlhfkit.loop.config.LoopConfig)
     rounds: int = 2
-    loop_prompts: int = 56           # fresh train prompts per round
+    loop_prompts: int = 128          # fresh train prompts per round: ≈ 200 decided pairs (56 gave ≈ 90, and
+                                     # rounds that moved nothing measurable in session 17)
     loop_pool_per_family: int = 0    # train prompts per family the rounds draw from (0: train_per_family)
     loop_samples: int = 8            # k samples per prompt from the newest policy: more prompts with a right
                                      # and a wrong answer than k = 4 (≈ 140 decided pairs a round, not ≈ 70)
@@ -120,8 +121,8 @@ class DemoSettings:
 
     @classmethod
     def full(cls, out: Path, *, compare: bool = False, **kw) -> DemoSettings:
-        """The quick run's data and SFT, the base model's accuracy, then 4 rounds of twice the
-        quick loop's prompts (128 a round, each round fresh ones from a pool of 800), each round
+        """The quick run's data and SFT, the base model's accuracy, then 4 rounds of 128
+        prompts (as many as the quick loop's; each round fresh ones from a pool of 800), each round
         retraining SFT on all labels so far for one pass over them (24, 48, 72, 96 steps), each
         evaluated on 800 held-out prompts. Measured (bench/RESULTS.md, session 9): 31.9% (SFT)
         → 38.1%, 41.1%, 38.5%, 43.5%; every round above SFT (p ≤ 1e-4), the last above round 1

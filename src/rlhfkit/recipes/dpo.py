@@ -11,7 +11,8 @@ SimPO, ORPO, KTO, APO, BCO, NCA and EXO — top to bottom.
    run reuses it. With LoRA the reference is the base weights with the adapter disabled (no
    second model); the reference-free losses (SimPO, ORPO) skip this step;
 3. each micro-batch: the chosen and rejected responses of all its pairs in ONE forward pass
-   (one packed padding-free row, or 2B padded rows; per-sequence sums of token log-probs);
+   (one packed padding-free row with each pair's prompt stored once — the default — or 2B
+   padded rows; per-sequence sums of token log-probs);
 4. the per-pair loss by name (`losses.preference_registry`), summed and divided by the number
    of pairs in the whole optimizer step (every micro-batch, every process); KTO's reference
    point z0 comes from mismatched (prompt, another example's completion) sequences;
@@ -108,8 +109,10 @@ class DPOConfig(TrainConfig):
                                   "'prompt=question,chosen=good,rejected=bad' (empty = none)")
     reference: str = param("", "reference model: empty = the starting model (with LoRA its base weights, "
                                "adapter disabled), or an HF id / folder")
-    packing: bool = param(False, "chosen and rejected of a micro-batch in one padding-free row "
-                                 "(off: one padded batch of 2B rows; bench/RESULTS.md: which is faster where)")
+    packing: bool = param(True, "chosen and rejected of a micro-batch in one padding-free row, each pair's "
+                                "prompt stored once (--share-prompts), micro-batches drawn at random; "
+                                "--no-packing: one padded batch of 2B rows, grouped by length "
+                                "(bench/RESULTS.md: packed 1.4× padded on the demo pairs)")
     precompute_reference: bool = param(True, "score the reference once before training and cache it "
                                              "(off: a no-grad reference forward every micro-batch)")
     ties: str = param("keep", "tied training pairs (label 0.5): keep them (the loss pulls their implicit "
