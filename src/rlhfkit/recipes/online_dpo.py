@@ -79,6 +79,11 @@ def response_sums(logprobs: Tensor, mask: Tensor) -> Tensor:
     return (logprobs.float() * mask).sum(-1)
 
 
+def pair_sides(per_row: Tensor) -> Tensor:
+    """(2b,) values of rows laid out c₀ r₀ c₁ r₁ … → [chosen…, rejected…] (`pair_loss`'s layout)."""
+    return per_row.view(-1, 2).t().flatten()
+
+
 def pair_loss(cfg: OnlineDPOConfig, policy: Tensor, ref: Tensor, lengths: Tensor, b: int
               ) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of b pairs from (2b,) summed log-probs laid out [chosen…, rejected…]: (b,)."""
@@ -96,7 +101,10 @@ def pair_loss(cfg: OnlineDPOConfig, policy: Tensor, ref: Tensor, lengths: Tensor
 
 
 def update(run: OnlineRun, rollout: Rollout, chosen: Tensor, rejected: Tensor) -> dict[str, float]:
-    """Step 4: one optimizer step on the mean loss of the pairs, in micro-batches of pairs."""
+    """Step 4: one optimizer step on the mean loss of the pairs, in micro-batches of pairs.
+
+    A micro-batch's rows are its pairs' sides next to each other (c₀ r₀ c₁ r₁ …), so with
+    `shares_prompts` the two responses of a pair store their prompt once (`Rollout.lm_batch`)."""
     cfg, engine = run.cfg, run.engine
     per_micro = max(1, cfg.batch_size // 2)               # batch_size counts sequences: 2 per pair
     n = len(chosen)
@@ -106,12 +114,12 @@ def update(run: OnlineRun, rollout: Rollout, chosen: Tensor, rejected: Tensor) -
     for i, start in enumerate(starts):
         c, r = chosen[start:start + per_micro], rejected[start:start + per_micro]
         b = len(c)
-        part = rollout.select(torch.cat([c, r]))
+        part = rollout.select(torch.stack([c, r], dim=1).flatten())
         with engine.accumulate(last=i == len(starts) - 1), engine.autocast():
-            out = policy_outputs(run.module, part, run.pad_id, temperature=1.0)
-            losses, metrics = pair_loss(cfg, response_sums(out.logprobs, part.response_mask),
-                                        response_sums(part.ref_logprobs, part.response_mask),
-                                        part.response_mask.sum(-1), b)
+            out = policy_outputs(run.module, part, run.pad_id, temperature=1.0, share_prompts=cfg.shares_prompts)
+            losses, metrics = pair_loss(cfg, pair_sides(response_sums(out.logprobs, part.response_mask)),
+                                        pair_sides(response_sums(part.ref_logprobs, part.response_mask)),
+                                        pair_sides(part.response_mask.sum(-1)), b)
             loss = losses.sum() / n
         engine.backward(loss)
         for key, v in {"loss": losses.detach(), **metrics}.items():

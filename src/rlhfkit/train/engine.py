@@ -91,10 +91,10 @@ class TrainConfig(Config):
                            "row²), model (the model's own), eager, sdpa or flash_attention_2",
                            choices=ATTENTIONS)
     share_prompts: bool = param(True, "store a prompt once for every sequence that continues it: an RL group's "
-                                      "samples, a preference pair's two sides with --packing (same log-probs and "
-                                      "gradients, fewer tokens; models/attention.py). Only with rlhfkit's "
-                                      "attention (--attention auto, fp32-matmul or packed-sdpa); SFT has no "
-                                      "shared prompts")
+                                      "samples, online DPO's pairs, a preference pair's two sides when packed "
+                                      "(same log-probs and gradients, fewer tokens; models/attention.py). Only "
+                                      "with rlhfkit's attention (--attention auto, fp32-matmul or packed-sdpa); "
+                                      "SFT has no shared prompts")
     logprob_chunk: int = param(512, "tokens per chunk of the output projection (memory vs speed)")
     progress: bool = param(True, "show a progress bar")
 
