@@ -141,7 +141,7 @@ def test_collate_shared_prompts_stores_a_run_of_equal_prompts_once():
     I = IGNORE_INDEX
     seqs = [([5, 6, 7, 8, 9], [I, I, 8, 9, I]), ([5, 6, 7, 10], [I, I, 10, I]),
             ([5, 6, 7, 11, 12, 13], [I, I, 11, 12, 13, I]), ([4, 7, 14], [I, 14, I])]
-    batch = collate_shared_prompts(seqs, [3, 3, 3, 2], pad_id=0)
+    batch = collate_shared_prompts(seqs, [3, 3, 3, 2])
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 7, 10, 7, 11, 12, 13, 4, 7, 14]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 2, 3, 4, 5, 0, 1, 2]]
     assert batch.labels.tolist() == [[I, I, 8, 9, I, 10, I, 11, 12, 13, I, I, 14, I]]
@@ -149,7 +149,7 @@ def test_collate_shared_prompts_stores_a_run_of_equal_prompts_once():
     assert batch.labels[batch.labels != I].tolist() == [8, 9, 10, 11, 12, 13, 14]
     assert batch.attention_mask.tolist() == [[1] * 14]  # one row, no padding
     # equal prompts that are not consecutive are not shared; a label inside a shared prompt is refused
-    apart = collate_shared_prompts([seqs[0], seqs[3], seqs[1]], [3, 2, 3], pad_id=0)
+    apart = collate_shared_prompts([seqs[0], seqs[3], seqs[1]], [3, 2, 3])
     assert apart.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
     with pytest.raises(ValueError, match="sequence 1: a label before the last token of its shared prompt"):
         collate_shared_prompts([seqs[0], ([5, 6, 7, 10], [6, I, 10, I])], [3, 3])

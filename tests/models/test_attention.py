@@ -162,7 +162,7 @@ def _branch_case(tok):
         lengths.append(len(prompt))
     padded = LMBatch(pad_right([s for s, _ in seqs], 0), pad_right([[1] * len(s) for s, _ in seqs], 0),
                      pad_right([lab for _, lab in seqs], IGNORE_INDEX))
-    return padded, collate_shared_prompts(seqs, lengths, pad_id=0)
+    return padded, collate_shared_prompts(seqs, lengths)
 
 
 @pytest.mark.parametrize("name", [attention.NAME, attention.PACKED_SDPA])

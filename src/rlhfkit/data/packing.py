@@ -121,8 +121,7 @@ def collate_packed(examples: list[Encoded], pad_id: int = 0, row_tokens: int | N
     return LMBatch(t(ids), t(attn), t(labels), t(pos), t(seg), _weights(weights, (len(rows), width)))
 
 
-def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_lengths: list[int],
-                           pad_id: int = 0) -> LMBatch:
+def collate_shared_prompts(sequences: list[tuple[list[int], list[int]]], prompt_lengths: list[int]) -> LMBatch:
     """Sequences (input ids, shifted labels) in one packed row where consecutive sequences with
     the same prompt store it once: (1, N), N the tokens kept. The model's attention must be
     rlhfkit's (`models.attention`, which reads the branches from the position ids).

@@ -215,7 +215,7 @@ def collate_pairs(pairs: Sequence[EncodedPair], pad_id: int, *, packed: bool,
         b = len(pairs)
         interleaved = [side for p in pairs for side in (p.chosen, p.rejected)]
         sequences = collate_shared_prompts([(s.input_ids, s.labels) for s in interleaved],
-                                           [s.prompt_len for s in interleaved], pad_id)
+                                           [s.prompt_len for s in interleaved])
         side_index = torch.tensor([j // 2 + (b if j % 2 else 0) for j in range(2 * b)], dtype=torch.long)
         sequences = dataclasses.replace(sequences, segment_ids=side_index[sequences.segment_ids])
     else:

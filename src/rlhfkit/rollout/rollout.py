@@ -157,7 +157,7 @@ class Rollout:
             prompt_lengths.append(len(prompt))
         device = self.response_ids.device
         if share_prompts:
-            return collate_shared_prompts(list(zip(seqs, labels, strict=True)), prompt_lengths, pad_id).to(device)
+            return collate_shared_prompts(list(zip(seqs, labels, strict=True)), prompt_lengths).to(device)
         return LMBatch(pad_right(seqs, pad_id).to(device), pad_right([[1] * len(s) for s in seqs], 0).to(device),
                        pad_right(labels, IGNORE_INDEX).to(device))
 
