@@ -40,6 +40,7 @@ import torch
 from rlhfkit.data.schemas import Conversation, as_conversation, conversation_to_dicts
 from rlhfkit.data.tokenize import pad_token_id
 from rlhfkit.judge.errors import JudgeError
+from rlhfkit.models.prepacked import prepacked_linears
 
 logger = logging.getLogger(__name__)
 
@@ -396,24 +397,24 @@ class LocalModelBackend:
         was_training = self.hf_model.training
         self.hf_model.eval()
         try:
-            for start in range(0, len(texts), self.batch_size):
-                chunk = texts[start:start + self.batch_size]
-                # The chat template already wrote the special tokens (BOS etc.).
-                encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
-                width = max(len(ids) for ids in encoded)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, ids in enumerate(encoded):
-                    if ids:
-                        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                        attention_mask[row, width - len(ids):] = 1
-                with torch.no_grad():
+            with torch.no_grad(), prepacked_linears(self.hf_model, rows=min(self.batch_size, len(texts))):
+                for start in range(0, len(texts), self.batch_size):
+                    chunk = texts[start:start + self.batch_size]
+                    # The chat template already wrote the special tokens (BOS etc.).
+                    encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
+                    width = max(len(ids) for ids in encoded)
+                    input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                    attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                    for row, ids in enumerate(encoded):
+                        if ids:
+                            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                            attention_mask[row, width - len(ids):] = 1
                     output = self.hf_model.generate(
                         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                         max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad_id)
-                new_tokens = output[:, width:]
-                completions.extend(
-                    self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                    new_tokens = output[:, width:]
+                    completions.extend(
+                        self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         finally:
             self.hf_model.train(was_training)
         return completions

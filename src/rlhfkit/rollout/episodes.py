@@ -35,6 +35,7 @@ from rlhfkit.config import check
 from rlhfkit.data.batches import pad_right
 from rlhfkit.data.schemas import Message
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id, render_prompt
+from rlhfkit.models.prepacked import prepacked_linears
 from rlhfkit.models.reference import ReferencePolicy
 from rlhfkit.ops.logprobs import DEFAULT_CHUNK
 from rlhfkit.rollout.environments import ENVIRONMENTS, EnvConfig, Environment, StepResult, make_environment
@@ -128,28 +129,29 @@ def decode_turns(model: nn.Module, tokenizer, contexts: Sequence[list[int]], cfg
     out: list[tuple[list[int], bool]] = [([], False)] * len(contexts)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), cfg.batch_size):
-        rows = order[start:start + cfg.batch_size]
-        width = max(len(contexts[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, width - len(contexts[i]):] = torch.tensor(contexts[i])
-            attn[r, width - len(contexts[i]):] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
-                      do_sample=False, temperature=None, top_p=None, top_k=None)
-        if share is not None:
-            cache = shared_prompt_cache(model, ids, attn, [share[i] for i in rows])
-            if cache is not None:
-                kwargs[cache_argument(model)] = cache
-        if cfg.temperature > 0:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            kwargs["logits_processor"] = sampling_processors(cfg, torch.Generator().manual_seed(seed))
-        new = model.generate(input_ids=ids, attention_mask=attn, **kwargs)[:, width:].cpu().tolist()
-        for r, i in enumerate(rows):
-            stop = next((pos for pos, t in enumerate(new[r]) if t in stops), None)
-            out[i] = (new[r] if stop is None else new[r][:stop + 1], stop is not None)
+    with prepacked_linears(model, rows=min(cfg.batch_size, len(contexts))):
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start:start + cfg.batch_size]
+            width = max(len(contexts[i]) for i in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, i in enumerate(rows):
+                ids[r, width - len(contexts[i]):] = torch.tensor(contexts[i])
+                attn[r, width - len(contexts[i]):] = 1
+            ids, attn = ids.to(device), attn.to(device)
+            kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops, pad_token_id=pad, use_cache=True,
+                          do_sample=False, temperature=None, top_p=None, top_k=None)
+            if share is not None:
+                cache = shared_prompt_cache(model, ids, attn, [share[i] for i in rows])
+                if cache is not None:
+                    kwargs[cache_argument(model)] = cache
+            if cfg.temperature > 0:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+                kwargs["logits_processor"] = sampling_processors(cfg, torch.Generator().manual_seed(seed))
+            new = model.generate(input_ids=ids, attention_mask=attn, **kwargs)[:, width:].cpu().tolist()
+            for r, i in enumerate(rows):
+                stop = next((pos for pos, t in enumerate(new[r]) if t in stops), None)
+                out[i] = (new[r] if stop is None else new[r][:stop + 1], stop is not None)
     model.train(was_training)
     return out
 

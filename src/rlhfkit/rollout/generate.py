@@ -3,7 +3,9 @@
 Prompts are rendered with the chat template, left-padded into batches sorted by length
 (so little compute goes to padding), and decoded with `model.generate` (KV cache on).
 With n > 1 samples per prompt each distinct prompt of a batch is run through the model
-once and its KV cache copied to the rows that sample from it (`shared_prompt_cache`).
+once and its KV cache copied to the rows that sample from it (`shared_prompt_cache`). On a CPU
+in fp32 (no native bf16) the linear layers compute from weights reordered once per call
+(`models.prepacked`): 1.2–1.3× the sampled tokens/s of plain `F.linear` on an AVX2 CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import (
 from rlhfkit.config import Config, check, param
 from rlhfkit.data.schemas import Conversation
 from rlhfkit.data.tokenize import encode_prompt, pad_token_id
+from rlhfkit.models.prepacked import prepacked_linears
 from rlhfkit.ops.logprobs import split_causal_lm
 
 
@@ -108,33 +111,34 @@ def generate(model, tokenizer, prompts: list[Conversation], cfg: SamplingConfig 
     iterator = batches
     if progress:
         iterator = track(batches, description="generating", transient=True)
-    for batch in iterator:
-        seqs = [encoded[jobs[j][0]] for j in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, width - len(s):] = torch.tensor(s)
-            attn[r, width - len(s):] = 1
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
-                      use_cache=True)
-        ids, attn = ids.to(device), attn.to(device)
-        cache = shared_prompt_cache(model, ids, attn, [jobs[j][0] for j in batch])
-        if cache is not None:
-            kwargs[cache_argument(model)] = cache
-        # Sampling runs as the last logits processor (`sampling_processors`), so `generate` itself
-        # decodes greedily in both cases: its argmax picks the sampled token.
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if cfg.temperature > 0:
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            kwargs["logits_processor"] = sampling_processors(cfg, torch.Generator().manual_seed(seed))
-        if cfg.stop:
-            kwargs.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
-        out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-        new = out[:, width:].cpu()
-        for r, j in enumerate(batch):
-            i = jobs[j][0]
-            results[j] = finish_generation(tokenizer, i, encoded[i], new[r].tolist(), stop_ids, cfg.stop)
+    with prepacked_linears(model, rows=min(cfg.batch_size, len(jobs))):
+        for batch in iterator:
+            seqs = [encoded[jobs[j][0]] for j in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):
+                ids[r, width - len(s):] = torch.tensor(s)
+                attn[r, width - len(s):] = 1
+            kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad,
+                          use_cache=True)
+            ids, attn = ids.to(device), attn.to(device)
+            cache = shared_prompt_cache(model, ids, attn, [jobs[j][0] for j in batch])
+            if cache is not None:
+                kwargs[cache_argument(model)] = cache
+            # Sampling runs as the last logits processor (`sampling_processors`), so `generate` itself
+            # decodes greedily in both cases: its argmax picks the sampled token.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if cfg.temperature > 0:
+                seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+                kwargs["logits_processor"] = sampling_processors(cfg, torch.Generator().manual_seed(seed))
+            if cfg.stop:
+                kwargs.update(stop_strings=list(cfg.stop), tokenizer=tokenizer)
+            out = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            new = out[:, width:].cpu()
+            for r, j in enumerate(batch):
+                i = jobs[j][0]
+                results[j] = finish_generation(tokenizer, i, encoded[i], new[r].tolist(), stop_ids, cfg.stop)
     if was_training:
         model.train()
     return results  # type: ignore[return-value]
@@ -220,7 +224,8 @@ class PolicySampler:
     bf16) and `sync` refreshes it from the policy before each rollout — the same contract a
     separate inference engine (vLLM) has: weights pushed to it after each update.
 
-    With `dtype=None` (fp32 runs) it decodes with the policy module itself and `sync` is free.
+    With `dtype=None` (fp32 runs) it decodes with the policy module itself and `sync` is free;
+    each `generate` call reorders the linear weights as they are then (`models.prepacked`).
     The copy decodes with PyTorch's SDPA attention (`attention`), whatever kernel training
     uses: for one query token per step it is the fastest on CPU (bf16 + SDPA ≈ 155 sampled
     tokens/s for 32 rows of the embedded model on 2 cores, vs ≈ 135 with matmul attention and
