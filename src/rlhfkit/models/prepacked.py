@@ -85,6 +85,7 @@ def prepacked_linears(model: nn.Module, rows: int | None = None) -> Iterator[boo
     except Exception as e:  # noqa: BLE001 - private ops: whatever this build or CPU refuses, decode as before
         log.info("linear layers not prepacked (%s)", (str(e).splitlines() or [type(e).__name__])[0])
         packed.clear()
+    if not packed:  # outside the handler: an error in the caller's block must not chain to this one
         yield False
         return
     try:
